@@ -1,0 +1,22 @@
+"""Loads the compiled CUDA extension ``bivlm_kernels._C`` and plugs its kernels into :mod:`bivlm_kernels.ops`.
+
+Imported lazily by ``ops`` the first time a CUDA tensor meets a ``bivlm`` op; raises ImportError (which ops
+treats as "no CUDA kernels") when the extension was not built. Never imported by ``import bivlm_kernels``.
+"""
+import logging
+
+import torch
+
+from . import ops
+
+log = logging.getLogger(__name__)
+
+try:
+    from . import _C  # noqa: F401  (its static initializers register torch.ops.bivlm_cuda.*)
+except ImportError as e:
+    log.info("bivlm_kernels._C not available (%s); CUDA tensors use Triton or the reference", e)
+    raise
+
+for _name in ops.OP_NAMES:
+    if hasattr(torch.ops.bivlm_cuda, _name):
+        ops.register_backend_kernel(_name, "cuda", getattr(torch.ops.bivlm_cuda, _name))

@@ -1,0 +1,261 @@
+"""``QuantLinear``: a drop-in ``nn.Linear`` whose weight lives in the packed ``bivlm-packed`` format.
+
+Buffers (all in ``state_dict``; float ones follow ``.half()`` / ``.to(dtype)``, int32 codes never change)::
+
+    perm                      int32 [K]            optional: the layer computes on x[..., perm]
+    segments.{i}.qweight      int32 [N, ceil(Ks*b/32)]
+    segments.{i}.codebook     float [N, Ks/g, 2**b]          lut segments (b in {1, 2})
+    segments.{i}.scales       float [N, Ks/g]                affine segments (b = 4)
+    segments.{i}.zeros        float [N, Ks/g]
+    bias                      float [N]            optional
+
+Forward: ``y = sum_i op_i(x[..., perm][..., k0_i:k1_i]) + bias`` with one ``bivlm`` op call per segment (one
+in total for a single-segment layer; fp32 accumulation across segments).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import formats, ops
+from .formats import LayerSpec, QuantizedSegment, QuantizedWeight, SegmentSpec
+
+log = logging.getLogger(__name__)
+
+
+class _Segment(nn.Module):
+    """Packed buffers of one column range; holds no logic beyond calling its op."""
+
+    def __init__(self, spec: SegmentSpec, n: int, group_size: int, dtype, device):
+        super().__init__()
+        self.bits, self.kind, self.width, self.group_size = spec.bits, spec.kind, spec.width, group_size
+        for name, shape in spec.buffer_shapes(n, group_size).items():
+            dt = torch.int32 if name == "qweight" else dtype
+            self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
+
+    def forward(self, x, bias=None, out_dtype=None):
+        if self.kind == "lut":
+            return ops.lut_linear(x, self.qweight, self.codebook, self.bits, self.group_size, bias, out_dtype)
+        return ops.affine_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                 bias, out_dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        if self.kind == "lut":
+            return ops.dequantize_lut(self.qweight, self.codebook, self.bits, self.group_size)
+        return ops.dequantize_affine(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with 1-, 2- or 4-bit packed weights (see :mod:`bivlm_kernels.formats`).
+
+    ``QuantLinear(in_features, out_features, bits=1, group_size=128, bias=True, dtype=torch.float16)``
+    allocates empty (zero) buffers of the right shapes, ready for ``load_state_dict``. For mixed bit widths pass
+    ``segments=[(bits, width), ...]`` (widths along the permuted K, summing to ``in_features``) and
+    ``perm=True`` if the checkpoint has a column permutation. Build filled layers with :meth:`from_linear`
+    (round-to-nearest / sign binarization) or :meth:`from_quantized` (what the quantizer emits).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 1, group_size: int = 128,
+                 bias: bool = True, dtype: torch.dtype = torch.float16, device=None,
+                 segments: Optional[Sequence] = None, perm: bool = False):
+        super().__init__()
+        formats.check_float_dtype(dtype)
+        if segments is None:
+            segments = [(bits, in_features)]
+        segs = tuple(s if isinstance(s, SegmentSpec) else SegmentSpec(int(s[0]), int(s[1]),
+                                                                      formats.check_bits(int(s[0])))
+                     for s in segments)
+        self.spec = LayerSpec(in_features, out_features, group_size, segs, bool(perm), bool(bias))
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.segments = nn.ModuleList(_Segment(s, out_features, group_size, dtype, device) for s in segs)
+        self._bounds = formats.segment_bounds([s.width for s in segs])
+        if perm:
+            self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device))
+        else:
+            self.perm = None
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_spec(cls, spec: LayerSpec, dtype: torch.dtype = torch.float16, device=None) -> "QuantLinear":
+        """Empty layer for a checkpoint's recorded layout (see ``LayerSpec.to_dict``)."""
+        return cls(spec.in_features, spec.out_features, group_size=spec.group_size, bias=spec.has_bias,
+                   dtype=dtype, device=device, segments=spec.segments, perm=spec.has_perm)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+                       dtype: Optional[torch.dtype] = None, device=None) -> "QuantLinear":
+        """Pack a :class:`~bivlm_kernels.formats.QuantizedWeight` (codes + codebooks/scales, perm, segments).
+
+        ``dtype`` defaults to the dtype of the first segment's codebook/scales.
+        """
+        if not isinstance(qw, QuantizedWeight) or not qw.segments:
+            raise TypeError("qw must be a QuantizedWeight with at least one segment")
+        first = qw.segments[0]
+        dtype = dtype or (first.codebook if first.kind == "lut" else first.scales).dtype
+        n = first.codes.shape[0]
+        for i, s in enumerate(qw.segments):
+            if not isinstance(s, QuantizedSegment) or s.codes.dim() != 2 or s.codes.shape[0] != n:
+                raise ValueError(f"segments[{i}].codes must be [out_features={n}, width], "
+                                 f"got {tuple(s.codes.shape)}")
+        spec = qw.layer_spec(has_bias=bias is not None)
+        if qw.perm is not None:
+            formats.check_perm(qw.perm, spec.in_features)
+        device = device if device is not None else first.codes.device
+        layer = cls.from_spec(spec, dtype=dtype, device=device)
+        g = spec.group_size
+        with torch.no_grad():
+            for i, (seg, s) in enumerate(zip(layer.segments, qw.segments)):
+                seg.qweight.copy_(formats.pack(s.codes, s.bits))
+                tables = {"codebook": s.codebook} if s.kind == "lut" else {"scales": s.scales, "zeros": s.zeros}
+                for name, t in tables.items():
+                    buf = getattr(seg, name)
+                    if t is None or tuple(t.shape) != tuple(buf.shape):
+                        raise ValueError(f"segments[{i}].{name} must have shape {list(buf.shape)} "
+                                         f"(N, width/group_size={s.codes.shape[1] // g}, ...), "
+                                         f"got {None if t is None else tuple(t.shape)}")
+                    if not torch.isfinite(t).all():
+                        raise ValueError(f"segments[{i}].{name} contains NaN or inf")
+                    buf.copy_(t)
+            if qw.perm is not None:
+                layer.perm.copy_(qw.perm.to(torch.int32))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128,
+                    dtype: Optional[torch.dtype] = None) -> "QuantLinear":
+        """Quantize an ``nn.Linear`` without calibration data.
+
+        1 bit: per group ``mu = mean(w)``, ``alpha = mean|w - mu|``, code 1 where ``w >= mu`` (codebook
+        ``(mu - alpha, mu + alpha)``). 2 bits: min-max uniform grid of 4 levels (as a codebook). 4 bits: min-max
+        affine (``scale = (max - min) / 15``, ``zero = -min / scale``). For calibrated methods (GPTQ, BiLLM,
+        Bi-VLM) use :mod:`bivlm_kernels.quant`.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        kind = formats.check_bits(bits)
+        formats.check_group_size(group_size, linear.in_features)
+        w = linear.weight.detach()
+        if not torch.isfinite(w).all():
+            raise ValueError("linear.weight contains NaN or inf; cannot quantize")
+        dtype = dtype or (w.dtype if w.dtype in formats.FLOAT_DTYPES else torch.float16)
+        qw = rtn_quantize(w, bits, group_size, dtype)
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        return cls.from_quantized(qw, bias=bias, dtype=dtype, device=w.device)
+
+    # ------------------------------------------------------------------ use
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x's last dimension must be in_features={self.in_features}, "
+                             f"got shape {tuple(x.shape)}")
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        segs = self.segments
+        if len(segs) == 1:
+            return segs[0](x, self.bias)
+        y = None
+        for seg, (k0, k1) in zip(segs, self._bounds):
+            part = seg(x[..., k0:k1], None, torch.float32)
+            y = part if y is None else y + part
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        s = self.segments[0]
+        return (s.codebook if s.kind == "lut" else s.scales).dtype
+
+    @property
+    def weight_bits(self) -> float:
+        """Honest bits per weight: every buffer but the bias (codes, codebooks, scales, zeros, perm)."""
+        return formats.bits_per_weight(self)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight ``[N, K]`` in original column order, in the layer's dtype."""
+        w_perm = torch.cat([seg.dequantize() for seg in self.segments], dim=1)
+        if self.perm is None:
+            return w_perm
+        w = torch.empty_like(w_perm)
+        w[:, self.perm.long()] = w_perm
+        return w
+
+    def extra_repr(self) -> str:
+        bits = "+".join(f"{s.bits}b{s.kind}x{s.width}" for s in self.spec.segments) \
+            if len(self.spec.segments) > 1 else f"{self.spec.segments[0].bits}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={bits}, "
+                f"group_size={self.group_size}, perm={self.perm is not None}, bias={self.bias is not None}, "
+                f"format={formats.FORMAT_NAME}-v{formats.FORMAT_VERSION}, "
+                f"bits_per_weight={self.weight_bits:.3f}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Shape mismatches would otherwise surface as a generic copy error: name the buffer and both shapes.
+        for name, buf in self.named_buffers():
+            key = prefix + name
+            if key in state_dict and tuple(state_dict[key].shape) != tuple(buf.shape):
+                raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(state_dict[key].shape)}, "
+                                 f"but this QuantLinear ({self.extra_repr()}) expects {tuple(buf.shape)}")
+            if key in state_dict and name.endswith("qweight") and state_dict[key].dtype != torch.int32:
+                raise ValueError(f"checkpoint tensor {key!r} must be int32, got {state_dict[key].dtype}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# calibration-free quantization used by from_linear
+# ---------------------------------------------------------------------------------------------------------
+
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype = torch.float16
+                 ) -> QuantizedWeight:
+    """Round-to-nearest (2/4 bits) or mean/abs-mean sign binarization (1 bit) per group of ``group_size``."""
+    kind = formats.check_bits(bits)
+    n, k = w.shape
+    formats.check_group_size(group_size, k)
+    wg = w.float().reshape(n, k // group_size, group_size)
+    if bits == 1:
+        mu = wg.mean(-1, keepdim=True)
+        alpha = (wg - mu).abs().mean(-1, keepdim=True)
+        codes = (wg >= mu).to(torch.int64)
+        seg = QuantizedSegment(1, codes.view(n, k), codebook=torch.cat([mu - alpha, mu + alpha], -1).to(dtype))
+        return QuantizedWeight([seg], group_size)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    qmax = (1 << bits) - 1
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    codes = torch.round((wg - lo) / scale).clamp_(0, qmax).to(torch.int64).view(n, k)
+    if kind == "lut":
+        levels = lo + scale * torch.arange(qmax + 1, dtype=torch.float32, device=w.device)
+        return QuantizedWeight([QuantizedSegment(bits, codes, codebook=levels.to(dtype))], group_size)
+    return QuantizedWeight([QuantizedSegment(bits, codes, scales=scale.squeeze(-1).to(dtype),
+                                             zeros=(-lo / scale).squeeze(-1).to(dtype))], group_size)
+
+
+def quantize_linears_(model: nn.Module, bits: int, group_size: int = 128,
+                      filter_fn: Optional[Callable[[str, nn.Linear], bool]] = None,
+                      dtype: Optional[torch.dtype] = None) -> list:
+    """Replace every ``nn.Linear`` of ``model`` (for which ``filter_fn(name, module)`` is true) in place by
+    ``QuantLinear.from_linear``. Layers whose ``in_features`` is not a multiple of ``group_size`` are skipped
+    with a log line. Returns the names of the replaced layers."""
+    formats.check_bits(bits)
+    formats.check_group_size(group_size)
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and (filter_fn is None or filter_fn(name, m))]
+    done = []
+    for name, m in targets:
+        if m.in_features % group_size:
+            log.info("skipping %s: in_features=%d is not a multiple of group_size=%d", name, m.in_features,
+                     group_size)
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear.from_linear(m, bits, group_size, dtype=dtype))
+        done.append(name)
+    return done

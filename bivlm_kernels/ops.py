@@ -1,0 +1,270 @@
+"""The ``bivlm`` operators: defined once, with a fake, a pure-PyTorch reference and pluggable GPU kernels.
+
+Ops (``torch.ops.bivlm.*``)::
+
+    lut_linear(x, qweight, codebook, bits, group_size, bias=None, out_dtype=None)        b in {1, 2}
+    affine_linear(x, qweight, scales, zeros, bits, group_size, bias=None, out_dtype=None) b = 4
+    dequantize_lut(qweight, codebook, bits, group_size)            -> [N, K] in codebook's dtype
+    dequantize_affine(qweight, scales, zeros, bits, group_size)    -> [N, K] in scales' dtype
+
+``x`` is ``[..., K]`` (fp16, bf16 or fp32, same dtype as the codebook/scales), the result ``[..., N]`` in
+``out_dtype`` (default: x's dtype). The formats are specified in :mod:`bivlm_kernels.formats`.
+
+Which kernel runs: the per-device implementation asks :func:`select_backend`:
+
+* ``"auto"`` (default): on CUDA tensors the compiled CUDA kernel if the extension is built and has the op,
+  else the Triton kernel if Triton is installed, else the reference; on other devices the reference.
+* ``"reference"`` / ``"triton"`` / ``"cuda"``: force one path (tests and benchmarks); forcing an unavailable
+  path raises instead of silently falling back. Triton on CPU tensors runs only under ``TRITON_INTERPRET=1``.
+
+Set it with :func:`set_backend`, the context manager :func:`use_backend`, or ``BIVLM_BACKEND`` in the
+environment. The reference (dequantize to fp32, then ``F.linear`` in fp32) is the CPU path and the oracle.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from typing import Callable, Optional
+
+import torch
+
+from . import formats
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+
+_lib = torch.library.Library("bivlm", "DEF")
+_lib.define("lut_linear(Tensor x, Tensor qweight, Tensor codebook, int bits, int group_size, "
+            "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor")
+_lib.define("affine_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, "
+            "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor")
+_lib.define("dequantize_lut(Tensor qweight, Tensor codebook, int bits, int group_size) -> Tensor")
+_lib.define("dequantize_affine(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor")
+OP_NAMES = ("lut_linear", "affine_linear", "dequantize_lut", "dequantize_affine")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# argument checks: one place, used by the fakes and by every real implementation
+# ---------------------------------------------------------------------------------------------------------
+
+def _check_weight(kind, qweight, tables, bits, group_size):
+    """Check the packed buffers of one segment; return (N, K)."""
+    formats.check_bits(bits, kind)
+    formats.check_group_size(group_size)
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32:
+        raise TypeError(f"qweight must be an int32 tensor, got {getattr(qweight, 'dtype', type(qweight))}")
+    first = tables[0]
+    names = ("codebook",) if kind == "lut" else ("scales", "zeros")
+    for name, t in zip(names, tables):
+        if t.dtype not in formats.FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} differs from {names[0]} dtype {first.dtype}")
+        if t.device != qweight.device:
+            raise ValueError(f"{name} is on {t.device} but qweight is on {qweight.device}")
+    if kind == "lut":
+        if first.dim() != 3 or first.shape[2] != 1 << bits:
+            raise ValueError(f"codebook must have shape [N, K/group_size, {1 << bits}] for bits={bits}, "
+                             f"got {tuple(first.shape)}")
+    else:
+        if first.dim() != 2 or tables[1].shape != first.shape:
+            raise ValueError(f"scales and zeros must both have shape [N, K/group_size], "
+                             f"got {tuple(first.shape)} and {tuple(tables[1].shape)}")
+    n, k = first.shape[0], first.shape[1] * group_size
+    expect = (n, formats.packed_width(k, bits))
+    if qweight.dim() != 2 or tuple(qweight.shape) != expect:
+        raise ValueError(f"qweight must have shape [N, K*bits/32] = {list(expect)} for N={n}, K={k}, "
+                         f"bits={bits}; got {tuple(qweight.shape)}")
+    return n, k
+
+
+def _check_linear(kind, x, qweight, tables, bits, group_size, bias, out_dtype):
+    n, k = _check_weight(kind, qweight, tables, bits, group_size)
+    if not isinstance(x, torch.Tensor) or x.dtype not in formats.FLOAT_DTYPES:
+        raise TypeError(f"x must be a float16, bfloat16 or float32 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dtype != tables[0].dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the weight tables have {tables[0].dtype}; "
+                        f"cast one of them (e.g. layer.to({x.dtype}))")
+    if x.device != qweight.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {qweight.device}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x's last dimension must be in_features={k}, got shape {tuple(x.shape)}")
+    if bias is not None:
+        if bias.shape != (n,) or bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(f"bias must be [{n}] with x's dtype {x.dtype} and device {x.device}, "
+                             f"got {tuple(bias.shape)} {bias.dtype} {bias.device}")
+    if out_dtype is not None and out_dtype not in formats.FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be None, float16, bfloat16 or float32, got {out_dtype}")
+    return n, k
+
+
+def check_args(op_name: str, *args):
+    """Validate the arguments of op ``op_name`` exactly as the op itself does; return (N, K)."""
+    if op_name == "lut_linear":
+        x, qw, cb, bits, g, bias, od = args
+        return _check_linear("lut", x, qw, (cb,), bits, g, bias, od)
+    if op_name == "affine_linear":
+        x, qw, s, z, bits, g, bias, od = args
+        return _check_linear("affine", x, qw, (s, z), bits, g, bias, od)
+    if op_name == "dequantize_lut":
+        qw, cb, bits, g = args
+        return _check_weight("lut", qw, (cb,), bits, g)
+    qw, s, z, bits, g = args
+    return _check_weight("affine", qw, (s, z), bits, g)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reference kernels (pure PyTorch, fp32 math): CPU path and test oracle
+# ---------------------------------------------------------------------------------------------------------
+
+def _linear_fp32(x, w, bias, out_dtype):
+    y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(out_dtype or x.dtype)
+
+
+def reference_lut_linear(x, qweight, codebook, bits, group_size, bias=None, out_dtype=None):
+    return _linear_fp32(x, formats.dequantize_lut(qweight, codebook, bits, group_size), bias, out_dtype)
+
+
+def reference_affine_linear(x, qweight, scales, zeros, bits, group_size, bias=None, out_dtype=None):
+    w = formats.dequantize_affine(qweight, scales, zeros, bits, group_size)
+    return _linear_fp32(x, w, bias, out_dtype)
+
+
+def reference_dequantize_lut(qweight, codebook, bits, group_size):
+    return formats.dequantize_lut(qweight, codebook, bits, group_size).to(codebook.dtype)
+
+
+def reference_dequantize_affine(qweight, scales, zeros, bits, group_size):
+    return formats.dequantize_affine(qweight, scales, zeros, bits, group_size).to(scales.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# backend registry and selection
+# ---------------------------------------------------------------------------------------------------------
+
+_KERNELS = {name: {"reference": globals()[f"reference_{name}"]} for name in OP_NAMES}
+_backend = os.environ.get("BIVLM_BACKEND", "auto")
+_loaded = {"triton": False, "cuda": False}
+
+
+def register_backend_kernel(op_name: str, backend: str, fn: Callable) -> None:
+    """Plug a GPU kernel (same signature as the op) into the dispatch table (used by Triton and _C loaders)."""
+    if op_name not in OP_NAMES or backend not in ("triton", "cuda"):
+        raise ValueError(f"op_name must be one of {OP_NAMES} and backend 'triton' or 'cuda'; "
+                         f"got {op_name!r}, {backend!r}")
+    _KERNELS[op_name][backend] = fn
+
+
+def set_backend(name: str) -> None:
+    """Force one kernel path for every op: one of ``BACKENDS``."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with use_backend("triton"): ...`` forces a path inside the block."""
+    old = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
+
+
+def _load(backend: str) -> None:
+    """Import the module that registers a backend's kernels, once; a failed import just leaves it absent."""
+    if _loaded[backend]:
+        return
+    _loaded[backend] = True
+    module = "bivlm_kernels.triton" if backend == "triton" else "bivlm_kernels._extension"
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        pass
+
+
+def available_backends(op_name: str, device: torch.device) -> list:
+    """Paths that can run ``op_name`` on ``device`` now, in auto-dispatch priority order."""
+    _load("triton"), _load("cuda")
+    table = _KERNELS[op_name]
+    out = []
+    if device.type == "cuda":
+        out += [b for b in ("cuda", "triton") if b in table]
+    elif os.environ.get("TRITON_INTERPRET") == "1" and "triton" in table:
+        out.append("triton")
+    return out + ["reference"]
+
+
+def select_backend(op_name: str, device: torch.device) -> str:
+    """The backend that will run ``op_name`` on ``device`` (see the module docstring)."""
+    want = _backend
+    if want == "reference":
+        return want
+    avail = available_backends(op_name, device)
+    if want == "auto":
+        return "reference" if device.type != "cuda" else avail[0]
+    if want not in avail:
+        raise RuntimeError(f"backend {want!r} was forced but cannot run {op_name} on {device} "
+                           f"(available: {avail}); build the CUDA extension, install triton, "
+                           f"or set TRITON_INTERPRET=1 for Triton on CPU")
+    return want
+
+
+_ARITY = {"lut_linear": 7, "affine_linear": 8, "dequantize_lut": 4, "dequantize_affine": 5}
+
+
+def _dispatching(op_name: str, device_arg: int):
+    def impl(*args):
+        args = args + (None,) * (_ARITY[op_name] - len(args))   # the dispatcher drops trailing defaults
+        check_args(op_name, *args)
+        return _KERNELS[op_name][select_backend(op_name, args[device_arg].device)](*args)
+    impl.__name__ = f"{op_name}_impl"
+    return impl
+
+
+for _name in OP_NAMES:
+    # One implementation for every device: it validates, then picks reference / Triton / CUDA.
+    torch.library.impl(f"bivlm::{_name}", "CompositeExplicitAutograd", _dispatching(_name, 0), lib=_lib)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fakes: shape and dtype only, for torch.compile and meta tensors
+# ---------------------------------------------------------------------------------------------------------
+
+@torch.library.register_fake("bivlm::lut_linear", lib=_lib)
+def _(x, qweight, codebook, bits, group_size, bias=None, out_dtype=None):
+    n, _k = check_args("lut_linear", x, qweight, codebook, bits, group_size, bias, out_dtype)
+    return x.new_empty((*x.shape[:-1], n), dtype=out_dtype or x.dtype)
+
+
+@torch.library.register_fake("bivlm::affine_linear", lib=_lib)
+def _(x, qweight, scales, zeros, bits, group_size, bias=None, out_dtype=None):
+    n, _k = check_args("affine_linear", x, qweight, scales, zeros, bits, group_size, bias, out_dtype)
+    return x.new_empty((*x.shape[:-1], n), dtype=out_dtype or x.dtype)
+
+
+@torch.library.register_fake("bivlm::dequantize_lut", lib=_lib)
+def _(qweight, codebook, bits, group_size):
+    n, k = check_args("dequantize_lut", qweight, codebook, bits, group_size)
+    return codebook.new_empty((n, k))
+
+
+@torch.library.register_fake("bivlm::dequantize_affine", lib=_lib)
+def _(qweight, scales, zeros, bits, group_size):
+    n, k = check_args("dequantize_affine", qweight, scales, zeros, bits, group_size)
+    return scales.new_empty((n, k))
+
+
+# Short Python names: ``bivlm_kernels.ops.lut_linear(x, ...)`` is ``torch.ops.bivlm.lut_linear(x, ...)``.
+lut_linear = torch.ops.bivlm.lut_linear
+affine_linear = torch.ops.bivlm.affine_linear
+dequantize_lut = torch.ops.bivlm.dequantize_lut
+dequantize_affine = torch.ops.bivlm.dequantize_affine

@@ -1,0 +1,78 @@
+"""Build script. The CUDA extension ``bivlm_kernels._C`` (all of ``csrc/``) is built only when asked for or when
+a CUDA toolchain and a CUDA build of torch are both present; otherwise the pure-Python package installs.
+
+Environment switches:
+  BIVLM_BUILD_CUDA=auto|0|1   auto (default): build if possible; 0: never; 1: build or fail
+  TORCH_CUDA_ARCH_LIST        e.g. "8.0;9.0" (default), "9.0+PTX"
+  MAX_JOBS                    parallel nvcc jobs (torch's ninja builder)
+
+torch must be importable at build time for the extension, so install with
+``pip install --no-build-isolation -e .`` (plain ``pip install .`` builds in isolation and gets the
+pure-Python package).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_extensions():
+    mode = os.environ.get("BIVLM_BUILD_CUDA", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"BIVLM_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return [], {}
+
+    def unavailable(why):
+        if mode == "1":
+            raise SystemExit(f"BIVLM_BUILD_CUDA=1 but the CUDA extension cannot be built: {why}")
+        print(f"bivlm_kernels: not building the CUDA extension ({why}); installing the pure-Python package")
+        return [], {}
+
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return unavailable("torch is not importable at build time (use --no-build-isolation)")
+    if torch.version.cuda is None:
+        return unavailable(f"torch {torch.__version__} is not a CUDA build")
+    if CUDA_HOME is None:
+        return unavailable("no CUDA toolkit (nvcc) found; set CUDA_HOME")
+    sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
+    if not sources:
+        return unavailable("csrc/ holds no sources")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    ext = CUDAExtension(
+        "bivlm_kernels._C", sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="bivlm_kernels",
+    version="0.1.0",
+    description="Packed 1/2/4-bit weights, CUDA/Triton kernels, drop-in layers and a Bi-VLM/LUQ quantizer for VLMs",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["bivlm_kernels", "bivlm_kernels.*"]),
+    package_data={"bivlm_kernels": ["data/*", "data/**/*", "models/data/*"]},
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "quant": ["transformers>=4.50", "accelerate", "tqdm", "scikit-learn"],
+        "testbed": ["transformers>=4.50", "accelerate", "gguf", "onnx", "pillow", "tqdm", "scikit-learn"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["bivlm = bivlm_kernels.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
