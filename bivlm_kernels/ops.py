@@ -206,11 +206,11 @@ def available_backends(op_name: str, device: torch.device) -> list:
 def select_backend(op_name: str, device: torch.device) -> str:
     """The backend that will run ``op_name`` on ``device`` (see the module docstring)."""
     want = _backend
-    if want == "reference":
-        return want
+    if want == "reference" or (want == "auto" and device.type != "cuda"):
+        return "reference"
     avail = available_backends(op_name, device)
     if want == "auto":
-        return "reference" if device.type != "cuda" else avail[0]
+        return avail[0]
     if want not in avail:
         raise RuntimeError(f"backend {want!r} was forced but cannot run {op_name} on {device} "
                            f"(available: {avail}); build the CUDA extension, install triton, "
