@@ -32,15 +32,18 @@ class _Segment(nn.Module):
     def __init__(self, spec: SegmentSpec, n: int, group_size: int, dtype, device):
         super().__init__()
         self.bits, self.kind, self.width, self.group_size = spec.bits, spec.kind, spec.width, group_size
+        self._op_name = "lut_linear" if spec.kind == "lut" else "affine_linear"
+        self._op = getattr(ops, self._op_name)
         for name, shape in spec.buffer_shapes(n, group_size).items():
             dt = torch.int32 if name == "qweight" else dtype
             self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
 
     def forward(self, x, bias=None, out_dtype=None):
-        if self.kind == "lut":
-            return ops.lut_linear(x, self.qweight, self.codebook, self.bits, self.group_size, bias, out_dtype)
-        return ops.affine_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                                 bias, out_dtype)
+        tables = (self.codebook,) if self.kind == "lut" else (self.scales, self.zeros)
+        args = (x, self.qweight, *tables, self.bits, self.group_size, bias, out_dtype)
+        if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+            return self._op(*args)                 # traceable / differentiable: through torch.ops.bivlm
+        return ops.run(self._op_name, *args)       # eager inference: same checks and kernel, no dispatcher hop
 
     def dequantize(self) -> torch.Tensor:
         if self.kind == "lut":

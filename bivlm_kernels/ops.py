@@ -221,18 +221,27 @@ def select_backend(op_name: str, device: torch.device) -> str:
 _ARITY = {"lut_linear": 7, "affine_linear": 8, "dequantize_lut": 4, "dequantize_affine": 5}
 
 
-def _dispatching(op_name: str, device_arg: int):
+def run(op_name: str, *args):
+    """Validate, pick reference / Triton / CUDA, run. All arguments positional, defaults included.
+
+    This is the op's implementation for every device. ``QuantLinear`` also calls it directly in eager mode
+    when no gradient is needed, skipping the ~20 µs round trip through the dispatcher into Python; under
+    torch.compile (and for autograd) it goes through ``torch.ops.bivlm.*``.
+    """
+    check_args(op_name, *args)
+    return _KERNELS[op_name][select_backend(op_name, args[0].device)](*args)
+
+
+def _dispatching(op_name: str):
     def impl(*args):
         args = args + (None,) * (_ARITY[op_name] - len(args))   # the dispatcher drops trailing defaults
-        check_args(op_name, *args)
-        return _KERNELS[op_name][select_backend(op_name, args[device_arg].device)](*args)
+        return run(op_name, *args)
     impl.__name__ = f"{op_name}_impl"
     return impl
 
 
 for _name in OP_NAMES:
-    # One implementation for every device: it validates, then picks reference / Triton / CUDA.
-    torch.library.impl(f"bivlm::{_name}", "CompositeExplicitAutograd", _dispatching(_name, 0), lib=_lib)
+    torch.library.impl(f"bivlm::{_name}", "CompositeExplicitAutograd", _dispatching(_name), lib=_lib)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,6 +270,39 @@ def _(qweight, codebook, bits, group_size):
 def _(qweight, scales, zeros, bits, group_size):
     n, k = check_args("dequantize_affine", qweight, scales, zeros, bits, group_size)
     return scales.new_empty((n, k))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# autograd: gradients flow to x and bias (e.g. adapters trained on top of a frozen quantized layer);
+# the packed weight is frozen, so its tables get no gradient.
+# ---------------------------------------------------------------------------------------------------------
+
+def _setup_context(n_tables):
+    def setup(ctx, inputs, output):
+        x, qweight, *rest = inputs
+        tables, (bits, group_size, bias, _out_dtype) = rest[:n_tables], rest[n_tables:]
+        ctx.save_for_backward(qweight, *tables)
+        ctx.bits, ctx.group_size, ctx.x_dtype = bits, group_size, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+    return setup
+
+
+def _backward(dequantize, n_tables):
+    def backward(ctx, grad):
+        qweight, *tables = ctx.saved_tensors
+        w = dequantize(qweight, *tables, ctx.bits, ctx.group_size)          # [N, K] in the tables' dtype
+        grad_x = (grad.to(w.dtype) @ w).to(ctx.x_dtype)
+        grad_bias = None
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2 + n_tables + 2]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return (grad_x, None) + (None,) * n_tables + (None, None, grad_bias, None)
+    return backward
+
+
+torch.library.register_autograd("bivlm::lut_linear", _backward(torch.ops.bivlm.dequantize_lut, 1),
+                                setup_context=_setup_context(1), lib=_lib)
+torch.library.register_autograd("bivlm::affine_linear", _backward(torch.ops.bivlm.dequantize_affine, 2),
+                                setup_context=_setup_context(2), lib=_lib)
 
 
 # Short Python names: ``bivlm_kernels.ops.lut_linear(x, ...)`` is ``torch.ops.bivlm.lut_linear(x, ...)``.

@@ -81,6 +81,28 @@ def test_opcheck(case):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("kind", ["lut", "affine"])
+def test_gradients_flow_to_x_and_bias(kind):
+    n, k, g = 12, 128, 64
+    if kind == "lut":
+        qweight, cb = make_lut(n, k, 2, g, torch.float32)
+        tables, op, w = (cb,), ops.lut_linear, formats.dequantize_lut(qweight, cb, 2, g)
+        bits = 2
+    else:
+        qweight, s, z = make_affine(n, k, g, torch.float32)
+        tables, op, w = (s, z), ops.affine_linear, formats.dequantize_affine(qweight, s, z, 4, g)
+        bits = 4
+    x = torch.randn(2, 3, k, requires_grad=True)
+    bias = torch.randn(n, requires_grad=True)
+    grad = torch.randn(2, 3, n)
+    op(x, qweight, *tables, bits, g, bias).backward(grad)
+    x2, b2 = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    F.linear(x2, w, b2).backward(grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(bias.grad, b2.grad)
+    torch.library.opcheck(op, (x, qweight, *tables, bits, g, bias))
+
+
 def test_fake_gives_shapes_on_meta():
     n, k, g = 40, 256, 128
     qweight, cb = make_lut(n, k, 1, g, torch.float16)
