@@ -1,0 +1,265 @@
+// ops.cpp -- the torch-facing side of the CUDA extension bivlm_kernels._C (the only translation unit that includes
+// torch headers; the kernels live in *.cu files behind bivlm_kernels.h).
+//
+// Defines torch.ops.bivlm_cuda.{lut_linear, affine_linear, dequantize_lut, dequantize_affine} with schemas
+// identical to the Python ops torch.ops.bivlm.* (bivlm_kernels/ops.py), implements them for the CUDA dispatch key,
+// and defines a method-less Python module `_C` so that `from bivlm_kernels import _C` loads the library (its static
+// initializers run the TORCH_LIBRARY registrations; bivlm_kernels/_extension.py then plugs the ops in as the
+// "cuda" backend of torch.ops.bivlm.*).
+//
+// Every implementation: checks dtype / device / contiguity / shapes (messages carry m, n, k), guards the device,
+// launches on the current CUDA stream, allocates only its outputs and temporaries through the caching allocator
+// and never synchronizes -- so it can be captured in a CUDA graph.
+//
+// Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE/cuSOLVER headers
+// that a minimal CUDA toolkit lacks); cuBLAS is reached through at::mm.
+//
+// Linear ops dispatch by M = x.numel() / K:
+//   M <= kGemvMaxM : decode GEMV kernel (split-K with an fp32 workspace when N is small), fp32 accumulation;
+//   M >  kGemvMaxM : dequantize into a temporary [N, K] in x's dtype, then cuBLAS (at::mm / at::addmm).
+#include <Python.h>
+
+#include <atomic>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "bivlm_kernels.h"
+
+namespace bivlm {
+namespace {
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat;
+}
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return DType::kHalf;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      return DType::kFloat;
+  }
+}
+
+// Checks the packed buffers of one segment and returns them as a PackedWeight (n, k filled in).
+// tables = {codebook} for lut, {scales, zeros} for affine.
+PackedWeight check_weight(const char* op, bool affine, const at::Tensor& qweight, const at::Tensor& t0,
+                          const at::Tensor* t1, int64_t bits, int64_t group_size) {
+  if (affine) {
+    TORCH_CHECK(bits == 4, "bivlm_cuda.", op, ": bits must be 4 for affine weights, got ", bits);
+  } else {
+    TORCH_CHECK(bits == 1 || bits == 2, "bivlm_cuda.", op, ": bits must be 1 or 2 for lut weights, got ", bits);
+  }
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256, "bivlm_cuda.", op,
+              ": group_size must be one of 32, 64, 128, 256, got ", group_size);
+  TORCH_CHECK(qweight.is_cuda(), "bivlm_cuda.", op, ": qweight must be a CUDA tensor, got device ",
+              qweight.device());
+  TORCH_CHECK(qweight.scalar_type() == at::kInt, "bivlm_cuda.", op, ": qweight must be int32, got ",
+              qweight.scalar_type());
+  const char* names[2] = {affine ? "scales" : "codebook", "zeros"};
+  const at::Tensor* tables[2] = {&t0, t1};
+  for (int i = 0; i < (affine ? 2 : 1); ++i) {
+    const at::Tensor& t = *tables[i];
+    TORCH_CHECK(t.device() == qweight.device(), "bivlm_cuda.", op, ": ", names[i], " is on ", t.device(),
+                " but qweight is on ", qweight.device());
+    TORCH_CHECK(is_float_type(t.scalar_type()), "bivlm_cuda.", op, ": ", names[i],
+                " must be float16, bfloat16 or float32, got ", t.scalar_type());
+    TORCH_CHECK(t.scalar_type() == t0.scalar_type(), "bivlm_cuda.", op, ": ", names[i], " dtype ",
+                t.scalar_type(), " differs from ", names[0], " dtype ", t0.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "bivlm_cuda.", op, ": ", names[i], " must be contiguous");
+  }
+  if (affine) {
+    TORCH_CHECK(t0.dim() == 2 && t1->sizes() == t0.sizes(), "bivlm_cuda.", op,
+                ": scales and zeros must both have shape [N, K/group_size], got ", t0.sizes(), " and ",
+                t1->sizes());
+  } else {
+    TORCH_CHECK(t0.dim() == 3 && t0.size(2) == (int64_t{1} << bits), "bivlm_cuda.", op,
+                ": codebook must have shape [N, K/group_size, ", (1 << bits), "] for bits=", bits, ", got ",
+                t0.sizes());
+  }
+  const int64_t n = t0.size(0);
+  const int64_t k = t0.size(1) * group_size;
+  TORCH_CHECK(n >= 1 && k >= 1, "bivlm_cuda.", op, ": empty weight (n=", n, ", k=", k, ")");
+  TORCH_CHECK(n <= INT32_MAX && k <= INT32_MAX, "bivlm_cuda.", op, ": n=", n, ", k=", k,
+              " exceed the kernels' 32-bit row/column indexing");
+  const int64_t kw = k * bits / 32;
+  TORCH_CHECK(qweight.dim() == 2 && qweight.size(0) == n && qweight.size(1) == kw, "bivlm_cuda.", op,
+              ": qweight must have shape [N, K*bits/32] = [", n, ", ", kw, "] for n=", n, ", k=", k, ", bits=", bits,
+              "; got ", qweight.sizes());
+  TORCH_CHECK(qweight.is_contiguous(), "bivlm_cuda.", op, ": qweight must be contiguous (n=", n, ", k=", k, ")");
+
+  PackedWeight w;
+  w.qweight = qweight.data_ptr<int32_t>();
+  w.table0 = t0.data_ptr();
+  w.table1 = affine ? t1->data_ptr() : nullptr;
+  w.n = n;
+  w.k = k;
+  w.bits = static_cast<int>(bits);
+  w.group_size = static_cast<int>(group_size);
+  w.dtype = to_dtype(t0.scalar_type());
+  return w;
+}
+
+// Multiprocessor count of a device, queried once per device (cudaDeviceGetAttribute: no sync, capture-safe).
+int sm_count(c10::DeviceIndex device) {
+  static std::atomic<int> cache[64];
+  if (device < 0 || device >= 64) device = 0;
+  int v = cache[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+void check_launch(cudaError_t err, const char* op, const char* what, int64_t m, int64_t n, int64_t k) {
+  TORCH_CHECK(err == cudaSuccess, "bivlm_cuda.", op, ": ", what, " failed (m=", m, ", n=", n, ", k=", k,
+              "): ", cudaGetErrorString(err));
+}
+
+// y = x @ W^T (+ bias) for one packed weight; shared by lut_linear and affine_linear.
+at::Tensor linear_impl(const char* op, const at::Tensor& x, const at::Tensor& table, const PackedWeight& w,
+                       const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
+  const int64_t n = w.n, k = w.k;
+  TORCH_CHECK(x.is_cuda() && x.device() == table.device(), "bivlm_cuda.", op, ": x is on ", x.device(),
+              " but the weight is on ", table.device(), " (n=", n, ", k=", k, ")");
+  TORCH_CHECK(x.scalar_type() == table.scalar_type(), "bivlm_cuda.", op, ": x has dtype ", x.scalar_type(),
+              " but the weight tables have ", table.scalar_type(), " (n=", n, ", k=", k, ")");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "bivlm_cuda.", op, ": x's last dimension must be in_features k=", k,
+              ", got shape ", x.sizes(), " (n=", n, ")");
+  const int64_t m = x.numel() / k;
+  const at::ScalarType od = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(is_float_type(od), "bivlm_cuda.", op, ": out_dtype must be float16, bfloat16 or float32, got ", od,
+              " (m=", m, ", n=", n, ", k=", k, ")");
+  const void* bias_ptr = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.device() == x.device() && b.scalar_type() == x.scalar_type() && b.dim() == 1 && b.size(0) == n,
+                "bivlm_cuda.", op, ": bias must be [", n, "] with x's dtype ", x.scalar_type(), " and device ",
+                x.device(), ", got ", b.sizes(), " ", b.scalar_type(), " ", b.device(), " (m=", m, ", n=", n,
+                ", k=", k, ")");
+    TORCH_CHECK(b.is_contiguous(), "bivlm_cuda.", op, ": bias must be contiguous (m=", m, ", n=", n, ", k=", k, ")");
+    bias_ptr = b.data_ptr();
+  }
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(n);
+  if (m == 0) return at::empty(out_shape, x.options().dtype(od));
+
+  // x as [m, k] with unit column stride, a 16-byte aligned base and a row stride that keeps rows 16-byte aligned
+  // (the GEMV reads 8 activations per 16-byte load). Views such as x[..., k0:k1] of a mixed-segment layer pass
+  // without a copy; anything else is copied once.
+  at::Tensor x2 = x.reshape({m, k});
+  const int64_t es = static_cast<int64_t>(x2.element_size());
+  int64_t ldx = m == 1 ? k : x2.stride(0);
+  const bool x_ok = x2.stride(1) == 1 && ldx >= k && (ldx * es) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 == 0;
+  if (!x_ok) {
+    x2 = at::empty({m, k}, x.options()).copy_(x2);  // fresh allocation: contiguous and aligned
+    ldx = k;
+  }
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  if (m > kGemvMaxM) {
+    // Large-M path (first step): dequantize into a temporary, then cuBLAS in x's dtype.
+    at::Tensor wd = at::empty({n, k}, x.options());
+    check_launch(launch_dequantize(w, wd.data_ptr(), stream), op, "dequantize kernel", m, n, k);
+    at::Tensor y = bias_ptr != nullptr ? at::addmm(*bias, x2, wd.t()) : at::mm(x2, wd.t());
+    if (od != x.scalar_type()) y = y.to(od);
+    return y.view(out_shape);
+  }
+
+  at::Tensor out = at::empty({m, n}, x.options().dtype(od));
+  const int sms = sm_count(x.get_device());
+  const int splits = gemv_num_splits(m, w, sms);
+  if (splits == 1 && od == x.scalar_type()) {
+    // One pass, the kernel writes x's dtype directly (bias included).
+    check_launch(launch_gemv(x2.data_ptr(), m, ldx, w, bias_ptr, 1, out.data_ptr(), nullptr, stream), op,
+                 "gemv kernel", m, n, k);
+  } else if (splits == 1 && od == at::kFloat) {
+    // One pass, fp32 output (mixed-segment accumulation): the kernel writes its fp32 sums directly.
+    check_launch(launch_gemv(x2.data_ptr(), m, ldx, w, bias_ptr, 1, nullptr, out.data_ptr<float>(), stream), op,
+                 "gemv kernel", m, n, k);
+  } else {
+    // split-K (or an out dtype other than x's and fp32): fp32 partials, then a deterministic reduction.
+    at::Tensor ws = at::empty({splits, m, n}, x.options().dtype(at::kFloat));
+    check_launch(launch_gemv(x2.data_ptr(), m, ldx, w, bias_ptr, splits, nullptr, ws.data_ptr<float>(), stream),
+                 op, "gemv kernel", m, n, k);
+    check_launch(launch_splitk_reduce(ws.data_ptr<float>(), splits, m * n, out.data_ptr(), to_dtype(od), stream),
+                 op, "split-K reduce kernel", m, n, k);
+  }
+  return out.view(out_shape);
+}
+
+at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& codebook, int64_t bits,
+                      int64_t group_size, const std::optional<at::Tensor>& bias,
+                      std::optional<at::ScalarType> out_dtype) {
+  const PackedWeight w = check_weight("lut_linear", false, qweight, codebook, nullptr, bits, group_size);
+  return linear_impl("lut_linear", x, codebook, w, bias, out_dtype);
+}
+
+at::Tensor affine_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                         const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                         const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
+  const PackedWeight w = check_weight("affine_linear", true, qweight, scales, &zeros, bits, group_size);
+  return linear_impl("affine_linear", x, scales, w, bias, out_dtype);
+}
+
+at::Tensor dequantize_impl(const char* op, const at::Tensor& table, const PackedWeight& w) {
+  const c10::cuda::CUDAGuard guard(table.device());
+  at::Tensor out = at::empty({w.n, w.k}, table.options());
+  check_launch(launch_dequantize(w, out.data_ptr(), c10::cuda::getCurrentCUDAStream()), op, "dequantize kernel", 0,
+               w.n, w.k);
+  return out;
+}
+
+at::Tensor dequantize_lut(const at::Tensor& qweight, const at::Tensor& codebook, int64_t bits, int64_t group_size) {
+  const PackedWeight w = check_weight("dequantize_lut", false, qweight, codebook, nullptr, bits, group_size);
+  return dequantize_impl("dequantize_lut", codebook, w);
+}
+
+at::Tensor dequantize_affine(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                             int64_t bits, int64_t group_size) {
+  const PackedWeight w = check_weight("dequantize_affine", true, qweight, scales, &zeros, bits, group_size);
+  return dequantize_impl("dequantize_affine", scales, w);
+}
+
+}  // namespace
+}  // namespace bivlm
+
+// Schemas: identical to bivlm_kernels/ops.py (torch.ops.bivlm.*), so the Python op can forward its arguments as is.
+TORCH_LIBRARY(bivlm_cuda, m) {
+  m.def("lut_linear(Tensor x, Tensor qweight, Tensor codebook, int bits, int group_size, "
+        "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
+  m.def("affine_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, "
+        "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
+  m.def("dequantize_lut(Tensor qweight, Tensor codebook, int bits, int group_size) -> Tensor");
+  m.def("dequantize_affine(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bivlm_cuda, CUDA, m) {
+  m.impl("lut_linear", &bivlm::lut_linear);
+  m.impl("affine_linear", &bivlm::affine_linear);
+  m.impl("dequantize_lut", &bivlm::dequantize_lut);
+  m.impl("dequantize_affine", &bivlm::dequantize_affine);
+}
+
+// A Python module `_C` with no methods: importing it loads this library, whose static initializers above register
+// the ops. (No pybind11: nothing is bound; the ops are reached through torch.ops.bivlm_cuda.)
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C",
+      "bivlm_kernels CUDA kernels; registers torch.ops.bivlm_cuda.* when imported", -1, nullptr,
+      nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module_def);
+}
