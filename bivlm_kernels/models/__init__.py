@@ -1,0 +1,7 @@
+"""Model adapters: where the vision tower, projector and language-model blocks of a model live.
+
+``models.testbed`` (real small weights, heavy optional dependencies) is deliberately not imported here.
+"""
+from .adapters import Component, find_components, generic_components, register_adapter
+
+__all__ = ["Component", "find_components", "generic_components", "register_adapter"]
