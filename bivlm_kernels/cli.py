@@ -15,7 +15,7 @@ import os
 import sys
 from typing import List, Optional
 
-METHOD_CHOICES = ("rtn", "gptq", "billm", "bivlm")
+METHOD_CHOICES = ("rtn", "gptq", "billm", "bivlm", "luq")
 
 
 def _build_parser(with_eval: bool = False) -> argparse.ArgumentParser:
@@ -53,6 +53,25 @@ def _build_parser(with_eval: bool = False) -> argparse.ArgumentParser:
     q.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="dtype to load --model in (default: its config's)")
     q.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    q.add_argument("--eval-limit", type=int, default=200, metavar="N",
+                   help="testbed only (no --model): easy-VQA accuracy on the first N test questions before and "
+                        "after quantization (default 200; 0 skips)")
+    lq = q.add_argument_group("LUQ (--method luq): lowest-entropy decoder layers at ultra-low bits, the rest high")
+    lq.add_argument("--low-method", choices=("billm", "bivlm", "rtn", "gptq"), default="billm",
+                    help="method of the ultra-low-bit layers (default billm, LUQ's)")
+    lq.add_argument("--low-bits", type=int, choices=(1, 2), default=None, help="default: the low method's own")
+    lq.add_argument("--high-method", choices=("gptq", "rtn"), default="gptq", help="default gptq")
+    lq.add_argument("--high-bits", type=int, choices=(2, 4), default=4)
+    budget = lq.add_mutually_exclusive_group()
+    budget.add_argument("--target-avg-bits", type=float, default=None,
+                        help="memory budget: average bits per LLM decoder Linear weight (see --budget-bits)")
+    budget.add_argument("--n-low", type=int, default=None, help="put exactly this many layers at low bits")
+    lq.add_argument("--budget-bits", choices=("honest", "nominal"), default="honest",
+                    help="count --target-avg-bits in honest (all buffers) or nominal (code) bits")
+    lq.add_argument("--assembly", choices=("swap", "sequential"), default="swap",
+                    help="swap: two uniform runs, layers copied (LUQ's scripts); sequential: one mixed run")
+    lq.add_argument("--entropy-estimator", choices=("kmeans", "histogram"), default="kmeans")
+    lq.add_argument("--entropy-hook", choices=("input_layernorm", "block_output"), default="input_layernorm")
 
     e = sub.add_parser("eval", help="evaluate a (quantized) model (bivlm_kernels.evaluation); "
                        "`bivlm eval --help` lists its options")
@@ -159,8 +178,13 @@ def _quantize(args) -> int:
         raise SystemExit(f"bivlm quantize: --n-calib must be positive, got {args.n_calib}")
     if os.path.exists(args.out) and not args.overwrite:
         raise SystemExit(f"bivlm quantize: --out {args.out!r} already exists; pass --overwrite to replace it")
+    luq = args.method == "luq"
+    if luq and args.target_avg_bits is None and args.n_low is None:
+        raise SystemExit("bivlm quantize: --method luq needs --target-avg-bits or --n-low")
     try:
-        config = QuantConfig.from_method(args.method, bits=args.bits, group_size=args.group_size,
+        # LUQ: the high setting is the base config (vision/projector too, if --components lists them)
+        config = QuantConfig.from_method(args.high_method if luq else args.method,
+                                         bits=args.high_bits if luq else args.bits, group_size=args.group_size,
                                          components=args.components, **_parse_options(args.option))
     except ValueError as e:
         raise SystemExit(f"bivlm quantize: {e}") from None
@@ -186,6 +210,14 @@ def _quantize(args) -> int:
         else:
             pairs = tb_calib(processor, n=args.n_calib, mix=args.mix)
     pairs = list(pairs)
+    accuracy = None
+    if not args.model and args.eval_limit > 0:
+        from .evaluation import vqa_accuracy
+
+        def accuracy(m):
+            return 100 * vqa_accuracy(m, processor, limit=args.eval_limit)["accuracy"]
+        acc_before = accuracy(model)
+        print(f"easy-VQA accuracy before quantization (first {args.eval_limit} test questions): {acc_before:.1f}%")
     # The testbed may hand over ready input dicts or (image, text) pairs.
     if pairs and isinstance(pairs[0], dict):
         batches = pairs[:args.n_calib]
@@ -195,10 +227,22 @@ def _quantize(args) -> int:
         batches = build_calibration_data(processor, pairs, n_samples=args.n_calib, mix=args.mix,
                                          seq_len=args.seq_len)
     try:
-        model, report = quantize_model(model, config, batches, progress=not args.no_progress)
+        if luq:
+            from .quant.luq import luq_quantize
+            model, report = luq_quantize(
+                model, batches, low_method=args.low_method, low_bits=args.low_bits, high_method=args.high_method,
+                high_bits=args.high_bits, target_avg_bits=args.target_avg_bits, n_low=args.n_low,
+                budget_bits=args.budget_bits, assembly=args.assembly, mix=None,     # batches already mixed
+                estimator=args.entropy_estimator, hook=args.entropy_hook, group_size=args.group_size,
+                base_config=config, progress=not args.no_progress)
+        else:
+            model, report = quantize_model(model, config, batches, progress=not args.no_progress)
     except ValueError as e:
         raise SystemExit(f"bivlm quantize: {e}") from None
     print(report.table())
+    if accuracy is not None:
+        print(f"easy-VQA accuracy (first {args.eval_limit} test questions): {acc_before:.1f}% before -> "
+              f"{accuracy(model):.1f}% after, at {report.average_bits:.3f} honest bits/weight")
     # Save the processor/tokenizer beside the model when it can save itself (HF processors can).
     proc = processor if hasattr(processor, "save_pretrained") else getattr(processor, "tokenizer", None)
     proc = proc if hasattr(proc, "save_pretrained") else None

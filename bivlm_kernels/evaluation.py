@@ -43,10 +43,11 @@ def majority_baseline(limit: Optional[int] = None) -> dict:
 def last_token_logits(model, inputs: dict) -> torch.Tensor:
     """Logits ``[B, V]`` at each sequence's last real token (inputs right-padded), without computing the
     ``lm_head`` over every position."""
+    from .pruning import map_positions
     mask = inputs["attention_mask"]
     out = model.model(**inputs)
     h = out.last_hidden_state
-    last = mask.sum(1) - 1
+    last = map_positions(model, mask.sum(1) - 1)      # token pruning (if enabled) shortened the sequence
     return model.lm_head(h[torch.arange(h.shape[0]), last]).float()
 
 
@@ -100,6 +101,10 @@ def vqa_accuracy(model, processor, limit: Optional[int] = None, batch_size: int 
     if len(set(cand.tolist())) != len(answers):
         raise RuntimeError("the answers' first tokens are not distinct; closed-set scoring would be ambiguous")
     model.eval()
+    from .pruning import active_pruning
+    if share_prefix and active_pruning(model) is not None:
+        # a shared prefix would be pruned before the question is seen, and its cache is then reordered
+        share_prefix = False
     pix_cache: Dict[int, torch.Tensor] = {}
     correct = open_correct = 0
     per = collections.defaultdict(lambda: [0, 0])
@@ -263,6 +268,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 reference row")
     parser.add_argument("--layer-errors", type=int, default=0, metavar="K",
                         help="also print the K quantized layers with the largest relative output error")
+    parser.add_argument("--prune-keep", type=float, default=None, metavar="R",
+                        help="token pruning (bivlm_kernels.pruning) during easy-VQA: keep this fraction of the "
+                        "image tokens, in (0, 1] (default: no pruning)")
+    parser.add_argument("--prune-layer", type=int, default=2,
+                        help="first decoder layer that sees the pruned sequence (default 2)")
+    parser.add_argument("--prune-criterion", choices=("attention", "norm", "similarity", "random"),
+                        default="attention", help="ranking of the tokens to keep (default attention)")
+    parser.add_argument("--prune-target", choices=("image", "text"), default="image",
+                        help="prune image tokens (default) or, as an ablation, text tokens")
     parser.add_argument("--cache-dir", default=None, help="where the converted DINOv2 is cached "
                         "(default $BIVLM_CACHE or ~/.cache/bivlm_kernels)")
     return parser
@@ -270,8 +284,21 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def _evaluate_row(label, model, proc, args, out) -> dict:
     row = {"label": label, **bits_summary(model)}
-    acc = vqa_accuracy(model, proc, limit=args.limit, batch_size=args.batch_size, progress=True)
+    pruning = None
+    if getattr(args, "prune_keep", None) is not None:
+        from .pruning import enable_token_pruning
+        pruning = enable_token_pruning(model, layer=args.prune_layer, keep=args.prune_keep,
+                                       criterion=args.prune_criterion, target=args.prune_target)
+    try:                                      # pruning only during VQA: perplexity reads every position
+        acc = vqa_accuracy(model, proc, limit=args.limit, batch_size=args.batch_size, progress=True)
+    finally:
+        if pruning is not None:
+            pruning.remove()
     row.update(accuracy=acc["accuracy"], open_accuracy=acc["open_accuracy"], n=acc["n"])
+    if pruning is not None and pruning.records:
+        kept = sum(sum(r.kept) for r in pruning.records) / sum(len(r.kept) for r in pruning.records)
+        cand = sum(sum(r.candidates) for r in pruning.records) / sum(len(r.kept) for r in pruning.records)
+        row.update(prune_kept=kept, prune_candidates=cand)
     if not args.no_ppl:
         row["perplexity"] = perplexity(model, proc.tokenizer, max_tokens=args.ppl_tokens)["perplexity"]
     q = row["quantized_bpw"]
@@ -284,6 +311,10 @@ def _evaluate_row(label, model, proc, args, out) -> dict:
               f"linear weights)", file=out)
     print(f"accuracy: {100 * row['accuracy']:.1f}% ({row['n']} easy-VQA test questions; open-vocabulary "
           f"{100 * row['open_accuracy']:.1f}%)", file=out)
+    if "prune_kept" in row:
+        print(f"token pruning: {args.prune_target} tokens kept {row['prune_kept']:.1f} of "
+              f"{row['prune_candidates']:.1f} per question (layer {args.prune_layer}, {args.prune_criterion})",
+              file=out)
     if "perplexity" in row:
         print(f"perplexity: {row['perplexity']:.3f}", file=out)
     out.flush()
@@ -299,6 +330,9 @@ def run_eval(args, out=None) -> int:
         return 2
     if args.limit is not None and args.limit <= 0:
         print(f"error: --limit must be positive, got {args.limit}", file=sys.stderr)
+        return 2
+    if getattr(args, "prune_keep", None) is not None and not 0.0 < args.prune_keep <= 1.0:
+        print(f"error: --prune-keep must be in (0, 1], got {args.prune_keep}", file=sys.stderr)
         return 2
     from .models import testbed
     missing = testbed.missing_packages()

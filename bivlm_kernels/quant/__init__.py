@@ -15,15 +15,11 @@ from .driver import quantize_model
 from .io import load_quantized, read_quant_info, save_quantized
 from .report import LayerReport, QuantReport
 
-# The methods register themselves in METHODS on import. Tolerate only the package itself being absent (it is
-# written separately); an error inside it must surface.
-try:
-    from . import methods  # noqa: F401
-except ModuleNotFoundError as e:
-    if e.name != f"{__name__}.methods":
-        raise
+from . import methods  # noqa: F401  (the methods register themselves in METHODS on import)
+from .luq import SwapPair, layer_entropies, luq_quantize, select_layers
 
 __all__ = ["METHODS", "Method", "MethodConfig", "get_method", "register_method", "COMPONENTS",
            "CalibrationConfig", "ComponentConfig", "QuantConfig", "pick_group_size", "quantize_model",
            "save_quantized", "load_quantized", "read_quant_info", "build_calibration_data",
-           "mix_text_and_images", "LayerReport", "QuantReport"]
+           "mix_text_and_images", "LayerReport", "QuantReport", "luq_quantize", "layer_entropies",
+           "select_layers", "SwapPair"]
