@@ -76,13 +76,10 @@ def test_fp32_far_above_majority(fp32_result):
     assert 0.2 < base["accuracy"] < 0.5                     # yes/no dominate easy-VQA
     print(f"\nfp32 easy-VQA accuracy {100 * fp32_result['accuracy']:.1f}% on {SUBSET} "
           f"(majority {100 * base['accuracy']:.1f}%, {fp32_result['seconds']:.0f}s)")
-    # The shipped projector was trained on a tight CPU budget (45% on this subset vs 34% majority; see
-    # python/train_projector.py); raise this margin when a longer-trained projector is shipped.
-    assert fp32_result["accuracy"] >= base["accuracy"] + 0.08, (fp32_result, base)
+    # The shipped projector reaches 76.0% on this subset vs 34.0% majority (python/train_projector.py).
+    assert fp32_result["accuracy"] >= base["accuracy"] + 0.25, (fp32_result, base)
 
 
-@pytest.mark.xfail(strict=False, reason="measured with the shipped (under-trained) projector: RTN 4-bit LM g64 "
-                   "35.5% vs fp32 45.0% on the 200-question subset; retrain the projector longer and re-check")
 def test_rtn4_language_model_stays_close(bed, fp32_result):
     from bivlm_kernels import evaluation
     from bivlm_kernels.nn import QuantLinear, quantize_linears_
