@@ -368,3 +368,18 @@ def cuda_or_none() -> Optional[torch.device]:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return None
+
+
+def dispatch(args, dry_run, run) -> int:
+    """The scripts' common entry: plan only (--dry-run), CPU smoke run (--smoke), or the GPU run; skip with a
+    message (exit 0) where there is no GPU."""
+    if args.dry_run:
+        return dry_run(args)
+    if args.smoke:
+        import torch
+        return run(args, torch.device("cpu"))
+    device = cuda_or_none()
+    if device is None:
+        print(NO_GPU_MESSAGE, flush=True)
+        return 0
+    return run(args, device)

@@ -494,16 +494,7 @@ def dry_run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.dry_run:
-        return dry_run(args)
-    if args.smoke:
-        return run(args, torch.device("cpu"))
-    device = bc.cuda_or_none()
-    if device is None:
-        print(bc.NO_GPU_MESSAGE, flush=True)
-        return 0
-    return run(args, device)
+    return bc.dispatch(parse_args(argv), dry_run, run)
 
 
 if __name__ == "__main__":
