@@ -143,21 +143,40 @@ def unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 # dequantize (fp32, the oracle for every kernel)
 # ---------------------------------------------------------------------------------------------------------
 
+def lut_values(codes: torch.Tensor, codebook: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Unpacked codes ``[N, K]`` -> fp32 ``w[n, k] = codebook[n, k // g, code[n, k]]``."""
+    n, k = codes.shape
+    idx = codes.long().view(n, k // group_size, group_size)
+    return torch.gather(codebook.float(), 2, idx).view(n, k)
+
+
+def affine_values(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Unpacked codes ``[N, K]`` -> fp32 ``w[n, k] = (code - zeros[n, k // g]) * scales[n, k // g]``."""
+    n, k = codes.shape
+    c = codes.float().view(n, k // group_size, group_size)
+    return ((c - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).view(n, k)
+
+
 def dequantize_lut(qweight: torch.Tensor, codebook: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """``w[n, k] = codebook[n, k // g, code[n, k]]`` as fp32 ``[N, K]`` with ``K = codebook.shape[1] * g``."""
-    n, groups, entries = codebook.shape
-    k = groups * group_size
-    codes = unpack(qweight, bits, k).view(n, groups, group_size)
-    return torch.gather(codebook.float(), 2, codes).view(n, k)
+    """Packed lut weight -> fp32 ``[N, K]`` with ``K = codebook.shape[1] * g``."""
+    k = codebook.shape[1] * group_size
+    return lut_values(unpack(qweight, bits, k), codebook, group_size)
 
 
 def dequantize_affine(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                       group_size: int) -> torch.Tensor:
-    """``w[n, k] = (code - zeros[n, k // g]) * scales[n, k // g]`` as fp32 ``[N, K]``."""
-    n, groups = scales.shape
-    k = groups * group_size
-    codes = unpack(qweight, bits, k).view(n, groups, group_size).float()
-    return ((codes - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).view(n, k)
+    """Packed affine weight -> fp32 ``[N, K]`` with ``K = scales.shape[1] * g``."""
+    k = scales.shape[1] * group_size
+    return affine_values(unpack(qweight, bits, k), scales, zeros, group_size)
+
+
+def unpermute(w_perm: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+    """Weight columns in permuted order -> original order (column ``perm[j]`` of W is column ``j`` of w_perm)."""
+    if perm is None:
+        return w_perm
+    w = torch.empty_like(w_perm)
+    w[:, perm.long()] = w_perm
+    return w
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,22 +287,10 @@ class QuantizedWeight:
         return LayerSpec(sum(s.width for s in segs), n, self.group_size, segs, self.perm is not None, has_bias)
 
     def dequantize(self) -> torch.Tensor:
-        parts = []
-        for s in self.segments:
-            n, w = s.codes.shape
-            g = self.group_size
-            codes = s.codes.long().view(n, w // g, g)
-            if s.kind == "lut":
-                parts.append(torch.gather(s.codebook.float(), 2, codes).view(n, w))
-            else:
-                parts.append(((codes.float() - s.zeros.float().unsqueeze(-1))
-                              * s.scales.float().unsqueeze(-1)).view(n, w))
-        w_perm = torch.cat(parts, dim=1)
-        if self.perm is None:
-            return w_perm
-        w = torch.empty_like(w_perm)
-        w[:, self.perm.long()] = w_perm
-        return w
+        g = self.group_size
+        w_perm = torch.cat([lut_values(s.codes, s.codebook, g) if s.kind == "lut"
+                            else affine_values(s.codes, s.scales, s.zeros, g) for s in self.segments], dim=1)
+        return unpermute(w_perm, self.perm)
 
 
 def check_perm(perm: torch.Tensor, k: int) -> None:

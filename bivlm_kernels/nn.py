@@ -184,12 +184,7 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The weight ``[N, K]`` in original column order, in the layer's dtype."""
-        w_perm = torch.cat([seg.dequantize() for seg in self.segments], dim=1)
-        if self.perm is None:
-            return w_perm
-        w = torch.empty_like(w_perm)
-        w[:, self.perm.long()] = w_perm
-        return w
+        return formats.unpermute(torch.cat([seg.dequantize() for seg in self.segments], dim=1), self.perm)
 
     def extra_repr(self) -> str:
         bits = "+".join(f"{s.bits}b{s.kind}x{s.width}" for s in self.spec.segments) \

@@ -204,10 +204,10 @@ def billm_quantize(W: torch.Tensor, H: torch.Tensor, blocksize: int = 128, percd
 
 @register_method
 class BiLLM(Method):
+    """BiLLM (faithful search and compensation) emitting a 2-bit lut segment; see the module docstring."""
     name = "billm"
     config_cls = BiLLMConfig
     needs_hessian = True
-    """BiLLM (faithful search and compensation) emitting a 2-bit lut segment; see the module docstring."""
 
     def validate(self) -> None:
         c = self.config

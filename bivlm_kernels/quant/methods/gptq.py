@@ -89,10 +89,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
 
 @register_method
 class GPTQ(Method):
+    """GPTQ with lazy block updates and optional act-order; options in :class:`GPTQConfig`."""
     name = "gptq"
     config_cls = GPTQConfig
     needs_hessian = True
-    """GPTQ with lazy block updates and optional act-order; options in :class:`GPTQConfig`."""
 
     def validate(self) -> None:
         c = self.config
