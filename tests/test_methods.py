@@ -53,6 +53,8 @@ CONFIGS = [
     ("billm", dict()), ("billm", dict(group_size=64, feedback=False, salient_metric="magnitude")),
     ("bivlm", dict()), ("bivlm", dict(n_inlier=1, salient_order=1, inlier_scope="row")),
     ("bivlm", dict(n_inlier=3, compensation="block", stats_scope="row", saliency="hessian", group_size=64)),
+    ("gptq", dict(bits=1, group_size=64)), ("billm", dict(bits=1, group_size=32)),
+    ("bivlm", dict(bits=1, group_size=32)), ("bivlm", dict(bits=1, group_size=64, saliency="hessian")),
 ]
 
 
@@ -295,7 +297,7 @@ def test_bivlm_row_statistics_keep_small_rows_multi_level():
 
 
 # ----------------------------------------------------------------------------------------------- comparisons
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [1, 2, 4])
 def test_gptq_beats_rtn_at_equal_honest_bits(bits):
     X = correlated(2048, 256)
     W = torch.randn(64, 256) * 0.05
@@ -303,12 +305,87 @@ def test_gptq_beats_rtn_at_equal_honest_bits(bits):
     g = get_method("gptq", bits=bits).quantize(W, H)
     r = get_method("rtn", bits=bits).quantize(W, H)
     assert g.info["honest_bits"] == r.info["honest_bits"]
-    assert rel_err(X, W, g.dequantize()) < 0.9 * rel_err(X, W, r.dequantize())
+    # at 1 bit the gain is smaller (measured 0.45 vs 0.50 here): the binarizer's two levels leave little to trade
+    assert rel_err(X, W, g.dequantize()) < (0.95 if bits == 1 else 0.9) * rel_err(X, W, r.dequantize())
+
+
+# ----------------------------------------------------------------------------------------------- bits=1 layout
+def _check_salient_layout(qw, K, g, ns=None):
+    """perm is a permutation; segments are [2-bit salient (multiple of g), 1-bit rest], or one 1-bit segment."""
+    assert qw.perm is not None and torch.equal(torch.sort(qw.perm.long()).values, torch.arange(K))
+    widths = [(s.bits, s.codes.shape[1]) for s in qw.segments]
+    sal = widths[0][1] if len(widths) == 2 else 0
+    assert widths == ([(2, sal), (1, K - sal)] if sal else [(1, K)])
+    assert sal % g == 0 and sal == qw.info["salient_columns"]
+    if ns is not None:
+        assert sal == ns
+    return sal
+
+
+def test_salient_columns_without_compensation_are_exact_binarizations():
+    """No compensation: a salient (row, group) stores its order-2 residual binarization levels (4 values, no
+    merge) and each weight takes the nearest one (never worse than the sign-based assignment); the other columns
+    are RTN's 1-bit binarizer, group by group in permuted order."""
+    from bivlm_kernels.nn import rtn_quantize
+    from bivlm_kernels.quant.methods._common import residual_binarize, residual_levels
+    from bivlm_kernels.quant.methods._salient import salient_column_quantize
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(24, 256, generator=g)
+    sal = torch.randperm(256, generator=g)[:64]
+    qw = salient_column_quantize(W, None, sal, 32, dtype=torch.float32, compensation=False)
+    _check_salient_layout(qw, 256, 32, 64)
+    assert torch.equal(qw.perm[:64].long(), torch.sort(sal).values)
+    Wp = W[:, qw.perm.long()]
+    got = qw.dequantize()[:, qw.perm.long()]
+    for gi, g0 in enumerate(range(0, 64, 32)):
+        blk = Wp[:, g0:g0 + 32]
+        approx, mus, alphas, _ = residual_binarize(blk, torch.ones_like(blk, dtype=torch.bool), 2)
+        cb = residual_levels(mus, alphas)
+        torch.testing.assert_close(qw.segments[0].codebook[:, gi], cb, rtol=1e-6, atol=1e-7)
+        nearest = cb.gather(1, (blk[:, :, None] - cb[:, None, :]).abs().argmin(-1))
+        torch.testing.assert_close(got[:, g0:g0 + 32], nearest, rtol=1e-6, atol=1e-7)
+        assert (got[:, g0:g0 + 32] - blk).norm() <= (approx - blk).norm() + 1e-6
+    rest = rtn_quantize(Wp[:, 64:], 1, 32, torch.float32).dequantize()
+    torch.testing.assert_close(got[:, 64:], rest, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,opts", [("billm", {}), ("bivlm", {}), ("bivlm", {"saliency": "hessian"})])
+def test_one_bit_salient_columns_beat_plain_binarization(name, opts):
+    """bits=1: a 2-bit salient segment + 1-bit rest (honest cost counted, perm included) must beat GPTQ at 1 bit
+    where a few input columns are loud (large activations and large weights, as outlier channels are), and the
+    salient segment must hold those columns."""
+    X = correlated(2048, 256)
+    X[:, :8] *= 6                                       # 8 loud input features: the salient columns to find
+    W = torch.randn(64, 256) * 0.05
+    W[:, :8] *= 4
+    H = hessian(X)
+    qw = get_method(name, bits=1, group_size=32, dtype=torch.float32, **opts).quantize(W, H)
+    sal = _check_salient_layout(qw, 256, 32)
+    assert sal > 0
+    assert set(range(8)) <= set(qw.perm[:sal].tolist())
+    one = get_method("gptq", bits=1, group_size=32, dtype=torch.float32).quantize(W, H)
+    assert rel_err(X, W, qw.dequantize()) < 0.9 * rel_err(X, W, one.dequantize())
+    spec = qw.layer_spec()
+    assert spec.nominal_bits == pytest.approx((2 * sal + (256 - sal)) / 256)
+    assert qw.info["honest_bits"] == pytest.approx(spec.bits_per_weight(torch.float32))
+    assert qw.info["honest_bits"] > spec.nominal_bits + 32 / 64        # perm counted
+
+
+def test_bivlm_one_bit_salient_share_rounds_to_groups():
+    X = correlated(1024, 256)
+    W = torch.randn(32, 256) * 0.05
+    for share, ns in ((0.0, 0), (0.1, 32), (0.2, 64), (1.0, 256)):
+        qw = get_method("bivlm", bits=1, group_size=32, salient_col_share=share).quantize(W, hessian(X))
+        _check_salient_layout(qw, 256, 32, ns) if ns < 256 else None
+        if ns == 256:
+            assert [(s.bits, s.codes.shape[1]) for s in qw.segments] == [(2, 256)]
 
 
 # ----------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("name,opts,match", [
-    ("rtn", dict(bits=3), "bits"), ("gptq", dict(bits=1), "bits"), ("billm", dict(bits=4), "bits"),
+    ("rtn", dict(bits=3), "bits"), ("gptq", dict(bits=3), "bits"), ("billm", dict(bits=4), "bits"),
+    ("billm", dict(bits=1, orders=(1, 1, 3)), "orders"), ("bivlm", dict(bits=1, salient_order=3), "salient_order"),
+    ("bivlm", dict(bits=1, salient_col_share=1.5), "salient_col_share"),
     ("gptq", dict(group_size=48), "group_size"), ("gptq", dict(blocksize=0), "blocksize"),
     ("gptq", dict(percdamp=-1), "percdamp"), ("gptq", dict(foo=1), "foo"),
     ("billm", dict(orders=(1, 2)), "orders"), ("billm", dict(salient_metric="l2"), "salient_metric"),

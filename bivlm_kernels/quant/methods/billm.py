@@ -37,6 +37,7 @@ import torch
 from ...formats import QuantizedSegment, QuantizedWeight
 from ..base import Method, MethodConfig, register_method
 from ..hessian import prepare_hessian
+from ._salient import round_to_groups, salient_column_quantize
 from ._common import (bits_info, check_choice, check_config, check_k, merge_levels, residual_binarize,
                       residual_level_index, residual_levels, rounded)
 
@@ -48,7 +49,8 @@ class BiLLMConfig(MethodConfig):
     ``blocksize`` 128, ``percdamp`` 0.01, ``salient_metric`` "hessian" (or "magnitude": ``S = W``),
     ``up_lim`` 50 (top columns searched), ``orders`` (1, 1, 2) for (m1, m2, m3), ``disable_gptq`` False (True:
     BiLLM's RTN variant, no compensation). ``bits`` 2 and ``group_size`` 128 describe the packed segment
-    (*ours*: 2 bits is the smallest lut holding the mask split; ``group_size`` must divide ``blocksize``).
+    (*ours*: 2 bits is the smallest lut holding the mask split; ``group_size`` must divide ``blocksize``);
+    ``bits=1`` is the sub-2-bit layout (salient columns 2-bit, the rest 1-bit, :func:`billm_columns`).
     ``feedback`` True (*ours*, see module doc), ``merge_weight`` "hessian" (*ours*; or "count").
     """
     bits: int = 2
@@ -202,16 +204,40 @@ def billm_quantize(W: torch.Tensor, H: torch.Tensor, blocksize: int = 128, percd
     return BiLLMResult(qw, Q_billm)
 
 
+def billm_columns(W: torch.Tensor, H: torch.Tensor, cfg: BiLLMConfig) -> QuantizedWeight:
+    """``bits=1``: BiLLM's salient-column search sets how many columns are salient, the sub-2-bit layout of
+    :mod:`._salient` stores them (module doc there). Per block of the weights as given, ``salient_columns`` picks
+    BiLLM's count; the total, rounded to whole groups, is taken as the top columns of ``sum_rows S`` over the whole
+    matrix (the permutation is global). The bell-shaped split of the other columns needs a per-element bitmap and
+    is dropped: they get one order-1 binarization per (row, group). Compensation: GPTQ's, column by column
+    (``disable_gptq=True``: none)."""
+    N, K = W.shape
+    g = cfg.group_size
+    check_k(K, g)
+    W0, U0, _ = prepare_hessian(W, H, cfg.percdamp, name=cfg.layer_name)
+    d = torch.diag(U0)
+    S = W0 ** 2 / d[None, :] ** 2 if cfg.salient_metric == "hessian" else W0
+    searched = sum(int(salient_columns(S[:, st:st + cfg.blocksize], cfg.up_lim).sum())
+                   for st in range(0, K, cfg.blocksize))
+    ns = round_to_groups(searched, K, g)
+    sal = torch.topk(S.abs().sum(0), ns).indices
+    qw = salient_column_quantize(W, H, sal, g, cfg.blocksize, cfg.percdamp, cfg.dtype, cfg.orders[2],
+                                 not cfg.disable_gptq, cfg.layer_name)
+    qw.info.update(method="billm", layout="salient-columns", billm_searched_columns=searched)
+    return qw
+
+
 @register_method
 class BiLLM(Method):
-    """BiLLM (faithful search and compensation) emitting a 2-bit lut segment; see the module docstring."""
+    """BiLLM (faithful search and compensation) emitting a 2-bit lut segment (``bits=2``, module docstring) or the
+    sub-2-bit salient-column layout (``bits=1``, :func:`billm_columns`)."""
     name = "billm"
     config_cls = BiLLMConfig
     needs_hessian = True
 
     def validate(self) -> None:
         c = self.config
-        check_config(c, self.name, (2,))
+        check_config(c, self.name, (1, 2))
         check_choice(c.salient_metric, "salient_metric", ("hessian", "magnitude"))
         check_choice(c.merge_weight, "merge_weight", ("hessian", "count"))
         if not isinstance(c.blocksize, int) or c.blocksize <= 0 or c.blocksize % c.group_size:
@@ -222,11 +248,16 @@ class BiLLM(Method):
         if (not isinstance(c.orders, (tuple, list)) or len(c.orders) != 3
                 or any(not isinstance(o, int) or not 1 <= o <= 3 for o in c.orders)):
             raise ValueError(f"orders must be 3 ints in 1..3 (mask1, mask2, mask3), got {c.orders!r}")
+        if c.bits == 1 and c.orders[2] not in (1, 2):
+            raise ValueError(f"bits=1 stores the salient columns in a 1- or 2-bit segment, so orders[2] must be 1 "
+                             f"or 2; got orders={c.orders!r}")
         if not isinstance(c.percdamp, (int, float)) or not 0 <= c.percdamp < 1:
             raise ValueError(f"percdamp must be in [0, 1), got {c.percdamp!r}")
 
     def _quantize(self, W: torch.Tensor, H: Optional[torch.Tensor]) -> QuantizedWeight:
         c = self.config
+        if c.bits == 1:
+            return billm_columns(W, H, c)
         return billm_quantize(W, H, c.blocksize, c.percdamp, c.salient_metric, c.up_lim, tuple(c.orders),
                               c.disable_gptq, c.group_size, c.dtype, c.feedback, c.merge_weight,
                               c.layer_name).qweight

@@ -40,6 +40,7 @@ import torch
 from ...formats import QuantizedSegment, QuantizedWeight
 from ..base import Method, MethodConfig, register_method
 from ..hessian import fix_dead_inputs, inverse_cholesky_upper
+from ._salient import round_to_groups, salient_column_quantize
 from ._common import (bits_info, check_choice, check_config, check_k, merge_levels, residual_binarize,
                       residual_levels, rounded)
 
@@ -61,9 +62,13 @@ class BiVLMConfig(MethodConfig):
       by all rows of a block, the PAPERS.md table's reading; "matrix": one per band); chosen by measurement too;
     * ``compensation`` "gptq" (GPTQ-style, ``blocksize`` 128, ``percdamp`` 0.01), or "block", or "off";
     * ``merge_weight`` "hessian": how levels are weighted when more than 4 must share a 2-bit codebook ("count");
-    * ``bits`` 2, ``group_size`` 128: the packed lut segment (``group_size`` must divide ``blocksize``).
+    * ``bits`` 2, ``group_size`` 128: the packed lut segment (``group_size`` must divide ``blocksize``);
+    * ``bits`` 1: the sub-2-bit layout (:func:`bivlm_columns`): the ``salient_col_share`` (0.1) of the input
+      columns that hold the most salient weights at 2 bits, the rest binarized; ``n_inlier``, ``inlier_scope``
+      and ``merge_weight`` do not apply (one band per (row, group): one bit has no room for a band mask).
     """
     bits: int = 2
+    salient_col_share: float = 0.1
     p_sal: float = 0.01
     n_inlier: int = 2
     stats_scope: str = "row"
@@ -230,22 +235,64 @@ def bivlm_quantize(W: torch.Tensor, H: Optional[torch.Tensor], cfg: BiVLMConfig)
     return qw
 
 
+def bivlm_columns(W: torch.Tensor, H: Optional[torch.Tensor], cfg: BiVLMConfig) -> QuantizedWeight:
+    """``bits=1``: the Gaussian-quantile salient set, gathered into whole columns (layout in :mod:`._salient`).
+
+    Salient weights are found as at 2 bits (``|w - mu| > z sigma`` with ``z = Phi^-1(1 - p_sal / 2)``, or the
+    top ``p_sal`` of ``w^2 / d^2``). Column ``j`` scores ``sum_rows [salient] (w - mu)^2 / d_j^2`` (the error
+    binarizing its salient weights would leave, as the Hessian weighs it); the ``salient_col_share`` of K rounded
+    to whole groups with the highest scores become the 2-bit segment (residual binarization of order
+    ``salient_order``), the others take one ``mu +- alpha`` per (row, group). Compensation "gptq" (also what
+    "block" means here) or "off"."""
+    N, K = W.shape
+    g = cfg.group_size
+    check_k(K, g)
+    comp = cfg.compensation != "off"
+    if H is not None:
+        W0, H0, _ = fix_dead_inputs(W, H)
+        dU = torch.diag(inverse_cholesky_upper(H0, cfg.percdamp, cfg.layer_name)[0])
+    else:
+        W0, dU = W.float(), torch.ones(K, device=W.device)
+    mu, sd = _stats(W0, cfg.stats_scope, cfg.blocksize)
+    sal_thr = None
+    if cfg.saliency == "hessian":
+        S = (W0 ** 2 / dU[None, :] ** 2).reshape(-1)
+        sal_thr = S.kthvalue(max(1, int(round((1 - cfg.p_sal) * S.numel())))).values
+    z = band_thresholds(cfg.p_sal, 1).to(W.device)
+    sal = _membership(W0, mu.expand(N, K), sd.expand(N, K), z, sal_thr, dU) == 1
+    score = (sal * (W0 - mu) ** 2).sum(0) / dU ** 2
+    ns = round_to_groups(cfg.salient_col_share * K, K, g)
+    cols = torch.topk(score, ns).indices
+    qw = salient_column_quantize(W, H, cols, g, cfg.blocksize, cfg.percdamp, cfg.dtype, cfg.salient_order, comp,
+                                 cfg.layer_name)
+    covered = float(sal[:, cols].sum() / sal.sum().clamp_min(1))
+    qw.info.update(method="bivlm", layout="salient-columns", initial_salient_share=float(sal.float().mean()),
+                   salient_weights_in_salient_columns=covered)
+    return qw
+
+
 @register_method
 class BiVLM(Method):
-    """Bi-VLM (our reading, PAPERS.md §1) emitting a 2-bit lut segment; options in :class:`BiVLMConfig`."""
+    """Bi-VLM (our reading, PAPERS.md §1) emitting a 2-bit lut segment (``bits=2``) or the sub-2-bit
+    salient-column layout (``bits=1``); options in :class:`BiVLMConfig`."""
     name = "bivlm"
     config_cls = BiVLMConfig
     needs_hessian = True
 
     def validate(self) -> None:
         c = self.config
-        check_config(c, self.name, (2,))
+        check_config(c, self.name, (1, 2))
         if not isinstance(c.p_sal, (int, float)) or not 0 < c.p_sal < 0.2:
             raise ValueError(f"p_sal must be in (0, 0.2), got {c.p_sal!r}")
         if not isinstance(c.n_inlier, int) or isinstance(c.n_inlier, bool) or not 1 <= c.n_inlier <= 4:
             raise ValueError(f"n_inlier must be an int in 1..4, got {c.n_inlier!r}")
         if not isinstance(c.salient_order, int) or not 1 <= c.salient_order <= 3:
             raise ValueError(f"salient_order must be an int in 1..3, got {c.salient_order!r}")
+        if c.bits == 1 and c.salient_order not in (1, 2):
+            raise ValueError(f"bits=1 stores the salient columns in a 1- or 2-bit segment, so salient_order must be "
+                             f"1 or 2; got {c.salient_order!r}")
+        if not isinstance(c.salient_col_share, (int, float)) or not 0 <= c.salient_col_share <= 1:
+            raise ValueError(f"salient_col_share must be in [0, 1], got {c.salient_col_share!r}")
         check_choice(c.stats_scope, "stats_scope", ("matrix", "row", "block"))
         check_choice(c.saliency, "saliency", ("zscore", "hessian"))
         check_choice(c.inlier_scope, "inlier_scope", ("block", "row", "matrix"))
@@ -258,7 +305,10 @@ class BiVLM(Method):
             raise ValueError(f"percdamp must be in [0, 1), got {c.percdamp!r}")
         # the Hessian is needed only for compensation, Hessian saliency or Hessian-weighted merging
         self.needs_hessian = (c.compensation != "off" or c.saliency == "hessian"
-                              or (c.merge_weight == "hessian" and 2 * c.n_inlier + (1 << c.salient_order) > 4))
+                              or (c.bits == 2 and c.merge_weight == "hessian"
+                                  and 2 * c.n_inlier + (1 << c.salient_order) > 4))
 
     def _quantize(self, W: torch.Tensor, H: Optional[torch.Tensor]) -> QuantizedWeight:
+        if self.config.bits == 1:
+            return bivlm_columns(W, H, self.config)
         return bivlm_quantize(W, H, self.config)

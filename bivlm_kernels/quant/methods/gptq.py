@@ -15,12 +15,13 @@ import torch
 from ...formats import QuantizedSegment, QuantizedWeight
 from ..base import Method, MethodConfig, register_method
 from ..hessian import prepare_hessian
-from ._common import bits_info, check_config, check_k, grid_levels, grid_quantize, minmax_grid
+from ._common import bits_info, check_config, check_k, grid_levels, grid_quantize, minmax_grid, rounded
 
 
 @dataclasses.dataclass
 class GPTQConfig(MethodConfig):
-    """GPTQ options. ``bits`` 2 (lut codebook of the 4 grid levels) or 4 (affine); ``group_size`` 128 by default.
+    """GPTQ options. ``bits`` 1 (lut ``mu +- alpha``, RTN's binarizer), 2 (lut codebook of the 4 grid levels) or
+    4 (affine); ``group_size`` 128 by default.
 
     ``blocksize`` 128 and ``percdamp`` 0.01 are the reference defaults; ``act_order`` (False) quantizes columns
     in decreasing ``diag(H)`` order and then emits ``perm`` with the groups formed in permuted order (the
@@ -52,6 +53,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     codes = torch.zeros(N, K, dtype=torch.long, device=W.device)
     los = torch.zeros(N, G, device=W.device)
     scales = torch.zeros(N, G, device=W.device)
+    books = torch.zeros(N, G, 1 << bits, device=W.device) if kind == "lut" else None
     levels = None
     loss = torch.zeros((), device=W.device)
     for i1 in range(0, K, blocksize):
@@ -64,12 +66,22 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
             if col % group_size == 0:
                 # the group's current (already compensated) weights, possibly reaching past this block
                 cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :group_size]
-                lo, sc = minmax_grid(cur, bits)
-                levels = grid_levels(lo, sc, bits, kind, dtype)
                 gi = col // group_size
-                los[:, gi], scales[:, gi] = lo[:, 0], sc[:, 0]
+                if bits == 1:      # RTN's binarizer: (mu - alpha, mu + alpha), code 1 where w >= mu
+                    mu = cur.mean(1, keepdim=True)
+                    alpha = (cur - mu).abs().mean(1, keepdim=True)
+                    levels = rounded(torch.cat([mu - alpha, mu + alpha], 1), dtype)
+                else:
+                    lo, sc = minmax_grid(cur, bits)
+                    levels = grid_levels(lo, sc, bits, kind, dtype)
+                    los[:, gi], scales[:, gi] = lo[:, 0], sc[:, 0]
+                if kind == "lut":
+                    books[:, gi] = levels        # exactly the values the packed layer will produce
             w = W1[:, i]
-            c = grid_quantize(w[:, None], lo, sc, bits)[:, 0]
+            if bits == 1:
+                c = (w >= mu[:, 0]).long()
+            else:
+                c = grid_quantize(w[:, None], lo, sc, bits)[:, 0]
             q = levels.gather(1, c[:, None])[:, 0]       # the value the packed layer will produce
             codes[:, col] = c
             err = (w - q) / U1[i, i]
@@ -78,8 +90,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     if kind == "lut":
-        c = torch.arange(1 << bits, dtype=torch.float32, device=W.device)
-        seg = QuantizedSegment(bits, codes, codebook=(los[..., None] + scales[..., None] * c).to(dtype))
+        seg = QuantizedSegment(bits, codes, codebook=books.to(dtype))
     else:
         seg = QuantizedSegment(bits, codes, scales=scales.to(dtype), zeros=(-los / scales).to(dtype))
     qw = QuantizedWeight([seg], group_size, perm=None if perm is None else perm.to(torch.int32))
@@ -96,7 +107,7 @@ class GPTQ(Method):
 
     def validate(self) -> None:
         c = self.config
-        check_config(c, self.name, (2, 4))
+        check_config(c, self.name, (1, 2, 4))
         if not isinstance(c.blocksize, int) or c.blocksize <= 0:
             raise ValueError(f"blocksize must be a positive int, got {c.blocksize!r}")
         if not isinstance(c.percdamp, (int, float)) or not 0 <= c.percdamp < 1:
