@@ -220,21 +220,25 @@ def component_of(name: str) -> str:
 
 def bits_summary(model: nn.Module) -> dict:
     """Honest storage of the linear layers' weights: ``quantized_bpw`` averages ``QuantLinear.weight_bits``
-    over the quantized layers weighted by their size (N*K); ``linear_bpw`` also counts the layers left in
-    floating point at their dtype's width (the tied ``lm_head`` included; embeddings and norms excluded)."""
+    over the quantized layers weighted by their size (N*K); ``quantized_bpw_fp16`` is the same layout with
+    fp16 tables (what an fp16 model stores; the fp32 testbed stores fp32 tables); ``linear_bpw`` also counts the
+    layers left in floating point at their dtype's width (the tied ``lm_head`` included; embeddings and norms
+    excluded)."""
     QuantLinear = _quant_linear_cls()
-    q_bits = q_w = f_bits = f_w = 0.0
+    q_bits = q_w = f_bits = f_w = q16_bits = 0.0
     comps = collections.Counter()
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             n = m.in_features * m.out_features
             q_bits += m.weight_bits * n
+            q16_bits += m.spec.bits_per_weight(torch.float16) * n
             q_w += n
             comps[component_of(name)] += 1
         elif isinstance(m, nn.Linear):
             f_bits += m.weight.numel() * m.weight.element_size() * 8
             f_w += m.weight.numel()
     return {"quantized_bpw": q_bits / q_w if q_w else None, "quantized_weights": int(q_w),
+            "quantized_bpw_fp16": q16_bits / q_w if q_w else None,
             "linear_bpw": (q_bits + f_bits) / (q_w + f_w), "quantized_fraction": q_w / (q_w + f_w),
             "quantized_layers": dict(comps)}
 

@@ -44,7 +44,10 @@ def parse_args():
     p.add_argument("--criteria", default=",".join(CRITERIA), help=f"comma-separated subset of {CRITERIA}")
     p.add_argument("--text-criteria", default="attention,random",
                    help="criteria for the text-token ablation (empty: skip it)")
-    p.add_argument("--models", default="fp32,rtn4,rtn2", help="fp32, rtnB (RTN, B in 1/2/4 bits)")
+    p.add_argument("--models", default="fp32,gptq4,bivlm2",
+                   help="fp32, rtnB (RTN without calibration, B in 1/2/4), or METHODB with METHOD one of "
+                        "gptq/billm/bivlm/rtn-calibrated via the quantizer (e.g. gptq4, bivlm2, bivlm1)")
+    p.add_argument("--n-calib", type=int, default=32, help="calibration samples for quantizer models")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--layer", type=int, default=2, help="first decoder layer that sees the pruned sequence")
     p.add_argument("--timing-runs", type=int, default=7)
@@ -82,30 +85,39 @@ def dense_copy(model):
     return m
 
 
-def build_models(names, group_size, projector=None):
+def build_models(names, group_size, projector=None, n_calib=32):
     """{name: (model used for accuracy, packed model, description)}."""
     from bivlm_kernels.models import testbed
     from bivlm_kernels.nn import QuantLinear, quantize_linears_
     vlm, proc = testbed.load_testbed(projector=projector is None)
     if projector is not None:
         testbed.load_projector(vlm, projector)
-    out = {}
+    out, calib = {}, None
     for name in names:
         if name == "fp32":
             out[name] = (vlm, vlm, "fp32 (Q4_1-source SmolLM2, see testbed)")
             continue
-        if not name.startswith("rtn") or name[3:] not in ("1", "2", "4"):
-            raise SystemExit(f"--models: unknown model {name!r} (fp32, rtn1, rtn2, rtn4)")
-        bits = int(name[3:])
+        method, bits = name.rstrip("0123456789"), name[len(name.rstrip("0123456789")):]
+        if method not in ("rtn", "gptq", "billm", "bivlm") or bits not in ("1", "2", "4"):
+            raise SystemExit(f"--models: unknown model {name!r} (fp32, or rtn/gptq/billm/bivlm + 1/2/4 bits)")
+        bits = int(bits)
         m = copy.deepcopy(vlm)
-        done = quantize_linears_(m, bits, group_size,
-                                 filter_fn=lambda n, mod: n.startswith("model.language_model."))
+        if method == "rtn":
+            quantize_linears_(m, bits, group_size, filter_fn=lambda n, mod: n.startswith("model.language_model."))
+            how = f"RTN {bits}-bit g{group_size} (`quantize_linears_`, no calibration)"
+        else:
+            from bivlm_kernels.quant import QuantConfig, quantize_model
+            if calib is None:
+                calib = testbed.calibration_data(proc, n_calib, mix=0.5, seed=0)
+            cfg = QuantConfig.from_method(method, bits=bits, group_size=group_size, components="language")
+            m, _ = quantize_model(m, cfg, calib, progress=False)
+            how = (f"{method} {bits}-bit g{group_size} (`quantize_model`, {n_calib} calibration samples, "
+                   f"mix 0.5, seed 0)")
         ql = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
         n_w = sum(q.in_features * q.out_features for q in ql)
         bpw = sum(q.weight_bits * q.in_features * q.out_features for q in ql) / max(n_w, 1)
-        out[name] = (dense_copy(m), m, f"RTN {bits}-bit g{group_size} (`quantize_linears_`), {len(done)} "
-                     f"language-model linears, {bpw:.2f} bits/weight over them; accuracy on the dequantized "
-                     f"weights, timing on the packed QuantLinear model")
+        out[name] = (dense_copy(m), m, f"{how}, {len(ql)} language-model linears, {bpw:.2f} honest bits/weight "
+                     f"over them; accuracy on the dequantized weights, timing on the packed QuantLinear model")
     return out, proc
 
 
@@ -201,7 +213,7 @@ def main():
         if c not in CRITERIA:
             raise SystemExit(f"unknown criterion {c!r}; choose from {CRITERIA}")
     t_start = time.time()
-    models, proc = build_models(csv(args.models), args.group_size, args.projector)
+    models, proc = build_models(csv(args.models), args.group_size, args.projector, args.n_calib)
     batches, cand_tok = make_batches(proc, args.limit, args.batch_size)
     fp = next(iter(models.values()))[0]
     t0 = time.perf_counter()

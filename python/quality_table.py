@@ -31,6 +31,7 @@ def main():
     p.add_argument("--mix", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the markdown table here")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
 
     import torch
@@ -39,6 +40,8 @@ def main():
     from bivlm_kernels.quant import QuantConfig, quantize_model   # the quantizer (imported only here)
 
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ref, proc = testbed.load_testbed()
     calib = testbed.calibration_data(proc, args.n_calib, mix=args.mix, seed=args.seed)
     base = evaluation.majority_baseline(args.limit)
@@ -48,10 +51,10 @@ def main():
         ppl = evaluation.perplexity(model, proc.tokenizer, max_tokens=args.ppl_tokens)
         return acc["accuracy"], ppl["perplexity"], evaluation.bits_summary(model)
 
-    lines = ["| method | bits | components | bits/weight (quantized layers) | easy-VQA accuracy | perplexity |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | bits | components | bits/weight (quantized layers) | same with fp16 tables | "
+             "easy-VQA accuracy | perplexity |", "|---|---|---|---|---|---|---|"]
     acc, ppl, _ = measure(ref)
-    lines.append(f"| fp32 (SmolLM2 Q4_1 source) | 32 | - | 32 | {100 * acc:.1f}% | {ppl:.2f} |")
+    lines.append(f"| fp32 (SmolLM2 Q4_1 source) | 32 | - | 32 | 16 | {100 * acc:.1f}% | {ppl:.2f} |")
     print(lines[-1], flush=True)
     for comps in args.components:
         for method in args.methods.split(","):
@@ -62,22 +65,42 @@ def main():
                                                      components=comps)
                     model, _ = quantize_model(copy.deepcopy(ref), config, calib, progress=True)
                 except (ValueError, NotImplementedError) as e:
-                    lines.append(f"| {method} | {bits} | {comps} | - | not run: {e} | - |")
+                    lines.append(f"| {method} | {bits} | {comps} | - | - | not run: {e} | - |")
                     print(lines[-1], flush=True)
+                    write(lines, args, base)
                     continue
                 acc, ppl, b = measure(model)
-                lines.append(f"| {method} | {bits} | {comps} | {b['quantized_bpw']:.3f} | {100 * acc:.1f}% | "
-                             f"{ppl:.2f} |")
+                lines.append(f"| {method} | {bits} | {comps} | {b['quantized_bpw']:.3f} | "
+                             f"{b['quantized_bpw_fp16']:.3f} | {100 * acc:.1f}% | {ppl:.2f} |")
                 print(lines[-1], f"({time.time() - t0:.0f}s)", flush=True)
+                write(lines, args, base)
                 del model
+    write(lines, args, base, final=True)
+
+
+def write(lines, args, base, final=False):
+    """Print (final) and write the table; called after every row so a long run keeps what it measured."""
+    import platform
+    import torch
+    import transformers
     n = base["n"]
+    head = ["# Testbed quality table (easy-VQA accuracy, SmolLM2 perplexity, honest bits)\n",
+            f"- torch {torch.__version__}, transformers {transformers.__version__}, CPU ({platform.machine()}, "
+            f"{torch.get_num_threads()} torch threads); the testbed runs in fp32, so the quantized layers store fp32 "
+            "tables; the next column gives the same layout with fp16 tables (`LayerSpec.bits_per_weight`).",
+            "- bits 1 = RTN/GPTQ: one binarized segment; BiLLM/Bi-VLM: salient columns in a 2-bit segment + the "
+            "rest 1-bit (perm counted). bits 2 = one 2-bit lut segment. Calibration: easy-VQA *train* images and "
+            "questions + the shipped calibration text; evaluation: the *test* split and a different text.", ""]
+    if not final:
+        head.insert(1, "**Partial: the run was still going when this was written.**\n")
     footer = (f"\neasy-VQA: first {n} test questions; majority answer {base['answer']!r}: "
               f"{100 * base['accuracy']:.1f}%. Perplexity: {args.ppl_tokens or 'all'} tokens of the GPL-3.0 text. "
               f"Group size {args.group_size}, {args.n_calib} calibration samples (mix {args.mix}), seed {args.seed}. "
               f"Generated {datetime.date.today()} by `python python/quality_table.py "
               f"{' '.join(sys.argv[1:])}`.")
-    table = "\n".join(lines) + "\n" + footer
-    print(table)
+    table = "\n".join(head + lines) + "\n" + footer
+    if final:
+        print(table)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
