@@ -231,6 +231,31 @@ def test_every_registered_method(arch, method, tmp_path):
     assert g.shape[1] == batches[2]["input_ids"].shape[1] + 2
 
 
+@pytest.mark.parametrize("method,options", [("gptq", {}), ("billm", {}), ("bivlm", {"salient_col_share": 0.5})])
+def test_one_bit_layouts_save_load_generate(method, options, tmp_path):
+    """bits=1 through the driver: GPTQ one 1-bit segment; BiLLM/Bi-VLM the salient-column layout (perm, 2-bit +
+    1-bit segments at group 32) survive save/load bit-exactly and generate."""
+    model = tiny_model("llava", layers=1)
+    batches = calib("llava")
+    comp = dict(method=method, bits=1, group_size=32, options=options)
+    model, report = quantize_model(model, QuantConfig(language=comp), batches, progress=False)
+    layers = [m for m in block_linears(model).values() if isinstance(m, QuantLinear)]
+    assert layers and all(r.method == method for r in report.layers)
+    kinds = {tuple(s.bits for s in m.spec.segments) for m in layers}
+    if method == "gptq":
+        assert kinds == {(1,)} and not any(m.spec.has_perm for m in layers)
+    else:
+        assert all(m.spec.has_perm for m in layers)
+        assert (2, 1) in kinds                                    # some layer has salient columns
+    if method == "bivlm":                                         # share 0.5: half of every K, whole groups
+        assert all(m.spec.segments[0].width == m.in_features // 2 for m in layers)
+    path = save_quantized(model, str(tmp_path / "ckpt"))
+    loaded = load_quantized(path)
+    assert torch.equal(logits(loaded, batches[0]), logits(model, batches[0]))
+    g = loaded.generate(**batches[2], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert g.shape[1] == batches[2]["input_ids"].shape[1] + 2
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_calibration_is_sequential(arch):
     """The Hessian of each block's first linear must equal the one seen by the finished quantized model: the
