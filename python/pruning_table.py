@@ -1,8 +1,9 @@
 """Token pruning on the real testbed VLM (DINOv2-S + SmolLM2-135M, LLaVA-style): easy-VQA accuracy versus keep
-ratio, per criterion, image- versus text-token pruning, for fp32 and RTN-quantized language models, plus the
+ratio, per criterion, image- versus text-token pruning, for fp32 and quantized language models, plus the
 measured prefill time. Writes ``benchmarks/results/pruning_testbed.md``.
 
-    python python/pruning_table.py --limit 96 --threads 1        # the recorded grid (~30 min, shared 2 cores)
+    python python/pruning_table.py --limit 200 --batch-size 32 --threads 1 --timing-runs 5   # the recorded grid
+                                                                  # (fp32, gptq4, bivlm2; ~24 min, shared 2 cores)
     python python/pruning_table.py --limit 16 --models fp32 --criteria norm --out /tmp/t.md   # smoke run
 
 Accuracy is the testbed's closed-set metric (``bivlm_kernels.evaluation.vqa_accuracy``): of the 13 answers'
@@ -11,8 +12,10 @@ cross-checked against ``vqa_accuracy`` itself. The testbed prompt has 16 ``<imag
 (``bivlm_kernels.pruning.keep_count_for``: 50/25/10/5 % -> 8/4/2/1 tokens); the tables give the kept counts.
 Text pruning ranks every prompt token but the last (chat-template tokens included) and keeps the same ratio.
 
-Quantized models: ``bivlm_kernels.nn.quantize_linears_`` (RTN, language-model linears only; lm_head, vision tower
-and projector stay fp32), group size 64 because SmolLM2's hidden size 576 is not a multiple of 128. Accuracy runs
+Quantized models (language-model linears only; lm_head, vision tower and projector stay fp32; group size 64
+because SmolLM2's hidden size 576 is not a multiple of 128): ``rtnB`` via ``bivlm_kernels.nn.quantize_linears_``
+(no calibration), ``gptqB`` / ``billmB`` / ``bivlmB`` via ``bivlm_kernels.quant.quantize_model`` on the testbed's
+calibration data (``--n-calib`` samples, mix 0.5, seed 0). Accuracy runs
 on the dequantized weights (same function as the packed layers' reference kernel, ~4x faster on the CPU).
 
 Prefill time: one question (batch 1), image features precomputed (the vision tower is not affected by pruning),
