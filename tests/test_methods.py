@@ -311,10 +311,13 @@ def test_gptq_beats_rtn_at_equal_honest_bits(bits):
 
 # ----------------------------------------------------------------------------------------------- bits=1 layout
 def _check_salient_layout(qw, K, g, ns=None):
-    """perm is a permutation; segments are [2-bit salient (multiple of g), 1-bit rest], or one 1-bit segment."""
-    assert qw.perm is not None and torch.equal(torch.sort(qw.perm.long()).values, torch.arange(K))
+    """Segments are [2-bit salient (multiple of g), 1-bit rest] with a perm, or one 1-bit segment without one."""
     widths = [(s.bits, s.codes.shape[1]) for s in qw.segments]
     sal = widths[0][1] if len(widths) == 2 else 0
+    if sal:
+        assert qw.perm is not None and torch.equal(torch.sort(qw.perm.long()).values, torch.arange(K))
+    else:
+        assert qw.perm is None
     assert widths == ([(2, sal), (1, K - sal)] if sal else [(1, K)])
     assert sal % g == 0 and sal == qw.info["salient_columns"]
     if ns is not None:

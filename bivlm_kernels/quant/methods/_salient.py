@@ -11,7 +11,8 @@ is made of whole input columns (BiLLM's own salient set is whole columns already
                    | residual binarization, exact) |                                           |
     segment 1:                                     | 1-bit lut, per (row, group): mu +- alpha  |
 
-``ns`` is a multiple of ``group_size`` (0 allowed: one 1-bit segment), so no group straddles the two segments.
+``ns`` is a multiple of ``group_size`` (0 allowed: one 1-bit segment and no perm), so no group straddles the two
+segments.
 Compensation is GPTQ's, in the permuted order: a group's codebook is fixed when its first column is reached (from
 the already-compensated weights), each column takes the nearest codebook value, and its error is pushed onto the
 columns after it. Honest cost (fp16 tables, g = 128): ``(2.5 ns + 1.25 (K - ns)) / K + 32 / N`` bits per weight,
@@ -85,7 +86,8 @@ def salient_column_quantize(W: torch.Tensor, H: Optional[torch.Tensor], salient:
         if k1 > k0:
             cb = torch.stack([books[gi] for gi in range(k0 // group_size, k1 // group_size)], 1)
             segs.append(QuantizedSegment(bits, codes[:, k0:k1], codebook=cb.to(dtype)))
-    qw = QuantizedWeight(segs, group_size, perm=perm.to(torch.int32))
+    # no salient column: the order is the identity, so store no perm (it would cost 32 / N bits for nothing)
+    qw = QuantizedWeight(segs, group_size, perm=perm.to(torch.int32) if ns else None)
     qw.info.update(salient_columns=ns, salient_column_share=ns / K, gptq_loss=float(loss), **hinfo,
                    **bits_info(qw, dtype))
     return qw
