@@ -62,6 +62,44 @@ def grid_quantize(x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, bits: 
     return torch.round((x - lo) / scale).clamp_(0, (1 << bits) - 1).long()
 
 
+def gptq_columns(W: torch.Tensor, U, group_size: int, blocksize: int, new_group):
+    """GPTQ's column loop, shared by every method that codes columns one by one against per-group codebooks.
+
+    ``W`` ``[N, K]`` fp32 is updated in place (it receives the compensation); ``U`` is the upper Cholesky factor of
+    ``H^-1`` in the same column order, or None for no compensation. When column ``col`` starts a group,
+    ``new_group(col, cur)`` gets the group's current (already compensated) weights ``cur`` ``[N, g]``, possibly
+    reaching past this block, and returns ``(levels [N, L], code_of)``: the values the packed layer will produce
+    and a function from a column ``[N]`` to its codes ``[N]``. Each column's error ``(w - q) / U_jj`` is pushed
+    onto the rest of its block at once and onto later blocks once per block (lazy batch update).
+    Returns ``(codes [N, K], loss)`` with ``loss = sum err^2 / 2`` (0 without compensation).
+    """
+    N, K = W.shape
+    codes = torch.zeros(N, K, dtype=torch.long, device=W.device)
+    loss = torch.zeros((), device=W.device)
+    levels = code_of = None
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group_size == 0:
+                levels, code_of = new_group(col, torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :group_size])
+            w = W1[:, i]
+            c = code_of(w)
+            codes[:, col] = c
+            if U is None:
+                continue
+            q = levels.gather(1, c[:, None])[:, 0]
+            err = (w - q) / U[col, col]
+            loss += (err ** 2).sum() / 2
+            W1[:, i:] -= err[:, None] * U[col, col:i2][None, :]
+            E1[:, i] = err
+        if U is not None:
+            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return codes, float(loss)
+
+
 def residual_binarize(x: torch.Tensor, mask: torch.Tensor, order: int):
     """BiLLM ``high_order_residual``: per row, ``order`` rounds of ``mu = mean R``, ``alpha = mean|R - mu|``,
     ``B = alpha * sign(R - mu) + mu``, ``R <- R - B`` over the masked entries (rows with none: mu = alpha = 0).

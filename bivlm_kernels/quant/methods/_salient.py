@@ -26,7 +26,7 @@ import torch
 
 from ...formats import QuantizedSegment, QuantizedWeight
 from ..hessian import prepare_hessian
-from ._common import bits_info, residual_binarize, residual_levels, rounded
+from ._common import bits_info, gptq_columns, residual_binarize, residual_levels, rounded
 
 
 def round_to_groups(n_cols: float, k: int, group_size: int) -> int:
@@ -53,34 +53,16 @@ def salient_column_quantize(W: torch.Tensor, H: Optional[torch.Tensor], salient:
         W, U, hinfo = prepare_hessian(W, H, percdamp, perm=perm, name=name)
     else:
         W, U, hinfo = W.float()[:, perm].clone(), None, {}
-    codes = torch.zeros(N, K, dtype=torch.long, device=W.device)
     books = {}                                   # group index -> codebook [N, 2 or 4]
-    loss = torch.zeros((), device=W.device)
-    levels = None
-    for i1 in range(0, K, blocksize):
-        i2 = min(i1 + blocksize, K)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % group_size == 0:
-                cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :group_size]
-                order = salient_order if col < ns else 1
-                _, mus, alphas, _ = residual_binarize(cur, torch.ones_like(cur, dtype=torch.bool), order)
-                levels = rounded(residual_levels(mus, alphas), dtype)        # [N, 2**order], the stored values
-                books[col // group_size] = levels
-            w = W1[:, i]
-            c = (w[:, None] - levels).abs().argmin(1)
-            q = levels.gather(1, c[:, None])[:, 0]
-            codes[:, col] = c
-            if U is None:
-                continue
-            err = (w - q) / U[col, col]
-            loss += (err ** 2).sum() / 2
-            W1[:, i:] -= err[:, None] * U[col, col:i2][None, :]
-            E1[:, i] = err
-        if U is not None:
-            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    def new_group(col, cur):
+        order = salient_order if col < ns else 1
+        _, mus, alphas, _ = residual_binarize(cur, torch.ones_like(cur, dtype=torch.bool), order)
+        levels = rounded(residual_levels(mus, alphas), dtype)        # [N, 2**order], the stored values
+        books[col // group_size] = levels
+        return levels, lambda w: (w[:, None] - levels).abs().argmin(1)
+
+    codes, loss = gptq_columns(W, U, group_size, blocksize, new_group)
     segs = []
     for k0, k1, bits in ((0, ns, salient_order), (ns, K, 1)):
         if k1 > k0:
@@ -88,6 +70,6 @@ def salient_column_quantize(W: torch.Tensor, H: Optional[torch.Tensor], salient:
             segs.append(QuantizedSegment(bits, codes[:, k0:k1], codebook=cb.to(dtype)))
     # no salient column: the order is the identity, so store no perm (it would cost 32 / N bits for nothing)
     qw = QuantizedWeight(segs, group_size, perm=perm.to(torch.int32) if ns else None)
-    qw.info.update(salient_columns=ns, salient_column_share=ns / K, gptq_loss=float(loss), **hinfo,
+    qw.info.update(salient_columns=ns, salient_column_share=ns / K, gptq_loss=loss, **hinfo,
                    **bits_info(qw, dtype))
     return qw

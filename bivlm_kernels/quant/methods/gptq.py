@@ -15,7 +15,8 @@ import torch
 from ...formats import QuantizedSegment, QuantizedWeight
 from ..base import Method, MethodConfig, register_method
 from ..hessian import prepare_hessian
-from ._common import bits_info, check_config, check_k, grid_levels, grid_quantize, minmax_grid, rounded
+from ._common import (bits_info, check_config, check_k, gptq_columns, grid_levels, grid_quantize, minmax_grid,
+                      rounded)
 
 
 @dataclasses.dataclass
@@ -50,51 +51,33 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
         perm = torch.argsort(d, descending=True)
     W, U, hinfo = prepare_hessian(W, H, percdamp, perm=perm, name=name)
     G = K // group_size
-    codes = torch.zeros(N, K, dtype=torch.long, device=W.device)
     los = torch.zeros(N, G, device=W.device)
     scales = torch.zeros(N, G, device=W.device)
     books = torch.zeros(N, G, 1 << bits, device=W.device) if kind == "lut" else None
-    levels = None
-    loss = torch.zeros((), device=W.device)
-    for i1 in range(0, K, blocksize):
-        i2 = min(i1 + blocksize, K)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % group_size == 0:
-                # the group's current (already compensated) weights, possibly reaching past this block
-                cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :group_size]
-                gi = col // group_size
-                if bits == 1:      # RTN's binarizer: (mu - alpha, mu + alpha), code 1 where w >= mu
-                    mu = cur.mean(1, keepdim=True)
-                    alpha = (cur - mu).abs().mean(1, keepdim=True)
-                    levels = rounded(torch.cat([mu - alpha, mu + alpha], 1), dtype)
-                else:
-                    lo, sc = minmax_grid(cur, bits)
-                    levels = grid_levels(lo, sc, bits, kind, dtype)
-                    los[:, gi], scales[:, gi] = lo[:, 0], sc[:, 0]
-                if kind == "lut":
-                    books[:, gi] = levels        # exactly the values the packed layer will produce
-            w = W1[:, i]
-            if bits == 1:
-                c = (w >= mu[:, 0]).long()
-            else:
-                c = grid_quantize(w[:, None], lo, sc, bits)[:, 0]
-            q = levels.gather(1, c[:, None])[:, 0]       # the value the packed layer will produce
-            codes[:, col] = c
-            err = (w - q) / U1[i, i]
-            loss += (err ** 2).sum() / 2
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    def new_group(col, cur):
+        gi = col // group_size
+        if bits == 1:      # RTN's binarizer: (mu - alpha, mu + alpha), code 1 where w >= mu
+            mu = cur.mean(1, keepdim=True)
+            alpha = (cur - mu).abs().mean(1, keepdim=True)
+            levels = rounded(torch.cat([mu - alpha, mu + alpha], 1), dtype)
+            code_of = lambda w: (w >= mu[:, 0]).long()             # noqa: E731
+        else:
+            lo, sc = minmax_grid(cur, bits)
+            levels = grid_levels(lo, sc, bits, kind, dtype)
+            los[:, gi], scales[:, gi] = lo[:, 0], sc[:, 0]
+            code_of = lambda w: grid_quantize(w[:, None], lo, sc, bits)[:, 0]   # noqa: E731
+        if kind == "lut":
+            books[:, gi] = levels        # exactly the values the packed layer will produce
+        return levels, code_of
+
+    codes, loss = gptq_columns(W, U, group_size, blocksize, new_group)
     if kind == "lut":
         seg = QuantizedSegment(bits, codes, codebook=books.to(dtype))
     else:
         seg = QuantizedSegment(bits, codes, scales=scales.to(dtype), zeros=(-los / scales).to(dtype))
     qw = QuantizedWeight([seg], group_size, perm=None if perm is None else perm.to(torch.int32))
-    qw.info.update(method="gptq", act_order=act_order, gptq_loss=float(loss), **hinfo, **bits_info(qw, dtype))
+    qw.info.update(method="gptq", act_order=act_order, gptq_loss=loss, **hinfo, **bits_info(qw, dtype))
     return qw
 
 
