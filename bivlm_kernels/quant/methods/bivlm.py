@@ -39,7 +39,7 @@ import torch
 
 from ...formats import QuantizedSegment, QuantizedWeight
 from ..base import Method, MethodConfig, register_method
-from ..hessian import fix_dead_inputs, inverse_cholesky_upper
+from ..hessian import prepare_hessian
 from ._salient import round_to_groups, salient_column_quantize
 from ._common import (bits_info, check_choice, check_config, check_k, merge_levels, residual_binarize,
                       residual_levels, rounded)
@@ -134,9 +134,8 @@ def bivlm_quantize(W: torch.Tensor, H: Optional[torch.Tensor], cfg: BiVLMConfig)
     check_k(K, g)
     dev = W.device
     if H is not None:
-        W, H, dead = fix_dead_inputs(W, H)
-        U, pd = inverse_cholesky_upper(H, cfg.percdamp, cfg.layer_name)
-        dU = torch.diag(U)
+        W, U, hinfo = prepare_hessian(W, H, cfg.percdamp, name=cfg.layer_name)
+        dead, pd, dU = hinfo["dead"], hinfo["percdamp"], torch.diag(U)
     else:
         W, U, dead, pd, dU = W.clone().float(), None, 0, None, torch.ones(K, device=dev)
     z = band_thresholds(cfg.p_sal, n).to(dev)
@@ -249,8 +248,8 @@ def bivlm_columns(W: torch.Tensor, H: Optional[torch.Tensor], cfg: BiVLMConfig) 
     check_k(K, g)
     comp = cfg.compensation != "off"
     if H is not None:
-        W0, H0, _ = fix_dead_inputs(W, H)
-        dU = torch.diag(inverse_cholesky_upper(H0, cfg.percdamp, cfg.layer_name)[0])
+        W0, U0, _ = prepare_hessian(W, H, cfg.percdamp, name=cfg.layer_name)
+        dU = torch.diag(U0)
     else:
         W0, dU = W.float(), torch.ones(K, device=W.device)
     mu, sd = _stats(W0, cfg.stats_scope, cfg.blocksize)
