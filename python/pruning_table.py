@@ -100,7 +100,8 @@ def build_models(names, group_size, projector=None, n_calib=32):
         if name == "fp32":
             out[name] = (vlm, vlm, "fp32 (Q4_1-source SmolLM2, see testbed)")
             continue
-        method, bits = name.rstrip("0123456789"), name[len(name.rstrip("0123456789")):]
+        method = name.rstrip("0123456789")
+        bits = name[len(method):]
         if method not in ("rtn", "gptq", "billm", "bivlm") or bits not in ("1", "2", "4"):
             raise SystemExit(f"--models: unknown model {name!r} (fp32, or rtn/gptq/billm/bivlm + 1/2/4 bits)")
         bits = int(bits)
