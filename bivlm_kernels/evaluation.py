@@ -27,6 +27,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .hf_compat import cache_kwarg, output_cache
+
 
 # ------------------------------------------------------------------------------------------------ VQA
 def majority_baseline(limit: Optional[int] = None) -> dict:
@@ -70,15 +72,15 @@ def _answer_logits_shared_prefix(model, processor, questions: List[str], image_i
     pre = torch.tensor([prefix_ids] * len(uniq))
     out = model.model(input_ids=pre, attention_mask=torch.ones_like(pre),
                       pixel_values=torch.stack([pixel[i] for i in uniq]).to(dtype), use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     cache.reorder_cache(torch.tensor([uniq.index(i) for i in image_ids]))      # one cache row per question
     width = max(len(s) for s in suffixes)
     pad = tok.pad_token_id
     suf = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes])
     suf_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in suffixes])
     mask = torch.cat([torch.ones(len(suffixes), len(prefix_ids), dtype=suf_mask.dtype), suf_mask], 1)
-    h = model.model.language_model(input_ids=suf, attention_mask=mask, past_key_values=cache,
-                                   use_cache=True).last_hidden_state
+    lm = model.model.language_model
+    h = lm(input_ids=suf, attention_mask=mask, use_cache=True, **{cache_kwarg(lm.forward): cache}).last_hidden_state
     return model.lm_head(h[torch.arange(len(suffixes)), suf_mask.sum(1) - 1]).float()
 
 

@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hf_compat import find_cache
+
 CRITERIA = ("attention", "norm", "similarity", "random")
 TARGETS = ("image", "text")
 
@@ -239,8 +241,8 @@ class TokenPruning:
     def _hidden(args, kwargs):
         return args[0] if args else kwargs["hidden_states"]
 
-    def _is_prefill(self, kwargs, layer_idx):
-        cache = kwargs.get("past_key_values")
+    def _is_prefill(self, args, kwargs, layer_idx):
+        cache = find_cache(args, kwargs)
         return cache is None or cache.get_seq_length(layer_idx) == 0
 
     def _candidates(self, h):
@@ -277,7 +279,7 @@ class TokenPruning:
         # Layer L-1: attention each position receives from the query positions, recomputed from this layer's
         # q/k projections (SDPA never materializes the weights): softmax(q k^T * scale) averaged over heads and
         # queries, causal and padding masked.
-        if not self._is_prefill(kwargs, self.layer - 1):
+        if not self._is_prefill(args, kwargs, self.layer - 1):
             return None
         h = self._hidden(args, kwargs)
         cand, queries, real = self._candidates(h)
@@ -351,8 +353,8 @@ class TokenPruning:
     def _prune_layer_pre_hook(self, module, args, kwargs):
         h = self._hidden(args, kwargs)
         step = self._step = _Step()
-        cache = kwargs.get("past_key_values")
-        if self._is_prefill(kwargs, self.layer):
+        cache = find_cache(args, kwargs)
+        if self._is_prefill(args, kwargs, self.layer):
             self._check_cache(cache)
             cand, _, real = self._candidates(h)
             s = cand.shape[1]

@@ -13,6 +13,7 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
                           Qwen2VLForConditionalGeneration)
 
 from bivlm_kernels.pruning import enable_token_pruning, keep_count_for  # noqa: E402
+from bivlm_kernels.hf_compat import cache_kwarg, find_cache, output_cache  # noqa: E402
 
 N_LAYERS = 4
 N_IMG = 16                                          # image tokens per image in every tiny model
@@ -100,7 +101,7 @@ class MaskedReference:
     def _layer(self, module, args, kwargs):
         h = args[0] if args else kwargs["hidden_states"]
         b, q = h.shape[:2]
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(args, kwargs)
         kv = q + (cache.get_seq_length(module.self_attn.layer_idx) if cache is not None else 0)
         allowed = (torch.arange(kv)[None, :] <= torch.arange(kv - q, kv)[:, None])[None].repeat(b, 1, 1)
         if self.am is not None:
@@ -327,9 +328,9 @@ def test_continuing_a_pruned_cache_with_other_rows_fails_clearly():
     model, inputs = make("llava")
     with torch.no_grad(), enable_token_pruning(model, layer=2, keep=0.25):
         out = model(**inputs, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         cache.reorder_cache(torch.tensor([0, 1, 1]))
         nxt = torch.tensor([[7, 8], [7, 8], [7, 8]])
         am = torch.cat([inputs["attention_mask"][[0, 1, 1]], torch.ones(3, 2, dtype=torch.long)], 1)
         with pytest.raises(RuntimeError, match="batch changed"):
-            model(input_ids=nxt, attention_mask=am, past_key_values=cache)
+            model(input_ids=nxt, attention_mask=am, **{cache_kwarg(model.forward): cache})

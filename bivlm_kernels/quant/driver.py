@@ -152,23 +152,40 @@ def _relative_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> fl
 
 def _forward_kwargs(model: nn.Module) -> dict:
     """``use_cache=False`` when the model takes it (explicitly, or through ``**kwargs`` of a transformers
-    model with a ``use_cache`` config): a calibration forward must not build a KV cache."""
+    model whose config, or text config, has ``use_cache``): a calibration forward must not build a KV cache.
+    transformers 5.2x dropped ``use_cache`` from the multimodal signatures and moved it to ``text_config``, so
+    the signature alone is no longer a reliable sign; :func:`_stateless` removes any cache that is built anyway.
+    """
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return {}
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    if "use_cache" in params or (var_kw and hasattr(getattr(model, "config", None), "use_cache")):
+    cfg = getattr(model, "config", None)
+    has_flag = any(hasattr(c, "use_cache") for c in (cfg, getattr(cfg, "text_config", None)) if c is not None)
+    if "use_cache" in params or (var_kw and has_flag):
         return {"use_cache": False}
     return {}
 
 
-# Block kwargs that carry state between calls: a recorded KV cache would be appended to on every re-run.
-_STATEFUL_KWARGS = {"past_key_values": None, "past_key_value": None, "layer_past": None, "use_cache": False}
+# Block kwargs that carry state between calls: a recorded KV cache would be appended to on every re-run of the
+# block. Caches are recognised by type (any ``transformers`` ``Cache``, whatever the keyword is called: it was
+# ``past_key_value``, then ``past_key_values``, now ``cache``), the flags by name.
+_STATEFUL_KWARGS = {"past_key_values": None, "past_key_value": None, "layer_past": None, "cache": None,
+                    "use_cache": False}
+
+
+def _is_cache(v) -> bool:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:          # the runtime-only install: no transformers, so no transformers cache either
+        return False
+    return isinstance(v, Cache)
 
 
 def _stateless(kwargs: dict) -> dict:
-    return {k: (_STATEFUL_KWARGS[k] if k in _STATEFUL_KWARGS else v) for k, v in kwargs.items()}
+    return {k: (_STATEFUL_KWARGS[k] if k in _STATEFUL_KWARGS else None if _is_cache(v) else v)
+            for k, v in kwargs.items()}
 
 
 def _input_device(model: nn.Module) -> torch.device:
