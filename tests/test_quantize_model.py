@@ -283,6 +283,15 @@ def test_calibration_is_sequential(arch):
         torch.testing.assert_close(seen[n], accs[n].H, rtol=1e-4, atol=1e-5, msg=n)
 
 
+def test_recorded_block_inputs_hold_no_kv_cache():
+    """Pins the hook against transformers' call conventions: the cache keyword was renamed (past_key_values ->
+    cache in 5.2x) and LLaVA now builds a cache although use_cache=False cannot be passed by signature; a
+    recorded cache is appended to on every re-run of the block, so the driver drops any Cache by type."""
+    from transformers.cache_utils import DynamicCache
+    from bivlm_kernels.quant.driver import _stateless
+    kw = _stateless({"cache": DynamicCache(), "a_future_name": DynamicCache(), "use_cache": True, "x": 1})
+    assert kw == {"cache": None, "a_future_name": None, "use_cache": False, "x": 1}
+
 def test_per_component_settings_and_overrides():
     model = tiny_model("llava")
     cfg = QuantConfig(vision=None, projector=dict(method="rtn", bits=4, group_size=64),
