@@ -62,8 +62,20 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KINDS = ("lut", "affine")
 
 
+def check_int(value, name: str, minimum: Optional[int] = None) -> int:
+    """A true ``int`` (``bool``, floats and strings refused: ``int(2.7)`` would silently be 2)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def check_bits(bits: int, kind: Optional[str] = None, name: str = "bits") -> str:
-    """Validate a bit width (and kind); return the kind that stores it."""
+    """Validate a bit width (and kind); return the kind that stores it. ``bool`` and ``float`` are refused."""
+    if not isinstance(bits, int) or isinstance(bits, bool):
+        raise ValueError(f"{name} must be an int, one of {LUT_BITS + AFFINE_BITS}; "
+                         f"got {type(bits).__name__} {bits!r}")
     if kind is None:
         kind = "lut" if bits in LUT_BITS else "affine"
     if kind not in KINDS:
@@ -106,10 +118,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
     Any K works (the tail of the last word is zero). Raises ``ValueError`` on codes out of range.
     """
-    if bits not in LUT_BITS + AFFINE_BITS:
-        raise ValueError(f"bits must be one of {LUT_BITS + AFFINE_BITS}, got {bits!r}")
-    if codes.dim() != 2:
-        raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
+    check_bits(bits)
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
+        raise ValueError(f"codes must be a 2-D tensor [N, K], got "
+                         f"{tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__}")
     if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
         raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
     n, k = codes.shape
@@ -128,6 +140,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """Inverse of :func:`pack`: int32 ``[N, W]`` -> int64 codes ``[N, k]``."""
+    check_bits(bits)
+    check_int(k, "k", minimum=0)
     if qweight.dtype != torch.int32:
         raise TypeError(f"qweight must be int32, got {qweight.dtype}")
     if qweight.dim() != 2 or qweight.shape[1] != packed_width(k, bits):
@@ -136,23 +150,50 @@ def unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     # Mask after the (sign-extending) shift, so negative words unpack correctly.
     codes = (qweight.to(torch.int64).unsqueeze(-1) >> _shifts(bits, qweight.device)) & mask
-    return codes.reshape(qweight.shape[0], -1)[:, :k]
+    return codes.reshape(qweight.shape[0], qweight.shape[1] * (32 // bits))[:, :k]   # explicit: N may be 0
 
 
 # ---------------------------------------------------------------------------------------------------------
 # dequantize (fp32, the oracle for every kernel)
 # ---------------------------------------------------------------------------------------------------------
 
-def lut_values(codes: torch.Tensor, codebook: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Unpacked codes ``[N, K]`` -> fp32 ``w[n, k] = codebook[n, k // g, code[n, k]]``."""
+def _check_grouped(codes: torch.Tensor, table: torch.Tensor, group_size: int, table_name: str) -> tuple:
+    """``codes`` ``[N, K]`` integer with K a multiple of ``group_size``; ``table`` ``[N, K / g, ...]``."""
+    if codes.dim() != 2 or codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be a 2-D integer tensor [N, K], got {codes.dtype} {tuple(codes.shape)}")
+    check_group_size(group_size)
+    n, k = codes.shape
+    if k % group_size or tuple(table.shape[:2]) != (n, k // group_size):
+        raise ValueError(f"codes {tuple(codes.shape)} and {table_name} {tuple(table.shape)} do not match: "
+                         f"K must be a multiple of group_size={group_size} and {table_name} [N, K / g, ...]")
+    return n, k
+
+
+def _lut_gather(codes: torch.Tensor, codebook: torch.Tensor, group_size: int) -> torch.Tensor:
     n, k = codes.shape
     idx = codes.long().view(n, k // group_size, group_size)
     return torch.gather(codebook.float(), 2, idx).view(n, k)
 
 
+def lut_values(codes: torch.Tensor, codebook: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Unpacked codes ``[N, K]`` -> fp32 ``w[n, k] = codebook[n, k // g, code[n, k]]``.
+
+    Codes outside ``0 .. codebook.shape[-1] - 1`` are a ``ValueError`` (not an index error inside gather)."""
+    _check_grouped(codes, codebook, group_size, "codebook")
+    if codebook.dim() != 3:
+        raise ValueError(f"codebook must be 3-D [N, K / g, 2**bits], got {tuple(codebook.shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codebook.shape[-1]):
+        raise ValueError(f"codes must lie in [0, {codebook.shape[-1] - 1}] for a codebook of "
+                         f"{codebook.shape[-1]} entries; got min {int(codes.min())}, max {int(codes.max())}")
+    return _lut_gather(codes, codebook, group_size)
+
+
 def affine_values(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """Unpacked codes ``[N, K]`` -> fp32 ``w[n, k] = (code - zeros[n, k // g]) * scales[n, k // g]``."""
-    n, k = codes.shape
+    n, k = _check_grouped(codes, scales, group_size, "scales")
+    if tuple(zeros.shape) != tuple(scales.shape) or scales.dim() != 2:
+        raise ValueError(f"scales and zeros must both be [N, K / g], got {tuple(scales.shape)} and "
+                         f"{tuple(zeros.shape)}")
     c = codes.float().view(n, k // group_size, group_size)
     return ((c - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).view(n, k)
 
@@ -160,7 +201,7 @@ def affine_values(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 def dequantize_lut(qweight: torch.Tensor, codebook: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Packed lut weight -> fp32 ``[N, K]`` with ``K = codebook.shape[1] * g``."""
     k = codebook.shape[1] * group_size
-    return lut_values(unpack(qweight, bits, k), codebook, group_size)
+    return _lut_gather(unpack(qweight, bits, k), codebook, group_size)     # unpacked codes are in range
 
 
 def dequantize_affine(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -190,6 +231,10 @@ class SegmentSpec:
     width: int
     kind: str = "lut"
 
+    def __post_init__(self):
+        check_bits(self.bits, self.kind)
+        check_int(self.width, "segment width", minimum=1)
+
     def buffer_shapes(self, n: int, group_size: int) -> dict:
         shapes = {"qweight": (n, packed_width(self.width, self.bits))}
         groups = self.width // group_size
@@ -214,11 +259,13 @@ class LayerSpec:
     def __post_init__(self):
         for name in ("in_features", "out_features"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         check_group_size(self.group_size, self.in_features)
-        if not self.segments:
-            raise ValueError("segments must hold at least one SegmentSpec")
+        if not self.segments or not all(isinstance(s, SegmentSpec) for s in self.segments):
+            raise ValueError("segments must hold at least one SegmentSpec (and nothing else)")
+        if not isinstance(self.has_perm, bool) or not isinstance(self.has_bias, bool):
+            raise ValueError(f"has_perm and has_bias must be bools, got {self.has_perm!r}, {self.has_bias!r}")
         for i, s in enumerate(self.segments):
             check_bits(s.bits, s.kind, name=f"segments[{i}].bits")
             check_group_size(self.group_size, s.width, name=f"segments[{i}].width")
@@ -238,12 +285,18 @@ class LayerSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerSpec":
+        """The inverse of :meth:`to_dict`, strict: no coercion (``"2"``, ``2.7`` or ``true`` as bits, a
+        string as has_perm ... are a ``ValueError`` naming the spec, never a silently different layout)."""
         try:
-            segs = tuple(SegmentSpec(int(s["bits"]), int(s["width"]), str(s["kind"])) for s in d["segments"])
-            return cls(int(d["in_features"]), int(d["out_features"]), int(d["group_size"]), segs,
-                       bool(d.get("has_perm", False)), bool(d.get("has_bias", False)))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"corrupt layer spec {d!r}: {e}") from None
+            if not isinstance(d, dict) or not isinstance(d.get("segments"), list):
+                raise TypeError("a layer spec must be a dict with a 'segments' list")
+            if not all(isinstance(s, dict) for s in d["segments"]):
+                raise TypeError("each segment must be a dict {bits, width, kind}")
+            segs = tuple(SegmentSpec(s["bits"], s["width"], s["kind"]) for s in d["segments"])
+            return cls(d["in_features"], d["out_features"], d["group_size"], segs,
+                       d.get("has_perm", False), d.get("has_bias", False))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"corrupt layer spec {d!r}: {type(e).__name__}: {e}") from None
 
     def bits_per_weight(self, dtype: torch.dtype = torch.float16) -> float:
         """Honest bits per weight of this layout, counted exactly like :func:`bits_per_weight` of a module."""

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from . import formats, ops
+from . import formats, ops, validation
 from .formats import LayerSpec, QuantizedSegment, QuantizedWeight, SegmentSpec
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,13 @@ class QuantLinear(nn.Module):
         formats.check_float_dtype(dtype)
         if segments is None:
             segments = [(bits, in_features)]
-        segs = tuple(s if isinstance(s, SegmentSpec) else SegmentSpec(int(s[0]), int(s[1]),
-                                                                      formats.check_bits(int(s[0])))
+        # Strict types: no int() before the check (bits=True or 2.7 would silently become 1 or 2).
+        segs = tuple(s if isinstance(s, SegmentSpec) else SegmentSpec(s[0], s[1], formats.check_bits(s[0]))
                      for s in segments)
-        self.spec = LayerSpec(in_features, out_features, group_size, segs, bool(perm), bool(bias))
+        for name, flag in (("bias", bias), ("perm", perm)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
+        self.spec = LayerSpec(in_features, out_features, group_size, segs, perm, bias)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.segments = nn.ModuleList(_Segment(s, out_features, group_size, dtype, device) for s in segs)
         self._bounds = formats.segment_bounds([s.width for s in segs])
@@ -108,24 +111,28 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"segments[{i}].codes must be [out_features={n}, width], "
                                  f"got {tuple(s.codes.shape)}")
         spec = qw.layer_spec(has_bias=bias is not None)
-        if qw.perm is not None:
-            formats.check_perm(qw.perm, spec.in_features)
         device = device if device is not None else first.codes.device
         layer = cls.from_spec(spec, dtype=dtype, device=device)
         g = spec.group_size
+        # Every table (and perm, bias) through the same content check load_state_dict applies.
+        given = {"bias": bias} if bias is not None else {}
+        if qw.perm is not None:
+            given["perm"] = qw.perm
+        for i, (seg, s) in enumerate(zip(layer.segments, qw.segments)):
+            tables = {"codebook": s.codebook} if s.kind == "lut" else {"scales": s.scales, "zeros": s.zeros}
+            for name, t in tables.items():
+                buf = getattr(seg, name)
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(buf.shape):
+                    raise ValueError(f"segments[{i}].{name} must have shape {list(buf.shape)} "
+                                     f"(N, width/group_size={s.codes.shape[1] // g}, ...), "
+                                     f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
+                given[f"segments.{i}.{name}"] = t
+        validation.check_layer_tensors(spec, given, dtype=dtype, label=_argument_label)
         with torch.no_grad():
             for i, (seg, s) in enumerate(zip(layer.segments, qw.segments)):
                 seg.qweight.copy_(formats.pack(s.codes, s.bits))
-                tables = {"codebook": s.codebook} if s.kind == "lut" else {"scales": s.scales, "zeros": s.zeros}
-                for name, t in tables.items():
-                    buf = getattr(seg, name)
-                    if t is None or tuple(t.shape) != tuple(buf.shape):
-                        raise ValueError(f"segments[{i}].{name} must have shape {list(buf.shape)} "
-                                         f"(N, width/group_size={s.codes.shape[1] // g}, ...), "
-                                         f"got {None if t is None else tuple(t.shape)}")
-                    if not torch.isfinite(t).all():
-                        raise ValueError(f"segments[{i}].{name} contains NaN or inf")
-                    buf.copy_(t)
+                for name in ("codebook",) if s.kind == "lut" else ("scales", "zeros"):
+                    getattr(seg, name).copy_(given[f"segments.{i}.{name}"])
             if qw.perm is not None:
                 layer.perm.copy_(qw.perm.to(torch.int32))
             if bias is not None:
@@ -149,6 +156,11 @@ class QuantLinear(nn.Module):
         w = linear.weight.detach()
         if not torch.isfinite(w).all():
             raise ValueError("linear.weight contains NaN or inf; cannot quantize")
+        # max - min of a group must itself be finite in fp32 (weights near +-3e38 overflow to inf -> NaN codes)
+        wg = w.float().reshape(w.shape[0], -1, group_size)
+        if not torch.isfinite(wg.amax(-1) - wg.amin(-1)).all():
+            raise ValueError(f"linear.weight holds values up to {float(w.float().abs().max()):.3g}: the range of a "
+                             f"group overflows float32, so it cannot be quantized")
         dtype = dtype or (w.dtype if w.dtype in formats.FLOAT_DTYPES else torch.float16)
         qw = rtn_quantize(w, bits, group_size, dtype)
         bias = None if linear.bias is None else linear.bias.detach().to(dtype)
@@ -156,6 +168,9 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ use
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise ValueError(f"x must be a tensor [..., in_features={self.in_features}] with at least one "
+                             f"dimension, got {'a 0-d tensor' if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x's last dimension must be in_features={self.in_features}, "
                              f"got shape {tuple(x.shape)}")
@@ -196,16 +211,21 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Shape mismatches would otherwise surface as a generic copy error: name the buffer and both shapes.
-        for name, buf in self.named_buffers():
-            key = prefix + name
-            if key in state_dict and tuple(state_dict[key].shape) != tuple(buf.shape):
-                raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(state_dict[key].shape)}, "
-                                 f"but this QuantLinear ({self.extra_repr()}) expects {tuple(buf.shape)}")
-            if key in state_dict and name.endswith("qweight") and state_dict[key].dtype != torch.int32:
-                raise ValueError(f"checkpoint tensor {key!r} must be int32, got {state_dict[key].dtype}")
+        # The same shape, dtype and content check as from_quantized (perm a permutation, finite tables ...),
+        # naming the checkpoint key: never a generic copy error or a layer that loads and computes garbage.
+        given = {name: state_dict[prefix + name] for name, _ in self.named_buffers() if prefix + name in state_dict}
+        validation.check_layer_tensors(self.spec, given, dtype=self.dtype,
+                                       label=lambda name: f"checkpoint tensor {prefix + name!r}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+def _argument_label(name: str) -> str:
+    """Buffer name -> the from_quantized argument it came from (``segments.0.codebook`` -> ``segments[0]...``)."""
+    if name.startswith("segments."):
+        _, i, rest = name.split(".", 2)
+        return f"segments[{i}].{rest}"
+    return "qw.perm" if name == "perm" else name
 
 
 # ---------------------------------------------------------------------------------------------------------
