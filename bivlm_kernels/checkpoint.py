@@ -19,10 +19,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import formats
+from . import formats, safe_write
 from .nn import QuantLinear
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Header keys this module writes and reads back; extra_metadata may not change them (a "dtype" of the user's
+# would make an fp32 model reload as fp16 without a word).
+RESERVED_KEYS = ("format", "format_version", "dtype", "layers")
 
 
 def quant_layout(model: nn.Module) -> dict:
@@ -38,14 +41,58 @@ def _layer_dtype(model: nn.Module) -> str:
 
 
 def save(model: nn.Module, path: str, extra_metadata: Optional[dict] = None) -> None:
-    """Write ``model``'s state and its quantized layout to ``path`` (a ``.safetensors`` file)."""
+    """Write ``model``'s state and its quantized layout to ``path`` (a ``.safetensors`` file).
+
+    ``path`` may be new or an existing checkpoint of this format (replaced); any other existing file, a
+    directory, a link or an empty path is refused. The file is written to a temporary file in the same
+    directory, fsync'ed and renamed into place (see :mod:`bivlm_kernels.safe_write`), so ``path`` always holds
+    a complete checkpoint. ``extra_metadata`` adds header keys (values JSON-encoded unless str); the keys in
+    :data:`RESERVED_KEYS` are refused.
+    """
     from safetensors.torch import save_model
+    path = safe_write.check_output_path(path)
+    if extra_metadata is not None and not isinstance(extra_metadata, dict):
+        raise TypeError(f"extra_metadata must be a dict, got {type(extra_metadata).__name__}")
+    extra = dict(extra_metadata or {})
+    bad = sorted(k for k in extra if not isinstance(k, str))
+    if bad:
+        raise TypeError(f"extra_metadata keys must be str, got {bad!r}")
+    clash = sorted(set(extra) & set(RESERVED_KEYS))
+    if clash:
+        raise ValueError(f"extra_metadata may not set the reserved header key(s) {clash}; reserved: "
+                         f"{list(RESERVED_KEYS)}")
     meta = {"format": formats.FORMAT_NAME, "format_version": str(formats.FORMAT_VERSION),
             "dtype": _layer_dtype(model), "layers": json.dumps(quant_layout(model))}
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra_metadata or {}).items()})
-    tmp = path + ".partial"
-    save_model(model, tmp, metadata=meta)          # handles tied (shared) tensors
-    os.replace(tmp, path)                           # never leave a half-written checkpoint at `path`
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise IsADirectoryError(f"path {path!r} is a directory; checkpoint.save writes one .safetensors file "
+                                f"(use bivlm_kernels.save_quantized for a checkpoint directory)")
+    safe_write.check_replaceable(path, True, is_checkpoint_file, what="checkpoint file", allow_empty_dir=False)
+    safe_write.write_file(path, lambda tmp: save_model(model, tmp, metadata=meta))   # handles tied tensors
+    safe_write.clean_leftovers(path, lambda p: False, include_old=False, is_our_file=is_checkpoint_file)
+
+
+def _header_metadata(path: str) -> Optional[dict]:
+    """The ``__metadata__`` of a safetensors file read from its header alone (works on a file whose tensor
+    data was cut short), or None when the header is not readable."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100_000_000 or n > os.path.getsize(path) - 8:
+                return None
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_checkpoint_file(path: str) -> bool:
+    """Whether ``path`` is a regular file whose header says it is a ``bivlm-packed`` checkpoint."""
+    if not os.path.isfile(path) or os.path.islink(path):
+        return False
+    meta = _header_metadata(path)
+    return meta is not None and meta.get("format") == formats.FORMAT_NAME
 
 
 def read_metadata(path: str) -> dict:
@@ -53,8 +100,11 @@ def read_metadata(path: str) -> dict:
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:                          # truncated / not a safetensors file at all
+        raise ValueError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
     if meta.get("format") != formats.FORMAT_NAME:
         raise ValueError(f"{path!r} is not a {formats.FORMAT_NAME} checkpoint (format={meta.get('format')!r})")
     if meta.get("format_version") != str(formats.FORMAT_VERSION):
@@ -62,7 +112,26 @@ def read_metadata(path: str) -> dict:
                          f"reads version {formats.FORMAT_VERSION} only")
     if "layers" not in meta or meta.get("dtype") not in _DTYPES:
         raise ValueError(f"{path!r} metadata lacks 'layers' or a valid 'dtype' (one of {list(_DTYPES)})")
+    read_layout(meta, path)
     return meta
+
+
+def read_layout(meta: dict, path: str = "checkpoint") -> dict:
+    """The ``layers`` header entry as ``{module name: LayerSpec dict}``, with its types checked."""
+    try:
+        layout = json.loads(meta["layers"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path!r} header entry 'layers' is not valid JSON: {e}") from None
+    if not isinstance(layout, dict) or not all(isinstance(k, str) and isinstance(v, dict)
+                                               for k, v in layout.items()):
+        raise ValueError(f"{path!r} header entry 'layers' must map module names to layer specs (a JSON object "
+                         f"of objects), got {type(layout).__name__}")
+    for name, d in layout.items():
+        try:
+            formats.LayerSpec.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path!r} layer {name!r}: {e}") from None
+    return layout
 
 
 def swap_in_empty_layers(model: nn.Module, layout: dict, dtype: torch.dtype) -> None:
@@ -89,7 +158,7 @@ def load(model: nn.Module, path: str) -> nn.Module:
     """Load a checkpoint written by :func:`save` into ``model`` (the same architecture, unquantized)."""
     from safetensors.torch import load_model
     meta = read_metadata(path)
-    swap_in_empty_layers(model, json.loads(meta["layers"]), _DTYPES[meta["dtype"]])
+    swap_in_empty_layers(model, read_layout(meta, path), _DTYPES[meta["dtype"]])
     missing, unexpected = load_model(model, path, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path!r} does not match the model: missing keys {sorted(missing)[:8]}"

@@ -14,18 +14,23 @@ holds a half-written checkpoint)::
 ``load_quantized`` rebuilds the model from ``config.json`` (without random init), swaps in empty
 ``QuantLinear`` layers of the recorded layout and loads the tensors strictly: the loaded model gives the same
 outputs bit for bit.
+
+Safety (:mod:`bivlm_kernels.safe_write`): an empty path, the current directory, a filesystem root or the home
+directory is refused; ``overwrite=True`` replaces only a bivlm checkpoint (a valid ``quantization.json``) or an
+empty directory; the swap restores the old checkpoint if installing the new one fails. Leftovers of an
+interrupted save, ``NAME.partial-*`` and ``NAME.old-*`` beside ``path``, are removed by the next successful
+save of ``NAME`` (``NAME.old-*`` only by one with ``overwrite=True``).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 from torch import nn
 
-from .. import checkpoint, formats
+from .. import checkpoint, formats, safe_write
 from ..nn import QuantLinear
 
 QUANT_FILE = "quantization.json"
@@ -45,7 +50,8 @@ def save_quantized(model: nn.Module, path: str, *, overwrite: bool = False, conf
     """Write the quantized ``model`` to the directory ``path``; return ``path``.
 
     ``config`` / ``report`` default to what :func:`quantize_model` recorded on the model. ``processor``
-    (optional) is saved beside it. An existing ``path`` is an error unless ``overwrite=True``.
+    (optional) is saved beside it. An existing ``path`` is an error unless ``overwrite=True``, and even then
+    only a bivlm checkpoint directory or an empty directory is replaced (see the module docstring).
     """
     from .. import __version__
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
@@ -54,10 +60,8 @@ def save_quantized(model: nn.Module, path: str, *, overwrite: bool = False, conf
     if not hasattr(model, "config") or not hasattr(model.config, "save_pretrained"):
         raise TypeError(f"save_quantized needs a Hugging Face model with a .config; "
                         f"got {type(model).__name__} (use bivlm_kernels.checkpoint.save for other modules)")
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"output path {path!r} already exists; pass overwrite=True (CLI: --overwrite) "
-                              f"to replace it")
+    path = safe_write.check_output_path(path)
+    safe_write.check_replaceable(path, overwrite, is_checkpoint_dir, what="checkpoint directory")
     recorded = getattr(model, "bivlm_quantization", {}) or {}
     if config is not None and hasattr(config, "to_dict"):
         config = config.to_dict()
@@ -72,9 +76,7 @@ def save_quantized(model: nn.Module, path: str, *, overwrite: bool = False, conf
         "quant_config": config if config is not None else recorded.get("config"),
         "report": report if report is not None else recorded.get("report"),
     }
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".partial-", dir=parent)
+    tmp = safe_write.make_partial_dir(path)
     try:
         model.config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
@@ -84,29 +86,56 @@ def save_quantized(model: nn.Module, path: str, *, overwrite: bool = False, conf
             processor.save_pretrained(tmp)
         checkpoint.save(model, os.path.join(tmp, WEIGHTS_FILE),
                         extra_metadata={"quant_config": json.dumps(meta["quant_config"])})
-        with open(os.path.join(tmp, QUANT_FILE), "w") as f:
+        with open(os.path.join(tmp, QUANT_FILE), "w") as f:      # written last: its presence means complete
             json.dump(meta, f, indent=2)
-        # Swap into place: an old checkpoint is moved aside first and deleted only once the new one is there.
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
+        safe_write.fsync_tree(tmp)
+        # Checked again right before the swap: the path may have changed while we wrote.
+        safe_write.check_replaceable(path, overwrite, is_checkpoint_dir, what="checkpoint directory")
+        safe_write.install_dir(tmp, path)
         tmp = None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    safe_write.clean_leftovers(path, is_checkpoint_dir, include_old=overwrite)
     return path
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    """Whether ``path`` is a directory holding a ``quantization.json`` of this package (any format version):
+    what ``overwrite=True`` may replace."""
+    qfile = os.path.join(path, QUANT_FILE)
+    if not os.path.isdir(path) or os.path.islink(path) or not os.path.isfile(qfile):
+        return False
+    try:
+        with open(qfile) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("format") == formats.FORMAT_NAME
+
+
+def _leftovers(path: str) -> list:
+    parent, base = os.path.split(os.path.abspath(path))
+    try:
+        return sorted(e for e in os.listdir(parent) if e.startswith(base + ".old-"))
+    except OSError:
+        return []
+
+
+# quantization.json fields and their types (None allowed where listed)
+_INFO_TYPES = {"model_class": (str,), "model_module": (str, type(None)), "dtype": (str,),
+               "bivlm_kernels_version": (str, type(None)), "quant_config": (dict, type(None)),
+               "report": (dict, type(None))}
 
 
 def read_quant_info(path: str) -> dict:
     """``quantization.json`` of a checkpoint directory, with the format name and version checked."""
     qfile = os.path.join(path, QUANT_FILE)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no quantized checkpoint directory at {path!r}")
+        old = _leftovers(path)
+        hint = (f"; an interrupted save left the previous checkpoint as {old[-1]!r} beside it: rename it back"
+                if old else "")
+        raise FileNotFoundError(f"no quantized checkpoint directory at {path!r}{hint}")
     if not os.path.isfile(qfile):
         raise ValueError(f"{path!r} is not a bivlm_kernels checkpoint: {QUANT_FILE} is missing")
     try:
@@ -123,6 +152,13 @@ def read_quant_info(path: str) -> dict:
     for key in ("model_class", "dtype"):
         if key not in info:
             raise ValueError(f"{qfile!r} lacks {key!r}")
+    for key, types in _INFO_TYPES.items():
+        if key in info and not isinstance(info[key], types):
+            raise ValueError(f"{qfile!r}: {key!r} must be "
+                             f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}, "
+                             f"got {type(info[key]).__name__} {info[key]!r:.80}")
+    if info["dtype"] not in _DTYPES:
+        raise ValueError(f"{qfile!r} has dtype {info['dtype']!r}; expected one of {list(_DTYPES)}")
     return info
 
 
@@ -130,7 +166,10 @@ def _model_class(info: dict):
     import transformers
     name = info["model_class"]
     cls = getattr(transformers, name, None)     # only classes transformers exports: no arbitrary imports
-    if cls is None:
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        if cls is not None:
+            raise ValueError(f"{QUANT_FILE}: model_class {name!r} is not a transformers model class "
+                             f"(transformers.{name} is a {type(cls).__name__})")
         raise ValueError(f"model class {name!r} (module {info.get('model_module')!r}) is not a transformers "
                          f"class this installation knows (transformers {transformers.__version__})")
     return cls
