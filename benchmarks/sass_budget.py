@@ -1,0 +1,630 @@
+#!/usr/bin/env python
+"""Static SASS budget of the decode kernels: instructions per weight in the main K loop, without a GPU.
+
+A count of instructions in a binary is a static property, not a timing. This tool compiles every decode
+configuration for sm_90 (and sm_80), disassembles it, finds the main K loop and divides its instruction count by
+the weights one thread decodes per iteration. From that it derives the issue-bound and memory-bound times of a
+28672 x 8192 layer on an H100 and an H200 and the speedup ceilings over fp16. ``--check`` exits 1 when a CUDA
+decode configuration (sm_90) is over its budget or spills (today it is: see ``benchmarks/results/sass_budget.md``).
+
+    python benchmarks/sass_budget.py                                   # table to stdout
+    python benchmarks/sass_budget.py --out benchmarks/results/sass_budget.md
+    python benchmarks/sass_budget.py --check --no-triton --arch 90     # exit 1 if over budget / spills
+
+What is compiled
+----------------
+* CUDA: ``nvcc -cubin -O3 -std=c++17 --expt-relaxed-constexpr -Icsrc -arch=sm_XX -Xptxas -v csrc/gemv_b{1,2,4}.cu``
+  (the flags of ``setup.py``; ``-lineinfo`` does not change code). Each TU instantiates
+  ``bivlm::detail::gemv_kernel<T, BITS, MT, VEC>`` (csrc/gemv.cuh); rows: T in {half, bf16}, MT = M in
+  {1, 2, 4, 8, 16} (the launcher's bucket), VEC = 4 (16-byte weight loads). The group size g is a run-time
+  argument of that kernel, so g = 64 and g = 128 run the same code; they differ in bits per weight (the budget)
+  and in how many table reloads execute (below). Cubins and ptxas logs are cached under ``--cache-dir`` (default
+  ``build/sass_budget``), keyed by the sources, flags and nvcc version.
+* Triton: ``bivlm_kernels.triton.offline.compile_linear`` (``triton.compile`` with a ``GPUTarget``) of the config
+  ``autotune.default_config`` picks at N = 28672, K = 8192 (decode kernel for M <= 2, dot kernel above), for
+  g in {64, 128} (GROUP is a constexpr there), and ``offline.inspect`` for registers, stack and the loop count.
+
+How the loop is found and counted
+---------------------------------
+``cuobjdump -sass`` (Triton's wheel ships it; else the CUDA toolkit's or ``pip install nvidia-cuda-cuobjdump``).
+The main loop is the longest backward branch of the kernel (``BRA`` to a lower address; the rule of
+``offline.inspect``); its static count is every instruction from the target to the branch. Predicated-off
+instructions still take an issue slot, so they count. Blocks jumped over by a forward branch inside the loop
+do not always run; they are classified by content:
+
+* weight prefetch (holds a streaming ``LDG.E.EF`` load, ``__ldcs``): runs every iteration but the last -> counted;
+* row-of-x blocks (hold FFMA/HFMA2/HMMA): run when i < M; every row here has M = MT -> counted;
+* table reload (other loads, no FMA/MMA, no streaming load): the CUDA GEMV reloads a row's table at a word that
+  starts a group (``(wi & wpg_mask) == 0``, j = 1..VEC-1; j = 0 is unconditional). With wpg = g*BITS/32 words per
+  group, VEC/wpg - 1 of the VEC - 1 conditional reloads run per chunk when wpg < VEC, none otherwise: only 1-bit
+  g = 64 (wpg = 2) runs one of the three. ``instr/w`` subtracts the reloads that do not run; ``static`` is the
+  whole loop span (an upper bound). Unknown kernels get no subtraction.
+
+Weights per iteration. One iteration of gemv_kernel's loop decodes, per thread, ROWS rows x VEC words x 32/BITS
+codes (ROWS = 4 for MT <= 2 else 2): 512 / 256 / 128 weights at 1 / 2 / 4 bits for MT <= 2, half that above.
+The unrolling is checked on the binary: the streaming qweight loads in the loop (``LDG.E.EF.128``, the prefetch
+of the next chunk, one per row) carry 16 * (#loads) bytes = 16 * #loads * 8 / BITS weights per thread. If nvcc
+unrolled the K loop u times that is u x the formula, and the binary's number is used (column ``unroll``; a
+value other than 1 is flagged). Triton: BLOCK_N x BLOCK_K / (32 x num_warps) weights per thread per iteration
+(the loop steps BLOCK_KW words of BLOCK_N rows); Triton's loads are not classified.
+
+Budget and ceilings (derived, not hard-coded)
+---------------------------------------------
+Bits per weight including tables (16-bit entries): lut b in {1, 2}: b + 2^b * 16 / g; affine 4: 4 + 2 * 16 / g.
+g = 128: 1.25, 2.5, 4.25; g = 64: 1.5, 3.0, 4.5. Issue rate R = 132 SMs x 4 schedulers x f_clk x 32 threads
+(f_clk = 1.755 GHz: 29.65 T thread-instructions/s). Streaming at 90 % of the copy bandwidth BW a weight takes
+bpw / 8 / (0.9 BW) seconds, in which R x that instructions can issue:
+
+    budget = R * bpw / (8 * 0.9 * BW)     H200 (BW = 4.8 TB/s), g = 128: 1.07 (1 bit), 2.14 (2 bit), 3.64 (4 bit)
+                                          H100 (3.35 TB/s):              1.54,         3.07,         5.22
+
+The issue's "about 1.2 / 2.4 / 4.0" (H100: 1.7 / 3.4 / 5.8) is the same formula at f_clk = 1.98 GHz (the H100 /
+H200 maximum boost clock); ``--clock-ghz 1.98`` reproduces it. The default keeps the issue's stated ~1.76 GHz,
+the stricter of the two. ``--check`` compares the executed-path ``instr/w`` of every CUDA sm_90 row with the H200
+budget at its g.
+
+Times at N x K = 28672 x 8192, M rows: t_issue = N K instr/w / R; t_mem = (N K bpw / 8 + 2 M K + 2 M N) / (0.9 BW);
+fp16 t_fp16 = (2 N K + 2 M K + 2 M N) / (0.9 BW) (fp16 GEMV at the same fraction of the roofline). Ceiling =
+t_fp16 / max(t_issue, t_mem); ``mem ceil`` = t_fp16 / t_mem.
+
+Thin eager path: the host time of one ``QuantLinear.forward`` (64 x 64, 1 bit, g = 64, fp16, M = 1, CPU,
+reference backend, inference mode), median over many calls, and the reference op alone on the same tensors; their
+difference is the Python between ``forward`` and the kernel (the issue's goal: <= 10 us per call).
+
+What this cannot tell: latency, occupancy effects and load-in-flight stalls (a kernel within budget can still
+miss the roofline), dual issue / pipe contention (all instructions are weighted 1), clocks under load, and any
+branch outcome other than the ones modelled above (M < MT within a bucket runs fewer row blocks).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, Iterable, List, Optional, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ---- machine model (the issue's numbers) -----------------------------------------------------------------------
+SMS, SCHEDULERS, WARP = 132, 4, 32
+CLOCK_GHZ = 1.755
+COPY_FRACTION = 0.9
+GPUS = {"H200": 4.8e12, "H100": 3.35e12}      # HBM bandwidth, bytes/s (H100 SXM)
+SHAPE = (28672, 8192)                         # N x K of the ceiling columns
+BITS = (1, 2, 4)
+MS = (1, 2, 4, 8, 16)
+GROUPS = (128, 64)
+DTYPES = ("fp16", "bf16")
+
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+PIP_HINT = "pip install nvidia-cuda-cuobjdump   (or install a CUDA toolkit / triton, whose wheel ships cuobjdump)"
+
+
+def bits_per_weight(bits: int, g: int, entry_bits: int = 16) -> float:
+    """Code bits plus the per-group table: lut (b <= 2) 2^b entries, affine (b = 4) a scale and a zero."""
+    tables = (1 << bits) if bits <= 2 else 2
+    return bits + tables * entry_bits / g
+
+
+def issue_rate(clock_ghz: float = CLOCK_GHZ) -> float:
+    """Thread-instructions per second the whole GPU can issue (one warp instruction per scheduler per clock)."""
+    return SMS * SCHEDULERS * clock_ghz * 1e9 * WARP
+
+
+def budget(bits: int, g: int, bandwidth: float, clock_ghz: float = CLOCK_GHZ) -> float:
+    """Instructions per weight that still let the kernel stream at COPY_FRACTION of ``bandwidth``."""
+    return issue_rate(clock_ghz) * bits_per_weight(bits, g) / (8 * COPY_FRACTION * bandwidth)
+
+
+def ceilings(ipw: float, bits: int, g: int, m: int, bandwidth: float, clock_ghz: float = CLOCK_GHZ,
+             shape: Tuple[int, int] = SHAPE) -> dict:
+    """Issue- and memory-bound times (us) of one call and the speedup ceilings over fp16."""
+    n, k = shape
+    io = 2 * m * k + 2 * m * n
+    bw = COPY_FRACTION * bandwidth
+    t_issue = n * k * ipw / issue_rate(clock_ghz)
+    t_mem = (n * k * bits_per_weight(bits, g) / 8 + io) / bw
+    t_fp16 = (2 * n * k + io) / bw
+    return {"t_issue_us": t_issue * 1e6, "t_mem_us": t_mem * 1e6, "t_fp16_us": t_fp16 * 1e6,
+            "ceiling": t_fp16 / max(t_issue, t_mem), "mem_ceiling": t_fp16 / t_mem}
+
+
+# ---- SASS parsing -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Instr:
+    addr: int
+    pred: str          # "" or "@P0", "@!UP1", ...
+    op: str            # full opcode with modifiers, e.g. "LDG.E.EF.128"
+    args: str
+
+    @property
+    def base(self) -> str:
+        return self.op.split(".")[0]
+
+    def branch_target(self) -> Optional[int]:
+        if self.base != "BRA":
+            return None
+        m = re.search(r"(0x[0-9a-f]+)\s*$", self.args.strip())
+        return int(m.group(1), 16) if m else None
+
+
+_FUNC = re.compile(r"^\s*Function\s*:\s*(\S+)")
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def parse_sass(text: str) -> Dict[str, List[Instr]]:
+    """``cuobjdump -sass`` text -> {function name: instructions in address order}."""
+    funcs: Dict[str, List[Instr]] = {}
+    cur: Optional[List[Instr]] = None
+    for line in text.splitlines():
+        f = _FUNC.match(line)
+        if f:
+            cur = funcs.setdefault(f.group(1), [])
+            continue
+        m = _INSTR.match(line)
+        if m and cur is not None:
+            cur.append(Instr(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4).strip()))
+    return funcs
+
+
+def find_loop(instrs: List[Instr]) -> Optional[Tuple[int, int]]:
+    """Indices (first, last) of the longest backward-branch loop, or None. The branch is the last instruction."""
+    index = {ins.addr: i for i, ins in enumerate(instrs)}
+    best = None
+    for i, ins in enumerate(instrs):
+        t = ins.branch_target()
+        if t is not None and t < ins.addr and t in index:
+            if best is None or i - index[t] > best[1] - best[0]:
+                best = (index[t], i)
+    return best
+
+
+FMA_OPS = ("FFMA", "HFMA2", "HMMA", "IMMA", "HGMMA", "DFMA")
+
+
+def is_weight_load(ins: Instr) -> bool:
+    """Streaming global load (``ld.global.cs`` / ``__ldcs`` -> ``LDG.E.EF``): how the kernels read qweight."""
+    return ins.base == "LDG" and ".EF" in ins.op
+
+
+def load_bytes(ins: Instr) -> int:
+    for w in ("128", "64"):
+        if f".{w}" in ins.op:
+            return int(w) // 8
+    return 2 if (".U16" in ins.op or ".S16" in ins.op) else 1 if (".U8" in ins.op or ".S8" in ins.op) else 4
+
+
+def classify_region(body: List[Instr]) -> str:
+    """What a block jumped over by a forward branch holds: 'prefetch', 'compute', 'reload' or 'other'."""
+    if any(is_weight_load(i) for i in body):
+        return "prefetch"
+    if any(i.base in FMA_OPS for i in body):
+        return "compute"
+    if any(i.base in ("LDG", "LD", "LDS", "LDC") for i in body):
+        return "reload"
+    return "other"
+
+
+def loop_stats(instrs: List[Instr]) -> Optional[dict]:
+    """Counts over the main loop: static total, opcode mix, weight-load bytes, conditional table reloads,
+    inner backward branches; plus local-memory (spill) instructions of the whole function."""
+    loop = find_loop(instrs)
+    local = sum(1 for i in instrs if i.base in ("LDL", "STL"))
+    if loop is None:
+        return None
+    lo, hi = loop
+    body = instrs[lo:hi + 1]
+    index = {ins.addr: i for i, ins in enumerate(instrs)}
+    reload_idx = set()
+    regions = collections.Counter()
+    inner = 0
+    for i in range(lo, hi):
+        t = instrs[i].branch_target()
+        if t is None or t not in index:
+            continue
+        j = index[t]
+        if j <= i:
+            inner += j >= lo
+            continue
+        if j > hi + 1 or not instrs[i].pred:  # leaves the loop, or an unconditional jump (else-branch)
+            continue
+        kind = classify_region(instrs[i + 1:j])
+        regions[kind] += 1
+        if kind == "reload":
+            reload_idx.update(range(i + 1, j))
+    mix = collections.Counter(i.base for i in body)
+    wl = [i for i in body if is_weight_load(i)]
+    return {"static": len(body), "reload": len(reload_idx), "reload_regions": regions["reload"],
+            "regions": dict(regions), "weight_loads": len(wl), "weight_bytes": sum(load_bytes(i) for i in wl),
+            "inner_loops": inner, "local_ops": local, "mix": dict(mix.most_common())}
+
+
+# ---- tools ---------------------------------------------------------------------------------------------------------
+def find_cuobjdump() -> Optional[str]:
+    cands = [shutil.which("cuobjdump")]
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home:
+            cands.append(os.path.join(home, "bin", "cuobjdump"))
+    try:
+        import triton
+        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    try:
+        import nvidia.cuda_cuobjdump as pkg  # pip install nvidia-cuda-cuobjdump
+        cands.append(os.path.join(list(pkg.__path__)[0], "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in cands if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def find_nvcc() -> Optional[str]:
+    cands = [shutil.which("nvcc")] + [os.path.join(h, "bin", "nvcc") for h in
+                                      (os.environ.get("CUDA_HOME"), "/usr/local/cuda") if h]
+    return next((c for c in cands if c and os.path.isfile(c)), None)
+
+
+def tool_version(path: str) -> str:
+    out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    return next((line for line in out if "release" in line), out[-1] if out else "?").strip()
+
+
+def _run(cmd: List[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+# ---- CUDA ------------------------------------------------------------------------------------------------------------
+_GEMV = re.compile(r"gemv_kernelI(6__half|13__nv_bfloat16|f)Li(\d+)ELi(\d+)ELi(\d+)E")
+_DT = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}
+
+
+def gemv_weights_per_iter(bits: int, mt: int, vec: int) -> int:
+    """ROWS rows x VEC words x 32/BITS codes per thread per iteration of gemv_kernel's K loop."""
+    rows = 4 if mt <= 2 else 2
+    return rows * vec * 32 // bits
+
+
+def gemv_reload_fraction(bits: int, g: int, vec: int) -> float:
+    """Share of the VEC - 1 conditional table reloads of one chunk that run at group size g."""
+    wpg = g * bits // 32
+    if vec <= 1 or wpg >= vec:
+        return 0.0
+    return (vec // wpg - 1) / (vec - 1)
+
+
+def compile_cubin(src: str, arch: int, cache: str, nvcc: str) -> Tuple[str, str]:
+    """``nvcc -cubin`` of one .cu (including csrc/) for sm_<arch>, cached by the sources, flags and nvcc version;
+    returns (cubin path, ``-Xptxas -v`` log)."""
+    csrc = os.path.join(ROOT, "csrc")
+    cmd = [nvcc, "-cubin", *NVCC_FLAGS, "-I" + csrc, f"-arch=sm_{arch}", "-Xptxas", "-v"]
+    h = hashlib.sha256(" ".join(cmd[1:]).encode() + tool_version(nvcc).encode())
+    with open(src, "rb") as f:
+        h.update(f.read())
+    for name in sorted(os.listdir(csrc)):
+        if name.endswith((".cuh", ".h")):
+            with open(os.path.join(csrc, name), "rb") as f:
+                h.update(name.encode() + f.read())
+    stem = os.path.splitext(os.path.basename(src))[0]
+    base = os.path.join(cache, f"{stem}_sm{arch}_{h.hexdigest()[:16]}")
+    if not os.path.isfile(base + ".cubin"):
+        os.makedirs(cache, exist_ok=True)
+        print(f"  nvcc {os.path.basename(src)} sm_{arch} ...", file=sys.stderr, flush=True)
+        r = _run(["nice", "-n", "10", *cmd, "-o", base + ".cubin.partial", src])
+        if r.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {src} (sm_{arch}):\n{r.stderr[-3000:]}")
+        with open(base + ".ptxas.log", "w") as f:
+            f.write(r.stderr)
+        os.replace(base + ".cubin.partial", base + ".cubin")
+    with open(base + ".ptxas.log") as f:
+        return base + ".cubin", f.read()
+
+
+def parse_ptxas(log: str) -> Dict[str, dict]:
+    """``-Xptxas -v`` -> {function: {registers, stack, spill_stores, spill_loads}}."""
+    out: Dict[str, dict] = {}
+    cur = None
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\S+)", line) or re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            cur = out.setdefault(m.group(1), {})
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["registers"] = int(m.group(1))
+    return out
+
+
+def cuda_rows(arch: int, cache: str, nvcc: str, cuobjdump: str) -> Tuple[List[dict], List[str]]:
+    """One row per (bits, dtype, MT, g) of the VEC = 4 GEMV; plus the names of kernels nobody measures."""
+    rows, unmeasured = [], []
+    for bits in BITS:
+        cubin, log = compile_cubin(os.path.join(ROOT, "csrc", f"gemv_b{bits}.cu"), arch, cache, nvcc)
+        r, u = measure_cubin(cubin, log, cuobjdump, arch)
+        rows += [x for x in r if x["dtype"] in DTYPES and x["vec"] == 4 and x["m"] in MS]
+        unmeasured += u
+    return rows, sorted(set(unmeasured))
+
+
+def measure_cubin(cubin: str, ptxas_log: str, cuobjdump: str, arch: int) -> Tuple[List[dict], List[str]]:
+    """Rows (one per g in GROUPS) for every gemv_kernel instantiation in a cubin; names of the other kernels."""
+    rows, unmeasured = [], []
+    props = parse_ptxas(ptxas_log)
+    funcs = parse_sass(_run([cuobjdump, "-sass", cubin]).stdout)
+    for name, instrs in sorted(funcs.items()):
+        m = _GEMV.search(name)
+        if not m:
+            unmeasured.append(name)
+            continue
+        dt, b, mt, vec = _DT[m.group(1)], int(m.group(2)), int(m.group(3)), int(m.group(4))
+        st = loop_stats(instrs)
+        p = props.get(name, {})
+        formula = gemv_weights_per_iter(b, mt, vec)
+        from_sass = st["weight_bytes"] * 8 // b if st else 0
+        wpi = from_sass or formula
+        for g in GROUPS:
+            executed = st["static"] - (1 - gemv_reload_fraction(b, g, vec)) * st["reload"] if st else float("nan")
+            rows.append(dict(path="cuda", arch=arch, bits=b, dtype=dt, m=mt, g=g, vec=vec, kernel=name,
+                             config=f"gemv<{dt},{b},{mt},{vec}> ROWS={4 if mt <= 2 else 2}",
+                             weights_per_iter=wpi, unroll=(from_sass / formula) if formula else 0,
+                             static_ipw=st["static"] / wpi if st else float("nan"),
+                             ipw=executed / wpi, registers=p.get("registers"), stack=p.get("stack", 0),
+                             spill=p.get("spill_stores", 0) + p.get("spill_loads", 0),
+                             local_ops=st["local_ops"] if st else 0, stats=st))
+    return rows, unmeasured
+
+
+# ---- Triton -------------------------------------------------------------------------------------------------------
+def triton_rows(arch: int, cache: str) -> List[dict]:
+    import torch
+    import triton
+    from bivlm_kernels.triton import offline
+    from bivlm_kernels.triton.autotune import default_config
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    with open(os.path.join(ROOT, "bivlm_kernels", "triton", "kernels.py"), "rb") as f:
+        src_hash = hashlib.sha256(f.read() + triton.__version__.encode()).hexdigest()[:16]
+    rows = []
+    n, k = SHAPE
+    for bits in BITS:
+        for dt in DTYPES:
+            for m in MS:
+                for g in GROUPS:
+                    cfg = default_config((bits <= 2, bits, g, dtypes[dt], n, k, m))
+                    if cfg.kernel == "dense":
+                        continue
+                    key = hashlib.sha256(f"{src_hash} {arch} {bits} {dt} {g} {cfg}".encode()).hexdigest()[:16]
+                    path = os.path.join(cache, f"triton_{key}.json")
+                    if os.path.isfile(path):
+                        with open(path) as f:
+                            info = json.load(f)
+                    else:
+                        print(f"  triton {cfg.kernel} bits={bits} {dt} M={m} g={g} sm_{arch} ...", file=sys.stderr,
+                              flush=True)
+                        ck = offline.compile_linear(cfg, bits, dtypes[dt], group_size=g, arch=arch)
+                        info = offline.inspect(ck)
+                        cubin = os.path.join(cache, f"triton_{key}.cubin")
+                        with open(cubin, "wb") as f:
+                            f.write(ck.asm["cubin"])
+                        sass = _run([offline._tool("cuobjdump"), "-sass", cubin]).stdout
+                        fn = next(iter(parse_sass(sass).values()), [])
+                        info["local_ops"] = sum(1 for i in fn if i.base in ("LDL", "STL"))
+                        os.makedirs(cache, exist_ok=True)
+                        with open(path, "w") as f:
+                            json.dump(info, f)
+                    wpi = cfg.block_n * cfg.block_k / (WARP * cfg.num_warps)
+                    ipw = info["loop_instructions"] / wpi
+                    rows.append(dict(path="triton", arch=arch, bits=bits, dtype=dt, m=m, g=g,
+                                     config=f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
+                                            f"s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}",
+                                     weights_per_iter=wpi, unroll=1.0, static_ipw=ipw, ipw=ipw,
+                                     registers=info["registers"], stack=info["stack"], spill=None,
+                                     local_ops=info["local_ops"], stats={"mix": info["loop_mix"]}))
+    return rows
+
+
+# ---- thin eager path ----------------------------------------------------------------------------------------------
+def eager_us(calls: int = 3000) -> dict:
+    """Median host time (us) of QuantLinear.forward and of the reference op alone, 64 x 64, 1 bit, M = 1, CPU."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from bivlm_kernels import ops
+    from bivlm_kernels.nn import QuantLinear
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 64), bits=1, group_size=64, dtype=torch.float16)
+    x = torch.randn(1, 64, dtype=torch.float16)
+    seg = layer.segments[0]
+
+    def median(fn):
+        for _ in range(200):
+            fn()
+        ts = []
+        for _ in range(calls):
+            t0 = time.perf_counter_ns()
+            fn()
+            ts.append(time.perf_counter_ns() - t0)
+        return statistics.median(ts) / 1e3
+
+    with ops.use_backend("reference"), torch.inference_mode():
+        fwd = median(lambda: layer(x))
+        ref = median(lambda: ops.reference_lut_linear(x, seg.qweight, seg.codebook, 1, 64, layer.bias))
+    return {"forward_us": fwd, "kernel_us": ref, "overhead_us": fwd - ref, "calls": calls,
+            "threads": torch.get_num_threads()}
+
+
+# ---- report ---------------------------------------------------------------------------------------------------------
+def _f(v, fmt=".2f"):
+    return "—" if v is None or v != v else format(v, fmt)
+
+
+def dominant(mix: dict, total: int, k: int = 4) -> str:
+    return ", ".join(f"{op} {c / total:.0%}" for op, c in list(mix.items())[:k]) if total else ""
+
+
+def table(rows: List[dict], clock: float, with_ceilings: bool) -> List[str]:
+    head = ["path", "bits", "dtype", "M", "g", "config", "w/iter", "instr/w", "static", "budget H200", "regs",
+            "spill"]
+    if with_ceilings:
+        head += ["t_issue H200 µs", "t_mem H200 µs", "ceil H200", "mem ceil H200", "ceil H100", "mem ceil H100"]
+    head += ["loop mix"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        bud = budget(r["bits"], r["g"], GPUS["H200"], clock)
+        over = r["ipw"] > bud
+        spill = r["spill"] if r["spill"] is not None else (r["stack"] or 0)
+        spill_s = f"{spill} B" + (f", {r['local_ops']} LDL/STL" if r["local_ops"] else "")
+        ipw = _f(r["ipw"]) + (" ✗" if over else " ✓") + (f" (unroll {r['unroll']:g}!)" if r["unroll"] not in
+                                                        (0, 1) else "")
+        mix = r["stats"]["mix"] if r["stats"] else {}
+        total = sum(mix.values())
+        cells = [r["path"], str(r["bits"]), r["dtype"], str(r["m"]), str(r["g"]), r["config"],
+                 f"{r['weights_per_iter']:g}", ipw,
+                 _f(r["static_ipw"]), _f(bud), str(r["registers"]), spill_s]
+        if with_ceilings:
+            h200 = ceilings(r["ipw"], r["bits"], r["g"], r["m"], GPUS["H200"], clock)
+            h100 = ceilings(r["ipw"], r["bits"], r["g"], r["m"], GPUS["H100"], clock)
+            cells += [_f(h200["t_issue_us"], ".1f"), _f(h200["t_mem_us"], ".1f"), _f(h200["ceiling"], ".1f") + "x",
+                      _f(h200["mem_ceiling"], ".1f") + "x", _f(h100["ceiling"], ".1f") + "x",
+                      _f(h100["mem_ceiling"], ".1f") + "x"]
+        cells.append(dominant(mix, total))
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def failures(rows: Iterable[dict], clock: float) -> List[str]:
+    bad = []
+    for r in rows:
+        if r["path"] != "cuda":
+            continue
+        tag = f"cuda sm_{r['arch']} bits={r['bits']} {r['dtype']} M={r['m']} g={r['g']}"
+        if r["ipw"] != r["ipw"]:
+            bad.append(f"{tag}: no main loop found in {r.get('kernel', '?')}")
+        if r["spill"] or r["local_ops"]:
+            bad.append(f"{tag}: spills ({r['spill']} bytes, {r['local_ops']} LDL/STL)")
+        if r["arch"] == 90 and r["ipw"] > budget(r["bits"], r["g"], GPUS["H200"], clock):
+            bad.append(f"{tag}: {r['ipw']:.2f} instructions per weight > budget "
+                       f"{budget(r['bits'], r['g'], GPUS['H200'], clock):.2f}")
+    return bad
+
+
+READING = "## Reading"   # a hand-written section of --out that a rerun keeps (everything from this heading on)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", help="also write the markdown report here")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a CUDA decode config is over budget or spills")
+    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="SM architectures (default: 90 80)")
+    ap.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
+    ap.add_argument("--no-eager", action="store_true", help="skip the QuantLinear.forward host timing")
+    ap.add_argument("--clock-ghz", type=float, default=CLOCK_GHZ, help=f"issue clock (default {CLOCK_GHZ})")
+    ap.add_argument("--cache-dir", default=os.path.join(ROOT, "build", "sass_budget"))
+    args = ap.parse_args(argv)
+    clock = args.clock_ghz
+
+    cuobjdump, nvcc = find_cuobjdump(), find_nvcc()
+    if cuobjdump is None:
+        print(f"sass_budget: no cuobjdump found. Install one:\n    {PIP_HINT}", file=sys.stderr)
+        return 2
+    if nvcc is None:
+        print("sass_budget: no nvcc (set CUDA_HOME or put nvcc on PATH): CUDA kernels are not measured",
+              file=sys.stderr)
+        if args.check:
+            return 2
+
+    rows: List[dict] = []
+    unmeasured: List[str] = []
+    notes: List[str] = []
+    for arch in args.arch:
+        if nvcc:
+            r, u = cuda_rows(arch, args.cache_dir, nvcc, cuobjdump)
+            rows += r
+            unmeasured += [f"sm_{arch} {n}" for n in u]
+        if not args.no_triton:
+            try:
+                rows += triton_rows(arch, args.cache_dir)
+            except ImportError as e:
+                notes.append(f"Triton not measured: {e}")
+
+    lines = [f"# Static SASS budget of the decode kernels ({datetime.date.today().isoformat()})", "",
+             f"Command: `python {' '.join(shlex.quote(a) for a in ['benchmarks/sass_budget.py', *sys.argv[1:]])}`"
+             if argv is None else "", "",
+             f"Tools: nvcc {tool_version(nvcc) if nvcc else 'absent'}; cuobjdump {tool_version(cuobjdump)} "
+             f"(`{cuobjdump}`); " + _versions() + f"; host {platform.machine()} {platform.python_version()}.", "",
+             f"Model: {SMS} SMs x {SCHEDULERS} schedulers x {clock} GHz x 32 = {issue_rate(clock) / 1e12:.2f} T "
+             f"thread-instructions/s; streaming at {COPY_FRACTION:.0%} of the HBM bandwidth (H200 4.8 TB/s, "
+             f"H100 3.35 TB/s); budget = rate x bpw / (8 x 0.9 x BW); shape {SHAPE[0]}x{SHAPE[1]}. "
+             "`instr/w` = main-loop instructions on the executed path per weight (✓ within / ✗ over the H200 "
+             "budget); `static` = the whole loop span per weight. See the module docstring of "
+             "`benchmarks/sass_budget.py` for the method.", ""]
+    lines.append("Budgets (instructions per weight): " + "; ".join(
+        f"{b}-bit g{g} ({bits_per_weight(b, g):g} bpw): H200 {budget(b, g, GPUS['H200'], clock):.2f}, "
+        f"H100 {budget(b, g, GPUS['H100'], clock):.2f}" for b in BITS for g in GROUPS))
+    lines.append("")
+    order = {"cuda": 0, "triton": 1}
+    rows.sort(key=lambda r: (order[r["path"]], r["bits"], DTYPES.index(r["dtype"]), r["m"], -r["g"]))
+    for arch in args.arch:
+        sel = [r for r in rows if r["arch"] == arch]
+        if sel:
+            lines += [f"## sm_{arch}" + ("" if arch == 90 else " (registers and spills; ceilings are for sm_90)"), ""]
+            lines += table(sel, clock, with_ceilings=arch == 90) + [""]
+    if not args.no_eager:
+        e = eager_us()
+        lines += ["## Thin eager path (host, CPU)", "",
+                  "| what | µs per call (median) |", "|---|---|",
+                  f"| `QuantLinear.forward`, 64x64, 1 bit g64, fp16, M = 1, reference backend | {e['forward_us']:.1f} |",
+                  f"| the reference op alone (`ops.reference_lut_linear`, same tensors) | {e['kernel_us']:.1f} |",
+                  f"| difference: Python between forward and the kernel (goal ≤ 10) | {e['overhead_us']:.1f} |",
+                  "", f"{e['calls']} calls after 200 warm-up, torch threads = {e['threads']}, "
+                      f"load average {os.getloadavg()[0]:.1f} (a shared machine: read ±20 %).", ""]
+    if unmeasured:
+        lines += ["Kernels in the cubins that no row measures (add them to `benchmarks/sass_budget.py`): "
+                  + ", ".join(f"`{u}`" for u in unmeasured), ""]
+    lines += [n + "" for n in notes]
+    bad = failures(rows, clock)
+    lines.append(f"`--check`: {len(bad)} CUDA configuration(s) over budget or spilling." if bad else
+                 "`--check`: every CUDA configuration is within budget and spill-free.")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        kept = ""
+        if os.path.isfile(args.out):
+            with open(args.out) as f:
+                old = f.read()
+            if READING in old:
+                kept = "\n" + old[old.index(READING):]
+        with open(args.out, "w") as f:
+            f.write(text + kept)
+    if args.check and bad:
+        print("\n".join(bad), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _versions() -> str:
+    out = []
+    for mod in ("torch", "triton"):
+        try:
+            out.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            out.append(f"{mod} absent")
+    return ", ".join(out)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    sys.exit(main())
