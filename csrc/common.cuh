@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include "bivlm_kernels.h"
+#include "ptx.cuh"
 
 namespace bivlm {
 namespace detail {
@@ -52,7 +53,7 @@ __device__ __forceinline__ float from_float<float>(float v) { return v; }
 // weights stream past it (see load_words). p must be 16-byte aligned (the launcher checks ldx and the base).
 
 __device__ __forceinline__ void load8(const __half* p, float (&f)[8]) {
-  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint4 v = ptx::ld_nc_v4(p);
   const __half2* h = reinterpret_cast<const __half2*>(&v);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -63,7 +64,7 @@ __device__ __forceinline__ void load8(const __half* p, float (&f)[8]) {
 }
 
 __device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&f)[8]) {
-  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint4 v = ptx::ld_nc_v4(p);
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -74,10 +75,11 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&f)[8]) {
 }
 
 __device__ __forceinline__ void load8(const float* p, float (&f)[8]) {
-  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
-  f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+  const uint4 a = ptx::ld_nc_v4(p);
+  const uint4 b = ptx::ld_nc_v4(p + 4);
+  f[0] = __uint_as_float(a.x); f[1] = __uint_as_float(a.y); f[2] = __uint_as_float(a.z);
+  f[3] = __uint_as_float(a.w); f[4] = __uint_as_float(b.x); f[5] = __uint_as_float(b.y);
+  f[6] = __uint_as_float(b.z); f[7] = __uint_as_float(b.w);
 }
 
 // ---- outputs: store 8 consecutive fp32 values as T -----------------------------------------------------------
@@ -89,7 +91,7 @@ __device__ __forceinline__ void store8(__half* p, const float (&f)[8]) {
   __half2* h = reinterpret_cast<__half2*>(&v);
 #pragma unroll
   for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
-  *reinterpret_cast<uint4*>(p) = v;
+  ptx::st_v4(p, v);
 }
 
 __device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&f)[8]) {
@@ -97,30 +99,32 @@ __device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&f)[8]) {
   __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
 #pragma unroll
   for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-  *reinterpret_cast<uint4*>(p) = v;
+  ptx::st_v4(p, v);
 }
 
 __device__ __forceinline__ void store8(float* p, const float (&f)[8]) {
-  reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
-  reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    ptx::st_v4(p + 4 * h, make_uint4(__float_as_uint(f[4 * h]), __float_as_uint(f[4 * h + 1]),
+                                     __float_as_uint(f[4 * h + 2]), __float_as_uint(f[4 * h + 3])));
 }
 
 // ---- packed weights ------------------------------------------------------------------------------------------
 // What: VEC consecutive words of one row (VEC = 4: one 16-byte load; VEC = 1: one 4-byte load).
-// Why: __ldcs = ld.global.cs, "streaming, likely accessed once": every weight word is read exactly once per call,
+// Why: ld.global.cs, "streaming, likely accessed once": every weight word is read exactly once per call,
 // so it is marked evict-first and does not push the activations out of L1/L2.
 template <int VEC>
 __device__ __forceinline__ void load_words(const int32_t* p, uint32_t (&q)[VEC]);
 
 template <>
 __device__ __forceinline__ void load_words<4>(const int32_t* p, uint32_t (&q)[4]) {
-  const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+  const uint4 v = ptx::ld_cs_v4(p);
   q[0] = v.x; q[1] = v.y; q[2] = v.z; q[3] = v.w;
 }
 
 template <>
 __device__ __forceinline__ void load_words<1>(const int32_t* p, uint32_t (&q)[1]) {
-  q[0] = static_cast<uint32_t>(__ldcs(p));
+  q[0] = static_cast<uint32_t>(ptx::ld_cs_b32(p));
 }
 
 // What: exact fp32 value of a small unsigned code c (< 2^23) without an I2F instruction.
@@ -178,7 +182,7 @@ __device__ __forceinline__ void dequant8(uint32_t q, int sub, const float (&e)[4
 // Why: each lane accumulates a strided slice of K; one reduction per output at the end of the K loop.
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  for (int off = 16; off > 0; off >>= 1) v += ptx::shfl_xor(v, off);
   return v;
 }
 

@@ -28,7 +28,7 @@ __global__ void dequantize_kernel(const int32_t* __restrict__ q, const T* __rest
     const int wi = static_cast<int>(idx - row * kw);
     float e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     load_table<T, BITS>(t0, t1, row * groups + (wi >> wpg_shift), e);
-    const uint32_t word = static_cast<uint32_t>(__ldcs(q + idx));
+    const uint32_t word = static_cast<uint32_t>(ptx::ld_cs_b32(q + idx));
     T* o = out + row * (static_cast<int64_t>(kw) * C::kPerWord) + static_cast<int64_t>(wi) * C::kPerWord;
 #pragma unroll
     for (int s = 0; s < C::kSubChunks; ++s) {
@@ -46,7 +46,7 @@ cudaError_t launch_dequantize_typed(const PackedWeight& w, void* out, cudaStream
   const int threads = 256;
   int64_t blocks = (total + threads - 1) / threads;
   if (blocks > (1 << 20)) blocks = 1 << 20;  // grid-stride loop covers the rest
-  dequantize_kernel<T, BITS><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+  BIVLM_LAUNCH(static_cast<unsigned>(blocks), threads, 0, stream, dequantize_kernel<T, BITS>)(
       w.qweight, static_cast<const T*>(w.table0), static_cast<const T*>(w.table1), total, kw,
       static_cast<int>(w.k / w.group_size), ilog2(w.group_size * BITS / 32), static_cast<T*>(out));
   return cudaGetLastError();

@@ -207,7 +207,7 @@ cudaError_t launch_gemv_config(const void* x, int64_t m, int64_t ldx, const Pack
   p.out_f32 = out_f32;
   constexpr int rows_per_block = kGemvWarps * GemvRows<MT>::value;
   const dim3 grid(static_cast<unsigned>((w.n + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(splits));
-  gemv_kernel<T, BITS, MT, VEC><<<grid, kGemvThreads, 0, stream>>>(p);
+  BIVLM_LAUNCH(grid, kGemvThreads, 0, stream, gemv_kernel<T, BITS, MT, VEC>)(p);
   return cudaGetLastError();
 }
 

@@ -95,8 +95,8 @@ cudaError_t launch_reduce_typed(const float* ws, int splits, int64_t mn, void* o
   const int threads = 256;
   int64_t blocks = ceil_div(mn, threads);
   if (blocks > 65535) blocks = 65535;  // grid-stride loop covers the rest
-  splitk_reduce_kernel<OutT><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(ws, splits, mn,
-                                                                                     static_cast<OutT*>(out));
+  BIVLM_LAUNCH(static_cast<unsigned>(blocks), threads, 0, stream, splitk_reduce_kernel<OutT>)(ws, splits, mn,
+                                                                                            static_cast<OutT*>(out));
   return cudaGetLastError();
 }
 
