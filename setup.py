@@ -1,8 +1,15 @@
-"""Build script. The CUDA extension ``bivlm_kernels._C`` (all of ``csrc/``) is built only when asked for or when
-a CUDA toolchain and a CUDA build of torch are both present; otherwise the pure-Python package installs.
+"""Build script. Two optional extensions:
+
+* ``bivlm_kernels._C`` (CUDA, ``csrc/*.cu`` + ``csrc/*.cpp``): built only when asked for or when a CUDA toolchain
+  and a CUDA build of torch are both present;
+* ``bivlm_kernels._C_cpu`` (C++ CPU kernels, ``csrc/cpu/*.cpp``, g++/clang with OpenMP): built on every install
+  where torch is importable at build time, with or without CUDA.
+
+Without them the pure-Python package installs (and runs the reference kernels).
 
 Environment switches:
   BIVLM_BUILD_CUDA=auto|0|1   auto (default): build if possible; 0: never; 1: build or fail
+  BIVLM_BUILD_CPU=auto|0|1    same for the CPU extension (auto: a failed compile does not fail the install)
   TORCH_CUDA_ARCH_LIST        e.g. "8.0;9.0" (default), "9.0+PTX"
   MAX_JOBS                    parallel nvcc jobs (torch's ninja builder)
 
@@ -74,7 +81,34 @@ def cuda_extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = cuda_extensions()
+def cpu_extensions():
+    """The CPU kernels: plain C++ (kernels_*.cpp, AVX2 chosen at run time) + one torch registration file."""
+    mode = os.environ.get("BIVLM_BUILD_CPU", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"BIVLM_BUILD_CPU must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        if mode == "1":
+            raise SystemExit("BIVLM_BUILD_CPU=1 but torch is not importable at build time "
+                             "(use pip install --no-build-isolation)")
+        print("bivlm_kernels: not building the CPU extension (torch is not importable at build time; "
+              "use --no-build-isolation); CPU tensors use the reference kernels")
+        return [], {}
+    sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; the extension then shares torch's
+    # libgomp (same soname). No -march: the AVX2 file selects its ISA by pragma and is called after a CPUID check.
+    ext = CppExtension("bivlm_kernels._C_cpu", sources, include_dirs=[os.path.join(HERE, "csrc", "cpu")],
+                       extra_compile_args=["-O3", "-std=c++20", "-fopenmp"], extra_link_args=["-fopenmp"])
+    ext.optional = mode == "auto"
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+cuda_ext, cuda_cmd = cuda_extensions()
+cpu_ext, cpu_cmd = cpu_extensions()
+ext_modules, cmdclass = cuda_ext + cpu_ext, {**cpu_cmd, **cuda_cmd}
 
 setup(
     name="bivlm_kernels",

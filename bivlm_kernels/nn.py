@@ -9,8 +9,9 @@ Buffers (all in ``state_dict``; float ones follow ``.half()`` / ``.to(dtype)``, 
     segments.{i}.zeros        float [N, Ks/g]
     bias                      float [N]            optional
 
-Forward: ``y = sum_i op_i(x[..., perm][..., k0_i:k1_i]) + bias`` with one ``bivlm`` op call per segment (one
-in total for a single-segment layer; fp32 accumulation across segments).
+Forward: ``y = sum_i op_i(x[..., perm][..., k0_i:k1_i]) + bias`` with fp32 accumulation across segments: one
+``bivlm`` op call for a single-segment layer or an all-lut layout (``segmented_lut_linear``: the sub-2-bit
+layout), else one call per segment.
 """
 from __future__ import annotations
 
@@ -174,9 +175,17 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x's last dimension must be in_features={self.in_features}, "
                              f"got shape {tuple(x.shape)}")
+        segs = self.segments
+        if len(segs) > 1 and all(seg.kind == "lut" for seg in segs):
+            # The sub-2-bit layout (perm + 2-bit and 1-bit segments) in one op: perm applied to x once, one
+            # fp32 accumulator (a single pass on the CPU kernels; per-segment kernels on other paths).
+            args = (x, self.perm, [seg.qweight for seg in segs], [seg.codebook for seg in segs],
+                    [seg.bits for seg in segs], self.group_size, self.bias, None)
+            if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+                return ops.segmented_lut_linear(*args)
+            return ops.run("segmented_lut_linear", *args)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        segs = self.segments
         if len(segs) == 1:
             return segs[0](x, self.bias)
         y = None

@@ -6,6 +6,9 @@ Ops (``torch.ops.bivlm.*``)::
     affine_linear(x, qweight, scales, zeros, bits, group_size, bias=None, out_dtype=None) b = 4
     dequantize_lut(qweight, codebook, bits, group_size)            -> [N, K] in codebook's dtype
     dequantize_affine(qweight, scales, zeros, bits, group_size)    -> [N, K] in scales' dtype
+    segmented_lut_linear(x, perm, qweights, codebooks, bits, group_size, bias=None, out_dtype=None)
+        the sub-2-bit layout in one call: x[..., perm] once, lut segments side by side along the permuted K
+        (segment i: qweights[i], codebooks[i], bits[i]), one fp32 accumulator
 
 ``x`` is ``[..., K]`` (fp16, bf16 or fp32, same dtype as the codebook/scales), the result ``[..., N]`` in
 ``out_dtype`` (default: x's dtype). The formats are specified in :mod:`bivlm_kernels.formats`.
@@ -13,12 +16,16 @@ Ops (``torch.ops.bivlm.*``)::
 Which kernel runs: the per-device implementation asks :func:`select_backend`:
 
 * ``"auto"`` (default): on CUDA tensors the compiled CUDA kernel if the extension is built and has the op,
-  else the Triton kernel if Triton is installed, else the reference; on other devices the reference.
-* ``"reference"`` / ``"triton"`` / ``"cuda"``: force one path (tests and benchmarks); forcing an unavailable
-  path raises instead of silently falling back. Triton on CPU tensors runs only under ``TRITON_INTERPRET=1``.
+  else the Triton kernel if Triton is installed, else the reference; on CPU tensors the C++ CPU kernels
+  (``bivlm_kernels._C_cpu``, built by every ``pip install --no-build-isolation``) if built, else the reference.
+* ``"reference"`` / ``"cpu"`` / ``"triton"`` / ``"cuda"``: force one path (tests and benchmarks); forcing an
+  unavailable path raises instead of silently falling back. Triton on CPU tensors runs only under
+  ``TRITON_INTERPRET=1``.
 
 Set it with :func:`set_backend`, the context manager :func:`use_backend`, or ``BIVLM_BACKEND`` in the
-environment. The reference (dequantize to fp32, then ``F.linear`` in fp32) is the CPU path and the oracle.
+environment. The reference (dequantize to fp32, then ``F.linear`` in fp32) is the oracle and the fallback.
+``segmented_lut_linear`` runs the CPU kernel's single pass where one is selected; on every other path it is the
+per-segment ``lut_linear`` calls of that path, summed in fp32.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ import torch
 
 from . import formats
 
-BACKENDS = ("auto", "reference", "triton", "cuda")
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 _lib = torch.library.Library("bivlm", "DEF")
 _lib.define("lut_linear(Tensor x, Tensor qweight, Tensor codebook, int bits, int group_size, "
@@ -40,7 +47,11 @@ _lib.define("affine_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros
             "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor")
 _lib.define("dequantize_lut(Tensor qweight, Tensor codebook, int bits, int group_size) -> Tensor")
 _lib.define("dequantize_affine(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor")
-OP_NAMES = ("lut_linear", "affine_linear", "dequantize_lut", "dequantize_affine")
+_lib.define("segmented_lut_linear(Tensor x, Tensor? perm, Tensor[] qweights, Tensor[] codebooks, int[] bits, "
+            "int group_size, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor")
+OP_NAMES = ("lut_linear", "affine_linear", "dequantize_lut", "dequantize_affine")   # one kernel per backend each
+# segmented_lut_linear has a one-pass kernel only on the CPU backend; elsewhere it runs as per-segment lut_linear.
+ALL_OP_NAMES = OP_NAMES + ("segmented_lut_linear",)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -80,13 +91,19 @@ def _check_weight(kind, qweight, tables, bits, group_size):
 
 def _check_linear(kind, x, qweight, tables, bits, group_size, bias, out_dtype):
     n, k = _check_weight(kind, qweight, tables, bits, group_size)
+    _check_x(x, tables[0], n, k, bias, out_dtype)
+    return n, k
+
+
+def _check_x(x, table, n, k, bias, out_dtype):
+    """x, bias and out_dtype of a linear op whose weight is [n, k] with tables like ``table``."""
     if not isinstance(x, torch.Tensor) or x.dtype not in formats.FLOAT_DTYPES:
         raise TypeError(f"x must be a float16, bfloat16 or float32 tensor, got {getattr(x, 'dtype', type(x))}")
-    if x.dtype != tables[0].dtype:
-        raise TypeError(f"x has dtype {x.dtype} but the weight tables have {tables[0].dtype}; "
+    if x.dtype != table.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the weight tables have {table.dtype}; "
                         f"cast one of them (e.g. layer.to({x.dtype}))")
-    if x.device != qweight.device:
-        raise ValueError(f"x is on {x.device} but the weight is on {qweight.device}")
+    if x.device != table.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {table.device}")
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x's last dimension must be in_features={k}, got shape {tuple(x.shape)}")
     if bias is not None:
@@ -95,6 +112,29 @@ def _check_linear(kind, x, qweight, tables, bits, group_size, bias, out_dtype):
                              f"got {tuple(bias.shape)} {bias.dtype} {bias.device}")
     if out_dtype is not None and out_dtype not in formats.FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be None, float16, bfloat16 or float32, got {out_dtype}")
+
+
+def _check_segmented(x, perm, qweights, codebooks, bits, group_size, bias, out_dtype):
+    """Arguments of segmented_lut_linear; return (N, K) with K the sum of the segment widths."""
+    if not isinstance(qweights, (list, tuple)) or not qweights or \
+            not (len(qweights) == len(codebooks) == len(bits)):
+        raise ValueError(f"qweights, codebooks and bits must be non-empty lists of one length, got "
+                         f"{len(qweights) if isinstance(qweights, (list, tuple)) else type(qweights).__name__}, "
+                         f"{len(codebooks)}, {len(bits)}")
+    n, k = None, 0
+    for i, (qw, cb, b) in enumerate(zip(qweights, codebooks, bits)):
+        ni, ki = _check_weight("lut", qw, (cb,), b, group_size)
+        if n is not None and ni != n:
+            raise ValueError(f"segment {i} has {ni} output rows, segment 0 has {n}")
+        if cb.dtype != codebooks[0].dtype:
+            raise TypeError(f"codebooks[{i}] dtype {cb.dtype} differs from codebooks[0] dtype {codebooks[0].dtype}")
+        n, k = ni, k + ki
+    _check_x(x, codebooks[0], n, k, bias, out_dtype)
+    if perm is not None:
+        if perm.dtype not in (torch.int32, torch.int64) or perm.dim() != 1 or perm.numel() != k \
+                or perm.device != x.device:
+            raise ValueError(f"perm must be None or a 1-D int32/int64 tensor of length K={k} on {x.device}, "
+                             f"got {perm.dtype} {tuple(perm.shape)} on {perm.device}")
     return n, k
 
 
@@ -106,6 +146,8 @@ def check_args(op_name: str, *args):
     if op_name == "affine_linear":
         x, qw, s, z, bits, g, bias, od = args
         return _check_linear("affine", x, qw, (s, z), bits, g, bias, od)
+    if op_name == "segmented_lut_linear":
+        return _check_segmented(*args)
     if op_name == "dequantize_lut":
         qw, cb, bits, g = args
         return _check_weight("lut", qw, (cb,), bits, g)
@@ -139,19 +181,44 @@ def reference_dequantize_affine(qweight, scales, zeros, bits, group_size):
     return formats.dequantize_affine(qweight, scales, zeros, bits, group_size).to(scales.dtype)
 
 
+def reference_segmented_lut_linear(x, perm, qweights, codebooks, bits, group_size, bias=None, out_dtype=None):
+    """x[..., perm], then the segments' fp32 products summed, bias added in fp32, rounded once."""
+    return _sum_segments(reference_lut_linear, x, perm, qweights, codebooks, bits, group_size, bias, out_dtype)
+
+
+def _sum_segments(lut_linear_fn, x, perm, qweights, codebooks, bits, group_size, bias, out_dtype):
+    if perm is not None:
+        x = x.index_select(-1, perm)
+    y, k0 = None, 0
+    for qw, cb, b in zip(qweights, codebooks, bits):
+        k1 = k0 + cb.shape[1] * group_size
+        part = lut_linear_fn(x[..., k0:k1], qw, cb, b, group_size, None, torch.float32)
+        y, k0 = part if y is None else y + part, k1
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype or x.dtype)
+
+
+def _segmented_by_parts(*args):
+    """segmented_lut_linear on a path without a one-pass kernel: that path's lut_linear per segment."""
+    return _sum_segments(lambda *a: run("lut_linear", *a), *args)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # backend registry and selection
 # ---------------------------------------------------------------------------------------------------------
 
-_KERNELS = {name: {"reference": globals()[f"reference_{name}"]} for name in OP_NAMES}
+_KERNELS = {name: {"reference": globals()[f"reference_{name}"]} for name in ALL_OP_NAMES}
 _backend = os.environ.get("BIVLM_BACKEND", "auto")
-_loaded = {"triton": False, "cuda": False}
+_loaded = {"triton": False, "cuda": False, "cpu": False}
+_MODULES = {"triton": "bivlm_kernels.triton", "cuda": "bivlm_kernels._extension",
+            "cpu": "bivlm_kernels._cpu_extension"}
 
 
 def register_backend_kernel(op_name: str, backend: str, fn: Callable) -> None:
-    """Plug a GPU kernel (same signature as the op) into the dispatch table (used by Triton and _C loaders)."""
-    if op_name not in OP_NAMES or backend not in ("triton", "cuda"):
-        raise ValueError(f"op_name must be one of {OP_NAMES} and backend 'triton' or 'cuda'; "
+    """Plug a kernel (same signature as the op) into the dispatch table (used by the Triton, _C, _C_cpu loaders)."""
+    if op_name not in ALL_OP_NAMES or backend not in ("triton", "cuda", "cpu"):
+        raise ValueError(f"op_name must be one of {ALL_OP_NAMES} and backend 'triton', 'cuda' or 'cpu'; "
                          f"got {op_name!r}, {backend!r}")
     _KERNELS[op_name][backend] = fn
 
@@ -184,41 +251,48 @@ def _load(backend: str) -> None:
     if _loaded[backend]:
         return
     _loaded[backend] = True
-    module = "bivlm_kernels.triton" if backend == "triton" else "bivlm_kernels._extension"
     try:
-        importlib.import_module(module)
+        importlib.import_module(_MODULES[backend])
     except ImportError:
         pass
 
 
 def available_backends(op_name: str, device: torch.device) -> list:
     """Paths that can run ``op_name`` on ``device`` now, in auto-dispatch priority order."""
-    _load("triton"), _load("cuda")
     table = _KERNELS[op_name]
     out = []
     if device.type == "cuda":
+        _load("triton"), _load("cuda")
         out += [b for b in ("cuda", "triton") if b in table]
-    elif os.environ.get("TRITON_INTERPRET") == "1" and "triton" in table:
-        out.append("triton")
+    elif device.type == "cpu":
+        _load("cpu")
+        if "cpu" in table:
+            out.append("cpu")
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            _load("triton")
+            if "triton" in table:
+                out.append("triton")
     return out + ["reference"]
 
 
 def select_backend(op_name: str, device: torch.device) -> str:
     """The backend that will run ``op_name`` on ``device`` (see the module docstring)."""
     want = _backend
-    if want == "reference" or (want == "auto" and device.type != "cuda"):
+    if want == "reference" or (want == "auto" and device.type not in ("cuda", "cpu")):
         return "reference"
     avail = available_backends(op_name, device)
     if want == "auto":
-        return avail[0]
+        return avail[0] if device.type == "cuda" or avail[0] == "cpu" else "reference"
     if want not in avail:
         raise RuntimeError(f"backend {want!r} was forced but cannot run {op_name} on {device} "
-                           f"(available: {avail}); build the CUDA extension, install triton, "
+                           f"(available: {avail}); build the CUDA extension (CUDA tensors) or the CPU "
+                           f"extension (CPU tensors: pip install --no-build-isolation -e .), install triton, "
                            f"or set TRITON_INTERPRET=1 for Triton on CPU")
     return want
 
 
-_ARITY = {"lut_linear": 7, "affine_linear": 8, "dequantize_lut": 4, "dequantize_affine": 5}
+_ARITY = {"lut_linear": 7, "affine_linear": 8, "dequantize_lut": 4, "dequantize_affine": 5,
+          "segmented_lut_linear": 8}
 
 
 def run(op_name: str, *args):
@@ -229,6 +303,9 @@ def run(op_name: str, *args):
     torch.compile (and for autograd) it goes through ``torch.ops.bivlm.*``.
     """
     check_args(op_name, *args)
+    if op_name == "segmented_lut_linear":      # one pass where a path has it, else that path's per-segment op
+        kernel = _KERNELS[op_name].get(select_backend("lut_linear", args[0].device))
+        return (kernel or _segmented_by_parts)(*args)
     return _KERNELS[op_name][select_backend(op_name, args[0].device)](*args)
 
 
@@ -240,7 +317,7 @@ def _dispatching(op_name: str):
     return impl
 
 
-for _name in OP_NAMES:
+for _name in ALL_OP_NAMES:
     torch.library.impl(f"bivlm::{_name}", "CompositeExplicitAutograd", _dispatching(_name), lib=_lib)
 
 
@@ -257,6 +334,12 @@ def _(x, qweight, codebook, bits, group_size, bias=None, out_dtype=None):
 @torch.library.register_fake("bivlm::affine_linear", lib=_lib)
 def _(x, qweight, scales, zeros, bits, group_size, bias=None, out_dtype=None):
     n, _k = check_args("affine_linear", x, qweight, scales, zeros, bits, group_size, bias, out_dtype)
+    return x.new_empty((*x.shape[:-1], n), dtype=out_dtype or x.dtype)
+
+
+@torch.library.register_fake("bivlm::segmented_lut_linear", lib=_lib)
+def _(x, perm, qweights, codebooks, bits, group_size, bias=None, out_dtype=None):
+    n, _k = check_args("segmented_lut_linear", x, perm, qweights, codebooks, bits, group_size, bias, out_dtype)
     return x.new_empty((*x.shape[:-1], n), dtype=out_dtype or x.dtype)
 
 
@@ -305,8 +388,40 @@ torch.library.register_autograd("bivlm::affine_linear", _backward(torch.ops.bivl
                                 setup_context=_setup_context(2), lib=_lib)
 
 
+def _segmented_setup(ctx, inputs, output):
+    x, perm, qweights, codebooks, bits, group_size, bias, _out_dtype = inputs
+    ctx.save_for_backward(*qweights, *codebooks, *(() if perm is None else (perm,)))
+    ctx.n_seg, ctx.has_perm, ctx.bits, ctx.group_size = len(qweights), perm is not None, list(bits), group_size
+    ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
+
+
+def _segmented_backward(ctx, grad):
+    saved, s = ctx.saved_tensors, ctx.n_seg
+    w = torch.cat([torch.ops.bivlm.dequantize_lut(qw, cb, b, ctx.group_size)
+                   for qw, cb, b in zip(saved[:s], saved[s:2 * s], ctx.bits)], dim=1)   # [N, K] permuted
+    grad_xp = grad.to(w.dtype) @ w
+    grad_x = grad_xp
+    if ctx.has_perm:                                   # x_p = x[..., perm]  =>  grad_x[..., perm] = grad_xp
+        grad_x = torch.empty_like(grad_xp).index_copy_(-1, saved[2 * s].long(), grad_xp)
+    grad_bias = None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[6]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x.to(ctx.x_dtype), None, [None] * s, [None] * s, None, None, grad_bias, None
+
+
+torch.library.register_autograd("bivlm::segmented_lut_linear", _segmented_backward,
+                                setup_context=_segmented_setup, lib=_lib)
+
+
 # Short Python names: ``bivlm_kernels.ops.lut_linear(x, ...)`` is ``torch.ops.bivlm.lut_linear(x, ...)``.
 lut_linear = torch.ops.bivlm.lut_linear
 affine_linear = torch.ops.bivlm.affine_linear
 dequantize_lut = torch.ops.bivlm.dequantize_lut
 dequantize_affine = torch.ops.bivlm.dequantize_affine
+segmented_lut_linear = torch.ops.bivlm.segmented_lut_linear
+
+
+def cpu_kernels_available() -> bool:
+    """Whether the C++ CPU kernels (``bivlm_kernels._C_cpu``) are built and loaded (imports them once)."""
+    _load("cpu")
+    return "cpu" in _KERNELS["lut_linear"]

@@ -1,0 +1,294 @@
+"""The C++ CPU kernels (bivlm_kernels._C_cpu) against the pure-PyTorch reference.
+
+Grid: bits {1, 2, 4} x group sizes {32, 64, 128, 256} x dtypes x M from 1 to 300 (both sides of the decode-GEMV /
+tile-GEMM crossover) x odd N, strided and batched x, bias, out_dtype, the sub-2-bit segmented op, the scalar
+fallback, torch.compile, and a seeded fuzz.
+
+Tolerance (``assert_within_bound``): both the kernel and the reference sum K fp32 products, each with an error of
+at most about K * u * sum_k |x_k| |w_k| (u = 2^-24, the fp32 unit roundoff). The kernels regroup the sum -- the
+1-bit mask kernel computes c0 * S_g + (c1 - c0) * P_g per group, the 4-bit kernel scale * (sum c x - zero * S_g)
+-- so the bound is taken with |w| replaced by its group maximum. The test allows 2 * K * u * that sum (both
+sides) plus one rounding of the output dtype. An error in decoding (a wrong code, group or table entry) moves a
+result by about |w| |x| (~1e-1 relative), orders of magnitude above this (~1e-4 relative at K = 768).
+"""
+import random
+
+import pytest
+import torch
+
+from bivlm_kernels import formats, ops
+from bivlm_kernels.nn import QuantLinear
+
+pytestmark = pytest.mark.skipif(
+    not ops.cpu_kernels_available(),
+    reason="the CPU extension bivlm_kernels._C_cpu is not built (pip install --no-build-isolation -e .; "
+           "BIVLM_BUILD_CPU=1 to make a failed build an error)")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+GROUPS = [32, 64, 128, 256]
+U32 = 2.0 ** -24
+
+
+def cpu_ext():
+    from bivlm_kernels import _cpu_extension
+    return _cpu_extension
+
+
+def make_weight(n, k, bits, g, dtype, gen=None):
+    """Random packed weight: (qweight, tables) for lut (b = 1, 2) or affine (b = 4)."""
+    qweight = formats.pack(torch.randint(0, 1 << bits, (n, k), generator=gen), bits)
+    if bits < 4:
+        return qweight, ((torch.randn(n, k // g, 1 << bits, generator=gen) * 0.05).to(dtype),)
+    return qweight, ((torch.rand(n, k // g, generator=gen) * 0.01 + 1e-3).to(dtype),
+                     (torch.rand(n, k // g, generator=gen) * 15).to(dtype))
+
+
+def dense(qweight, tables, bits, g):
+    return (formats.dequantize_lut(qweight, *tables, bits, g) if bits < 4
+            else formats.dequantize_affine(qweight, *tables, bits, g))
+
+
+def run_both(x, qweight, tables, bits, g, bias=None, out_dtype=None):
+    """(CPU kernel, reference) of the op for this format."""
+    name = "lut_linear" if bits < 4 else "affine_linear"
+    args = (x, qweight, *tables, bits, g, bias, out_dtype)
+    with ops.use_backend("cpu"):
+        y = getattr(ops, name)(*args)
+    return y, getattr(ops, f"reference_{name}")(*args)
+
+
+def assert_within_bound(y, ref, x, w, g, out_dtype):
+    """|y - ref| <= 2 K u (|x| @ max_group|w|^T) + one rounding of out_dtype (see the module docstring)."""
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    n, k = w.shape
+    wmax = w.abs().view(n, k // g, g).amax(-1, keepdim=True).expand(n, k // g, g).reshape(n, k)
+    scale = x.float().abs().reshape(-1, k) @ wmax.T
+    tol = 2 * k * U32 * scale.reshape(ref.shape) + 1e-30
+    eps_out = torch.finfo(out_dtype).eps if out_dtype != torch.float32 else 0.0
+    tol = tol + eps_out * ref.float().abs()
+    err = (y.float() - ref.float()).abs()
+    worst = (err / tol).max().item()
+    assert worst <= 1.0, f"error {err.max().item():.3g} exceeds the fp32 accumulation bound (ratio {worst:.2f})"
+
+
+# ------------------------------------------------------------------------------------------------ linear ops
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g", GROUPS)
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_linear_grid(bits, g, dtype):
+    n, k = 37, 3 * g                     # odd N (the 4- and 2-row blocks leave tails), K = 3 groups
+    qweight, tables = make_weight(n, k, bits, g, dtype)
+    w = dense(qweight, tables, bits, g)
+    bias = torch.randn(n).to(dtype)
+    for m in (1, 2, 3, 5, 8, 16, 17, 64, 300):          # 16 = largest decode-GEMV M by default
+        x = torch.randn(m, k).to(dtype)
+        for b, od in ((bias, None), (None, torch.float32)):
+            y, ref = run_both(x, qweight, tables, bits, g, b, od)
+            assert_within_bound(y, ref, x, w, g, od or dtype)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_strided_batched_and_sliced_x(bits):
+    n, k, g = 19, 256, 64
+    qweight, tables = make_weight(n, k, bits, g, torch.float32)
+    w = dense(qweight, tables, bits, g)
+    big = torch.randn(3, 5, 2 * k)
+    cases = [big[..., ::2], big[..., 7:7 + k], big[:1, :1, :k], big[:, 1, k:], big.transpose(0, 1)[..., :k]]
+    for x in cases:
+        y, ref = run_both(x, qweight, tables, bits, g)
+        assert y.shape == (*x.shape[:-1], n)
+        assert_within_bound(y, ref, x, w, g, torch.float32)
+
+
+def test_empty_and_single_row():
+    qweight, tables = make_weight(1, 64, 2, 32, torch.float32)
+    y, ref = run_both(torch.randn(0, 64), qweight, tables, 2, 32)
+    assert y.shape == ref.shape == (0, 1)
+    y, ref = run_both(torch.randn(4, 64), qweight, tables, 2, 32)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_tile_path_with_small_tiles(bits):
+    """M above the GEMV limit with tiles of 8 rows: several full tiles and a partial one."""
+    ext = cpu_ext()
+    old = ext.configure()
+    n, k, g = 45, 256, 128
+    qweight, tables = make_weight(n, k, bits, g, torch.bfloat16)
+    w = dense(qweight, tables, bits, g)
+    x = torch.randn(40, k).to(torch.bfloat16)
+    bias = torch.randn(n).to(torch.bfloat16)
+    try:
+        ext.configure(tile_bytes=8 * 4 * k)
+        y, ref = run_both(x, qweight, tables, bits, g, bias, torch.float32)
+    finally:
+        ext.configure(tile_bytes=old["tile_bytes"])
+    assert_within_bound(y, ref, x, w, g, torch.float32)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_scalar_fallback(bits):
+    ext = cpu_ext()
+    n, k, g = 21, 192, 64
+    qweight, tables = make_weight(n, k, bits, g, torch.float16)
+    w = dense(qweight, tables, bits, g)
+    try:
+        assert ext.configure(force_scalar=1)["isa"] == "scalar"
+        for m in (1, 4, 40):
+            x = torch.randn(m, k).to(torch.float16)
+            y, ref = run_both(x, qweight, tables, bits, g, None, torch.float32)
+            assert_within_bound(y, ref, x, w, g, torch.float32)
+    finally:
+        ext.configure(force_scalar=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_dequantize_bit_exact(bits, dtype):
+    for g in GROUPS:
+        qweight, tables = make_weight(13, 2 * g, bits, g, dtype)
+        name = "dequantize_lut" if bits < 4 else "dequantize_affine"
+        with ops.use_backend("cpu"):
+            got = getattr(ops, name)(qweight, *tables, bits, g)
+        want = getattr(ops, f"reference_{name}")(qweight, *tables, bits, g)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_fp16_tables_subnormal_and_special_values():
+    """The C++ fp16 -> fp32 conversion (scalar fallback, mask kernel) on subnormals, zero signs, extremes."""
+    vals = torch.tensor([0.0, -0.0, 6e-8, -6e-8, 1e-5, 65504.0, -65504.0, 1.0], dtype=torch.float16)
+    n, k, g = 4, 32, 32
+    cb = vals.view(4, 1, 2).clone()
+    qweight = formats.pack(torch.randint(0, 2, (n, k)), 1)
+    want = ops.reference_dequantize_lut(qweight, cb, 1, g)
+    ext = cpu_ext()
+    for scalar in (0, 1):
+        try:
+            ext.configure(force_scalar=scalar)
+            with ops.use_backend("cpu"):
+                assert torch.equal(ops.dequantize_lut(qweight, cb, 1, g), want)
+                x = torch.ones(1, k, dtype=torch.float16)
+                torch.testing.assert_close(ops.lut_linear(x, qweight, cb, 1, g, None, torch.float32),
+                                           ops.reference_lut_linear(x, qweight, cb, 1, g, None, torch.float32))
+        finally:
+            ext.configure(force_scalar=0)
+
+
+# ------------------------------------------------------------------------------------------------ sub-2-bit
+
+def make_segmented(n, widths_bits, g, dtype, perm=True, gen=None):
+    qweights, codebooks, bits = [], [], []
+    for width, b in widths_bits:
+        q, (cb,) = make_weight(n, width, b, g, dtype, gen)
+        qweights.append(q), codebooks.append(cb), bits.append(b)
+    k = sum(w for w, _ in widths_bits)
+    p = torch.randperm(k, generator=gen).to(torch.int32) if perm else None
+    w = torch.cat([formats.dequantize_lut(q, cb, b, g) for q, cb, b in zip(qweights, codebooks, bits)], 1)
+    return p, qweights, codebooks, bits, w
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("perm", [True, False])
+def test_segmented_matches_reference(dtype, perm):
+    g = 64
+    p, qws, cbs, bits, w = make_segmented(29, [(128, 2), (320, 1)], g, dtype, perm)
+    bias = torch.randn(29).to(dtype)
+    for m in (1, 3, 16, 40):
+        x = torch.randn(m, 448).to(dtype)
+        args = (x, p, qws, cbs, bits, g, bias, None)
+        with ops.use_backend("cpu"):
+            y = ops.segmented_lut_linear(*args)
+        ref = ops.reference_segmented_lut_linear(*args)
+        xp = x if p is None else x.index_select(-1, p)
+        assert_within_bound(y, ref, xp, w, g, dtype)
+
+
+def test_segmented_by_parts_equals_one_pass_and_opcheck():
+    g = 32
+    p, qws, cbs, bits, _ = make_segmented(11, [(64, 2), (96, 1), (32, 2)], g, torch.float32)
+    x = torch.randn(2, 3, 192, requires_grad=True)
+    bias = torch.randn(11, requires_grad=True)
+    args = (x, p, qws, cbs, bits, g, bias, None)
+    with ops.use_backend("cpu"):
+        one = ops.segmented_lut_linear(*args)
+    parts = ops._segmented_by_parts(*args)              # per-segment lut_linear (the GPU paths)
+    torch.testing.assert_close(one, parts, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(ops.segmented_lut_linear, args)
+    one.sum().backward()
+    x2, b2 = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    ops.reference_segmented_lut_linear(x2, p, qws, cbs, bits, g, b2, None).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(bias.grad, b2.grad)
+
+
+def test_quantlinear_sub2bit_layout_one_call(monkeypatch):
+    """A perm + 2-bit + 1-bit QuantLinear runs one segmented op on the CPU kernel and matches the reference."""
+    g, n, k = 64, 24, 256
+    qw = formats.QuantizedWeight(
+        [formats.QuantizedSegment(2, torch.randint(0, 4, (n, 64)), codebook=torch.randn(n, 1, 4) * 0.05),
+         formats.QuantizedSegment(1, torch.randint(0, 2, (n, 192)), codebook=torch.randn(n, 3, 2) * 0.05)],
+        g, perm=torch.randperm(k))
+    layer = QuantLinear.from_quantized(qw, bias=torch.randn(n), dtype=torch.float32)
+    calls = []
+    real = ops._KERNELS["segmented_lut_linear"]["cpu"]
+    monkeypatch.setitem(ops._KERNELS["segmented_lut_linear"], "cpu", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(5, k)
+    y = layer(x)
+    assert calls == [1]
+    with ops.use_backend("reference"):
+        ref = layer(x)
+    w = layer.dequantize()
+    assert_within_bound(y, ref, x, w, g, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ selection
+
+def test_auto_selects_cpu_and_reference_stays_reachable():
+    assert ops.select_backend("lut_linear", torch.device("cpu")) == "cpu"
+    assert ops.select_backend("affine_linear", torch.device("cpu")) == "cpu"
+    with ops.use_backend("reference"):
+        assert ops.select_backend("lut_linear", torch.device("cpu")) == "reference"
+    with ops.use_backend("cpu"):
+        with pytest.raises(RuntimeError, match="backend 'cpu' was forced but cannot run lut_linear on meta"):
+            ops.select_backend("lut_linear", torch.device("meta"))
+    assert cpu_ext().configure()["isa"] in ("avx2", "scalar")
+
+
+def test_compile_fullgraph_on_cpu_kernels():
+    g = 64
+    q = QuantLinear.from_quantized(formats.QuantizedWeight(
+        [formats.QuantizedSegment(2, torch.randint(0, 4, (16, 64)), codebook=torch.randn(16, 1, 4)),
+         formats.QuantizedSegment(1, torch.randint(0, 2, (16, 128)), codebook=torch.randn(16, 2, 2))],
+        g, perm=torch.randperm(192)), dtype=torch.float32)
+    lin = QuantLinear.from_linear(torch.nn.Linear(192, 8), 4, group_size=g, dtype=torch.float32)
+
+    def f(x):
+        return lin(torch.relu(q(x)).repeat(1, 12))
+
+    x = torch.randn(3, 192)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), f(x))
+    with ops.use_backend("reference"):
+        torch.testing.assert_close(f(x), compiled(x), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ fuzz
+
+def test_seeded_fuzz():
+    rng = random.Random(1234)
+    gen = torch.Generator().manual_seed(1234)
+    for _ in range(60):
+        bits, g = rng.choice([1, 2, 4]), rng.choice(GROUPS)
+        dtype = rng.choice(DTYPES)
+        n, k = rng.randint(1, 70), g * rng.randint(1, 4)
+        m = rng.choice([1, 1, 2, 3, 4, 7, 15, 16, 17, 33, 100, 300])
+        qweight, tables = make_weight(n, k, bits, g, dtype, gen)
+        w = dense(qweight, tables, bits, g)
+        x = torch.randn(m, 2 * k, generator=gen).to(dtype)[:, rng.choice([0, k])::1][:, :k] \
+            if rng.random() < 0.5 else torch.randn(m, k, generator=gen).to(dtype)
+        bias = torch.randn(n, generator=gen).to(dtype) if rng.random() < 0.5 else None
+        od = rng.choice([None, torch.float32])
+        y, ref = run_both(x, qweight, tables, bits, g, bias, od)
+        assert_within_bound(y, ref, x, w, g, od or dtype)
