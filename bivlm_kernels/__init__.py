@@ -8,6 +8,12 @@ from .nn import QuantLinear, quantize_linears_, rtn_quantize
 
 __version__ = "0.1.0"
 
+# `from_pretrained` of bivlm checkpoints: registers the transformers quantizer once transformers is imported
+# (no transformers import here).
+from . import hf_quantizer as _hf_quantizer  # noqa: E402
+
+_hf_quantizer.install()
+
 __all__ = ["formats", "ops", "QuantLinear", "quantize_linears_", "rtn_quantize", "QuantizedWeight",
            "QuantizedSegment", "bits_per_weight", "FORMAT_NAME", "FORMAT_VERSION", "save_quantized",
            "load_quantized", "__version__"]

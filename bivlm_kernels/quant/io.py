@@ -3,7 +3,9 @@
 Layout (all written into a temporary sibling directory, renamed into place at the end, so ``path`` never
 holds a half-written checkpoint)::
 
-    path/config.json              the HF model config (model.config.save_pretrained)
+    path/config.json              the HF model config (model.config.save_pretrained) with ``architectures`` and a
+                                  ``quantization_config`` (quant_method "bivlm", per-layer layouts): with
+                                  bivlm_kernels imported, ``AutoModel*.from_pretrained(path)`` loads it
     path/generation_config.json   when the model has one
     path/quantization.json        format name/version, bivlm_kernels version, model class, dtype,
                                   the QuantConfig and the per-layer report
@@ -45,6 +47,19 @@ def _model_dtype(model: nn.Module) -> str:
     return "float32"
 
 
+def _add_hf_quantization_config(config_file: str, model: nn.Module, dtype: str) -> None:
+    """``architectures`` and the ``quantization_config`` that lets ``from_pretrained`` rebuild the QuantLinear
+    layers (:mod:`bivlm_kernels.hf_quantizer`), added to the ``config.json`` that ``save_pretrained`` wrote."""
+    from ..hf_quantizer import quantization_config
+    with open(config_file) as f:
+        cfg = json.load(f)
+    cfg["architectures"] = [type(model).__name__]
+    cfg["quantization_config"] = quantization_config(checkpoint.quant_layout(model), dtype)
+    with open(config_file, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 def save_quantized(model: nn.Module, path: str, *, overwrite: bool = False, config=None, report=None,
                    processor=None) -> str:
     """Write the quantized ``model`` to the directory ``path``; return ``path``.
@@ -79,6 +94,7 @@ def save_quantized(model: nn.Module, path: str, *, overwrite: bool = False, conf
     tmp = safe_write.make_partial_dir(path)
     try:
         model.config.save_pretrained(tmp)
+        _add_hf_quantization_config(os.path.join(tmp, "config.json"), model, checkpoint._layer_dtype(model))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
