@@ -65,11 +65,14 @@ budget at its g.
 
 Times at N x K = 28672 x 8192, M rows: t_issue = N K instr/w / R; t_mem = (N K bpw / 8 + 2 M K + 2 M N) / (0.9 BW);
 fp16 t_fp16 = (2 N K + 2 M K + 2 M N) / (0.9 BW) (fp16 GEMV at the same fraction of the roofline). Ceiling =
-t_fp16 / max(t_issue, t_mem); ``mem ceil`` = t_fp16 / t_mem.
+t_fp16 / max(t_issue, t_mem); ``mem ceil`` = t_fp16 / t_mem. Loads in flight (CUDA rows): the loop's streaming
+weight bytes per thread (the prefetch of the next chunk) x the threads the register count lets reside on an SM
+(4-warp blocks, 64K registers), against Little's law BW x latency / 132 SMs at an assumed 0.6 us.
 
 Thin eager path: the host time of one ``QuantLinear.forward`` (64 x 64, 1 bit, g = 64, fp16, M = 1, CPU,
-reference backend, inference mode), median over many calls, and the reference op alone on the same tensors; their
-difference is the Python between ``forward`` and the kernel (the issue's goal: <= 10 us per call).
+reference backend, inference mode), median over many calls, and the reference kernel alone on the same tensors; the
+difference is the Python between ``forward`` and the kernel (the issue's goal: <= 10 us per call); ``ops.run``
+alone splits it into the module's part and the op's checks and backend selection.
 
 What this cannot tell: latency, occupancy effects and load-in-flight stalls (a kernel within budget can still
 miss the roofline), dual issue / pipe contention (all instructions are weighted 1), clocks under load, and any
@@ -102,6 +105,7 @@ CLOCK_GHZ = 1.755
 COPY_FRACTION = 0.9
 GPUS = {"H200": 4.8e12, "H100": 3.35e12}      # HBM bandwidth, bytes/s (H100 SXM)
 SHAPE = (28672, 8192)                         # N x K of the ceiling columns
+LATENCY_US = 0.6                              # assumed loaded DRAM latency for Little's law (not measured)
 BITS = (1, 2, 4)
 MS = (1, 2, 4, 8, 16)
 GROUPS = (128, 64)
@@ -138,6 +142,18 @@ def ceilings(ipw: float, bits: int, g: int, m: int, bandwidth: float, clock_ghz:
     t_fp16 = (2 * n * k + io) / bw
     return {"t_issue_us": t_issue * 1e6, "t_mem_us": t_mem * 1e6, "t_fp16_us": t_fp16 * 1e6,
             "ceiling": t_fp16 / max(t_issue, t_mem), "mem_ceiling": t_fp16 / t_mem}
+
+
+def resident_warps(regs: int, block_warps: int = 4, max_warps: int = 64, max_blocks: int = 32) -> int:
+    """Warps per SM allowed by the register file (64K registers, 8-register / 256-per-warp granularity)."""
+    per_warp = -(-max(regs, 1) * WARP // 256) * 256
+    blocks = min(max_blocks, (65536 // per_warp) // block_warps, max_warps // block_warps)
+    return blocks * block_warps
+
+
+def little_need_kib(bandwidth: float, latency_us: float = LATENCY_US) -> float:
+    """Bytes each SM must keep in flight to sustain ``bandwidth`` at ``latency_us`` (Little's law), KiB."""
+    return bandwidth * latency_us * 1e-6 / SMS / 1024
 
 
 # ---- SASS parsing -----------------------------------------------------------------------------------------------
@@ -459,10 +475,12 @@ def eager_us(calls: int = 3000) -> dict:
             ts.append(time.perf_counter_ns() - t0)
         return statistics.median(ts) / 1e3
 
+    args = (x, seg.qweight, seg.codebook, 1, 64, layer.bias, None)
     with ops.use_backend("reference"), torch.inference_mode():
         fwd = median(lambda: layer(x))
-        ref = median(lambda: ops.reference_lut_linear(x, seg.qweight, seg.codebook, 1, 64, layer.bias))
-    return {"forward_us": fwd, "kernel_us": ref, "overhead_us": fwd - ref, "calls": calls,
+        run = median(lambda: ops.run("lut_linear", *args))
+        ref = median(lambda: ops.reference_lut_linear(*args))
+    return {"forward_us": fwd, "run_us": run, "kernel_us": ref, "overhead_us": fwd - ref, "calls": calls,
             "threads": torch.get_num_threads()}
 
 
@@ -471,37 +489,66 @@ def _f(v, fmt=".2f"):
     return "—" if v is None or v != v else format(v, fmt)
 
 
-def dominant(mix: dict, total: int, k: int = 4) -> str:
-    return ", ".join(f"{op} {c / total:.0%}" for op, c in list(mix.items())[:k]) if total else ""
+def dominant(mix: dict, weights: float, k: int = 5) -> str:
+    """The k most frequent opcodes of the loop, as instructions per weight."""
+    return ", ".join(f"{op} {c / weights:.2f}" for op, c in list(mix.items())[:k]) if weights else ""
 
 
-def table(rows: List[dict], clock: float, with_ceilings: bool) -> List[str]:
-    head = ["path", "bits", "dtype", "M", "g", "config", "w/iter", "instr/w", "static", "budget H200", "regs",
-            "spill"]
-    if with_ceilings:
-        head += ["t_issue H200 µs", "t_mem H200 µs", "ceil H200", "mem ceil H200", "ceil H100", "mem ceil H100"]
-    head += ["loop mix"]
+def table(rows: List[dict], clock: float, sm90: bool) -> List[str]:
+    """Markdown rows; sm_90 tables carry the H200 budget mark (✓ / ✗) and the H100 / H200 ceilings."""
+    head = ["path", "bits", "dtype", "M", "g", "config", "w/iter", "instr/w", "static"]
+    head += (["budget H200"] if sm90 else []) + ["regs", "spill"]
+    if sm90:
+        head += ["KiB in flight/SM",
+                 "t_issue H200 µs", "t_mem H200 µs", "ceil H200", "mem ceil H200", "ceil H100", "mem ceil H100"]
+    head += ["loop mix (static, per weight)"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         bud = budget(r["bits"], r["g"], GPUS["H200"], clock)
-        over = r["ipw"] > bud
         spill = r["spill"] if r["spill"] is not None else (r["stack"] or 0)
         spill_s = f"{spill} B" + (f", {r['local_ops']} LDL/STL" if r["local_ops"] else "")
-        ipw = _f(r["ipw"]) + (" ✗" if over else " ✓") + (f" (unroll {r['unroll']:g}!)" if r["unroll"] not in
-                                                        (0, 1) else "")
+        ipw = _f(r["ipw"]) + ((" ✗" if r["ipw"] > bud else " ✓") if sm90 else "")
+        if r["unroll"] not in (0, 1):
+            ipw += f" (unroll {r['unroll']:g}!)"
         mix = r["stats"]["mix"] if r["stats"] else {}
-        total = sum(mix.values())
         cells = [r["path"], str(r["bits"]), r["dtype"], str(r["m"]), str(r["g"]), r["config"],
-                 f"{r['weights_per_iter']:g}", ipw,
-                 _f(r["static_ipw"]), _f(bud), str(r["registers"]), spill_s]
-        if with_ceilings:
+                 f"{r['weights_per_iter']:g}", ipw, _f(r["static_ipw"])]
+        cells += ([_f(bud)] if sm90 else []) + [str(r["registers"]), spill_s]
+        if sm90:
             h200 = ceilings(r["ipw"], r["bits"], r["g"], r["m"], GPUS["H200"], clock)
             h100 = ceilings(r["ipw"], r["bits"], r["g"], r["m"], GPUS["H100"], clock)
-            cells += [_f(h200["t_issue_us"], ".1f"), _f(h200["t_mem_us"], ".1f"), _f(h200["ceiling"], ".1f") + "x",
+            st = r["stats"] or {}
+            flight = (st.get("weight_bytes", 0) * WARP * resident_warps(r["registers"]) / 1024
+                      if r["path"] == "cuda" and r["registers"] else None)
+            cells += [_f(flight, ".0f"), _f(h200["t_issue_us"], ".1f"), _f(h200["t_mem_us"], ".1f"), _f(h200["ceiling"], ".1f") + "x",
                       _f(h200["mem_ceiling"], ".1f") + "x", _f(h100["ceiling"], ".1f") + "x",
                       _f(h100["mem_ceiling"], ".1f") + "x"]
-        cells.append(dominant(mix, total))
+        cells.append(dominant(mix, r["weights_per_iter"]))
         out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def summary(rows: List[dict], clock: float, dtype: str = "fp16", g: int = 128) -> List[str]:
+    """bits x M grid of sm_90 'instr/w (H200 ceiling)' per path, for one dtype and group size."""
+    out = []
+    for path in ("cuda", "triton"):
+        sel = {(r["bits"], r["m"]): r for r in rows
+               if r["path"] == path and r["arch"] == 90 and r["dtype"] == dtype and r["g"] == g}
+        if not sel:
+            continue
+        out += [f"| {path} sm_90 {dtype} g{g}: instr/w (H200 ceiling) | " + " | ".join(f"M = {m}" for m in MS)
+                + " | budget H200 |", "|---|" + "---|" * (len(MS) + 1)]
+        for b in BITS:
+            cells = []
+            for m in MS:
+                r = sel.get((b, m))
+                if r is None:
+                    cells.append("—")
+                    continue
+                ceil = ceilings(r["ipw"], b, g, m, GPUS["H200"], clock)["ceiling"]
+                cells.append(f"{r['ipw']:.2f} ({ceil:.1f}x)")
+            out.append(f"| {b} bit | " + " | ".join(cells) + f" | {budget(b, g, GPUS['H200'], clock):.2f} |")
+        out.append("")
     return out
 
 
@@ -564,12 +611,16 @@ def main(argv=None) -> int:
              f"Command: `python {' '.join(shlex.quote(a) for a in ['benchmarks/sass_budget.py', *sys.argv[1:]])}`"
              if argv is None else "", "",
              f"Tools: nvcc {tool_version(nvcc) if nvcc else 'absent'}; cuobjdump {tool_version(cuobjdump)} "
-             f"(`{cuobjdump}`); " + _versions() + f"; host {platform.machine()} {platform.python_version()}.", "",
+             f"(`{os.path.relpath(cuobjdump, ROOT) if cuobjdump.startswith(ROOT) else cuobjdump}`); " + _versions() + f"; host {platform.machine()} Python {platform.python_version()}. "
+             + _source_state(), "",
              f"Model: {SMS} SMs x {SCHEDULERS} schedulers x {clock} GHz x 32 = {issue_rate(clock) / 1e12:.2f} T "
              f"thread-instructions/s; streaming at {COPY_FRACTION:.0%} of the HBM bandwidth (H200 4.8 TB/s, "
              f"H100 3.35 TB/s); budget = rate x bpw / (8 x 0.9 x BW); shape {SHAPE[0]}x{SHAPE[1]}. "
              "`instr/w` = main-loop instructions on the executed path per weight (✓ within / ✗ over the H200 "
-             "budget); `static` = the whole loop span per weight. See the module docstring of "
+             "budget); `static` = the whole loop span per weight. `KiB in flight/SM` = the loop's streaming weight "
+             "loads per thread x threads resident by registers (4-warp blocks); Little's law at "
+             f"{LATENCY_US} µs (assumed latency) needs {little_need_kib(GPUS['H200']):.0f} KiB per SM on an H200, "
+             f"{little_need_kib(GPUS['H100']):.0f} on an H100. See the module docstring of "
              "`benchmarks/sass_budget.py` for the method.", ""]
     lines.append("Budgets (instructions per weight): " + "; ".join(
         f"{b}-bit g{g} ({bits_per_weight(b, g):g} bpw): H200 {budget(b, g, GPUS['H200'], clock):.2f}, "
@@ -577,18 +628,21 @@ def main(argv=None) -> int:
     lines.append("")
     order = {"cuda": 0, "triton": 1}
     rows.sort(key=lambda r: (order[r["path"]], r["bits"], DTYPES.index(r["dtype"]), r["m"], -r["g"]))
+    lines += ["## Summary", ""] + summary(rows, clock)
     for arch in args.arch:
         sel = [r for r in rows if r["arch"] == arch]
         if sel:
             lines += [f"## sm_{arch}" + ("" if arch == 90 else " (registers and spills; ceilings are for sm_90)"), ""]
-            lines += table(sel, clock, with_ceilings=arch == 90) + [""]
+            lines += table(sel, clock, sm90=arch == 90) + [""]
     if not args.no_eager:
         e = eager_us()
         lines += ["## Thin eager path (host, CPU)", "",
                   "| what | µs per call (median) |", "|---|---|",
                   f"| `QuantLinear.forward`, 64x64, 1 bit g64, fp16, M = 1, reference backend | {e['forward_us']:.1f} |",
-                  f"| the reference op alone (`ops.reference_lut_linear`, same tensors) | {e['kernel_us']:.1f} |",
-                  f"| difference: Python between forward and the kernel (goal ≤ 10) | {e['overhead_us']:.1f} |",
+                  f"| `ops.run(\"lut_linear\", ...)`: argument checks + backend selection + kernel | {e['run_us']:.1f} |",
+                  f"| the reference kernel alone (`ops.reference_lut_linear`, same tensors) | {e['kernel_us']:.1f} |",
+                  f"| forward − kernel: the Python between forward and the kernel (goal ≤ 10) | "
+                  f"{e['overhead_us']:.1f} |",
                   "", f"{e['calls']} calls after 200 warm-up, torch threads = {e['threads']}, "
                       f"load average {os.getloadavg()[0]:.1f} (a shared machine: read ±20 %).", ""]
     if unmeasured:
@@ -613,6 +667,25 @@ def main(argv=None) -> int:
         print("\n".join(bad), file=sys.stderr)
         return 1
     return 0
+
+
+def _source_state() -> str:
+    """The commit measured, whether csrc/ or the Triton kernels had uncommitted edits, and a hash of them."""
+    def git(*a):
+        r = _run(["git", "-C", ROOT, *a])
+        return r.stdout.strip() if r.returncode == 0 else "?"
+    paths = ["csrc", "bivlm_kernels/triton"]
+    h = hashlib.sha256()
+    for p in paths:
+        for dirpath, _, files in sorted(os.walk(os.path.join(ROOT, p))):
+            for name in sorted(files):
+                if name.endswith((".cu", ".cuh", ".h", ".py")):
+                    with open(os.path.join(dirpath, name), "rb") as f:
+                        h.update(name.encode() + f.read())
+    dirty = git("status", "--porcelain", "--", *paths)
+    return (f"Sources: commit {git('rev-parse', '--short', 'HEAD')}"
+            + (" with uncommitted edits to csrc/ or bivlm_kernels/triton/" if dirty else "")
+            + f" (sha256 of those sources {h.hexdigest()[:12]}).")
 
 
 def _versions() -> str:
