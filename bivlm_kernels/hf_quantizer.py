@@ -95,6 +95,10 @@ def register() -> None:
             model.eval()
             return model
 
+        def _dequantize(self, model, dtype=None):
+            from .convert import dequantize_model
+            return dequantize_model(model, dtype)
+
         def is_serializable(self, **kwargs):
             return True
 

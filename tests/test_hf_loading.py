@@ -108,3 +108,24 @@ def test_bad_quantization_config_is_refused(tmp_path):
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="format_version|version 99"):
         transformers.AutoModelForImageTextToText.from_pretrained(str(tmp_path / "q"))
+
+
+def test_dequantize_back_to_linear(tmp_path):
+    from bivlm_kernels.convert import dequantize_model
+    model = _quantized("llava")
+    batch = calib("llava")[0]
+    ref = _logits(model, batch)
+    names = _quant_names(model)
+    weights = {n: model.get_submodule(n).dequantize() for n in names}
+    save_quantized(model, str(tmp_path / "q"))
+    dense = dequantize_model(model)
+    assert not _quant_names(dense)
+    for n in names:
+        lin = dense.get_submodule(n)
+        assert type(lin) is torch.nn.Linear and torch.equal(lin.weight, weights[n])
+    torch.testing.assert_close(_logits(dense, batch), ref, rtol=1e-4, atol=1e-4)
+    # through transformers' own API on a from_pretrained model
+    loaded = transformers.AutoModelForImageTextToText.from_pretrained(str(tmp_path / "q"))
+    loaded = loaded.dequantize()
+    assert not _quant_names(loaded) and not getattr(loaded, "is_quantized", False)
+    torch.testing.assert_close(_logits(loaded, batch), ref, rtol=1e-4, atol=1e-4)
