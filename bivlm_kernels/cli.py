@@ -5,6 +5,10 @@
     bivlm eval ...                                         # see `bivlm eval --help`
 
 Heavy imports (transformers, the testbed) happen inside the subcommands, so ``--help`` is instant.
+
+Every option is checked before a model is loaded (:mod:`bivlm_kernels.cli_checks`): a bad one is one line on
+stderr naming the option, the value and what is allowed, exit status 2. An unexpected error later is one line
+too, exit status 1; ``bivlm --debug ...`` shows its traceback instead.
 """
 from __future__ import annotations
 
@@ -15,17 +19,29 @@ import os
 import sys
 from typing import List, Optional
 
+from . import cli_checks as checks
+from .cli_checks import UsageError
+
 METHOD_CHOICES = ("rtn", "gptq", "billm", "bivlm", "luq")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), raised as UsageError (exit status 2)."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def _build_parser(with_eval: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bivlm", description="Ultra-low-bit (1/2/4-bit) post-training quantization "
-                                "of VLMs into packed QuantLinear layers.")
+    p = _Parser(prog="bivlm", description="Ultra-low-bit (1/2/4-bit) post-training quantization "
+                "of VLMs into packed QuantLinear layers.")
     p.add_argument("-v", "--verbose", action="store_true", help="log per-layer decisions (group size fallbacks...)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", metavar="{quantize,eval}")
 
     q = sub.add_parser("quantize", help="quantize a model and save a checkpoint directory",
                        description="Quantize a Hugging Face (V)LM layer by layer and save it with save_quantized.")
+    q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     q.add_argument("--model", metavar="PATH", help="local Hugging Face model directory (default: the testbed "
                    "model from bivlm_kernels.models.testbed)")
     q.add_argument("--method", choices=METHOD_CHOICES, default="bivlm", help="quantization method (default bivlm)")
@@ -75,6 +91,7 @@ def _build_parser(with_eval: bool = False) -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a (quantized) model (bivlm_kernels.evaluation); "
                        "`bivlm eval --help` lists its options")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     if with_eval:
         # Imported only for `bivlm eval ...`, so that `bivlm --help` and `bivlm quantize` stay light.
         try:
@@ -86,12 +103,16 @@ def _build_parser(with_eval: bool = False) -> argparse.ArgumentParser:
     return p
 
 
+def _usage(message: str) -> UsageError:
+    return UsageError(f"bivlm quantize: {message}")
+
+
 def _parse_options(items: List[str]) -> dict:
     out = {}
     for it in items:
         key, sep, val = it.partition("=")
         if not sep or not key:
-            raise SystemExit(f"bivlm quantize: --option must be KEY=VALUE, got {it!r}")
+            raise _usage(f"--option must be KEY=VALUE, got {it!r}")
         try:
             out[key] = json.loads(val)
         except json.JSONDecodeError:
@@ -99,24 +120,38 @@ def _parse_options(items: List[str]) -> dict:
     return out
 
 
-def _load_model(path: str, dtype: Optional[str]):
-    """A local HF model directory -> (model, processor or tokenizer)."""
-    import torch
+def _model_class(path: str):
+    """The transformers class of a --model directory, read from its config (no weights touched)."""
     import transformers
     from transformers import AutoConfig
-    if not os.path.isdir(path):
-        raise SystemExit(f"bivlm quantize: --model {path!r} is not a directory (a local Hugging Face model "
-                         f"directory is expected; nothing is downloaded)")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:                  # unknown model_type, malformed fields ...
+        raise _usage(f"--model {path!r}: config.json cannot be read by transformers "
+                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     archs = getattr(config, "architectures", None) or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
-    if cls is None:
-        raise SystemExit(f"bivlm quantize: {path!r} config.json names architectures {archs}, none of which "
-                         f"this transformers ({transformers.__version__}) provides")
-    kw = {"local_files_only": True}
+    cls = next((getattr(transformers, a) for a in archs if isinstance(getattr(transformers, a, None), type)), None)
+    if cls is None or not issubclass(cls, transformers.PreTrainedModel):
+        raise _usage(f"--model {path!r}: config.json names architectures {archs}, none of which this "
+                     f"transformers ({transformers.__version__}) provides")
+    return cls
+
+
+def _load_model(path: str, cls, dtype: Optional[str], safetensors: bool):
+    """A local HF model directory -> (model, processor or tokenizer). Only safetensors are read when the
+    directory has them (a pickle file is then never opened); missing weights are refused."""
+    import torch
+    import transformers
+    kw = {"local_files_only": True, "use_safetensors": safetensors, "output_loading_info": True}
     if dtype:
         kw["dtype"] = getattr(torch, dtype)
-    model = cls.from_pretrained(path, **kw).eval()
+    try:
+        model, info = cls.from_pretrained(path, **kw)
+    except Exception as e:
+        raise _usage(f"--model {path!r} cannot be loaded ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    checks.check_load_report("--model", path, info)
+    model.eval()
     processor = None
     for auto in ("AutoProcessor", "AutoTokenizer"):
         try:
@@ -129,32 +164,47 @@ def _load_model(path: str, dtype: Optional[str]):
 
 def _calib_from_file(path: str) -> list:
     pairs = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise _usage(f"--calib-file {path!r} cannot be read as text ({e})") from None
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            text = rec["text"]
+            if not isinstance(text, str):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise _usage(f"--calib-file {path}:{i + 1} must be a JSON object with a 'text' string") from None
+        img = rec.get("image")
+        if img is not None:
+            from PIL import Image
+            img_path = os.path.join(os.path.dirname(path), str(img))
             try:
-                rec = json.loads(line)
-                text = rec["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise SystemExit(f"bivlm quantize: {path}:{i + 1} must be a JSON object with a 'text' key") from None
-            img = rec.get("image")
-            if img is not None:
-                from PIL import Image
-                img = Image.open(os.path.join(os.path.dirname(path), img)).convert("RGB")
-            pairs.append((img, text))
+                img = Image.open(img_path).convert("RGB")
+            except (OSError, ValueError) as e:
+                raise _usage(f"--calib-file {path}:{i + 1}: image {img_path!r} cannot be opened ({e})") from None
+        pairs.append((img, text))
     if not pairs:
-        raise SystemExit(f"bivlm quantize: {path} holds no calibration samples")
+        raise _usage(f"--calib-file {path} holds no calibration samples")
     return pairs
 
 
 def _testbed():
     try:
+        from .models import testbed
         from .models.testbed import calibration_data, load_testbed
     except ImportError as e:
-        raise SystemExit(f"bivlm quantize: no --model given and the testbed is unavailable ({e}); pass "
-                         f"--model PATH (a local Hugging Face model directory), or install the testbed extras "
-                         f"(pip install 'bivlm_kernels[testbed]')") from None
+        raise _usage(f"no --model given and the testbed is unavailable ({e}); pass --model PATH (a local Hugging "
+                     f"Face model directory), or install the testbed extras (pip install 'bivlm_kernels[testbed]')"
+                     ) from None
+    missing = testbed.missing_packages()
+    if missing:
+        raise _usage(f"no --model given and the testbed needs {missing}; pass --model PATH or install them "
+                     f"({testbed.PIP_DEPS})")
     return load_testbed, calibration_data
 
 
@@ -164,50 +214,80 @@ def _testbed_text(n: int) -> list:
         from .models.testbed import read_text
         text = read_text("calib")
     except (ImportError, FileNotFoundError) as e:
-        raise SystemExit(f"bivlm quantize: --model without --calib-file uses the testbed's calibration text, "
-                         f"which is unavailable ({e}); pass --calib-file JSONL") from None
+        raise _usage(f"--model without --calib-file uses the testbed's calibration text, which is unavailable "
+                     f"({e}); pass --calib-file JSONL") from None
     chunks = [c.strip() for c in text.split("\n\n") if len(c.strip()) > 200]
     if not chunks:
-        raise SystemExit("bivlm quantize: the testbed calibration text is empty; pass --calib-file JSONL")
+        raise _usage("the testbed calibration text is empty; pass --calib-file JSONL")
     return [(None, chunks[i % len(chunks)]) for i in range(n)]
 
 
-def _quantize(args) -> int:
-    from .quant import QuantConfig, build_calibration_data, quantize_model, save_quantized
-    if args.n_calib <= 0:
-        raise SystemExit(f"bivlm quantize: --n-calib must be positive, got {args.n_calib}")
-    if os.path.exists(args.out) and not args.overwrite:
-        raise SystemExit(f"bivlm quantize: --out {args.out!r} already exists; pass --overwrite to replace it")
+def _check_quantize_args(args):
+    """Every check that needs no model: returns (config, calibration pairs or None, model class or None,
+    safetensors flag). Raises UsageError naming the option."""
+    from .quant import QuantConfig
+    checks.check_at_least("--n-calib", args.n_calib, 1)
+    checks.check_at_least("--seq-len", args.seq_len, 1)
+    checks.check_fraction("--mix", args.mix)
+    checks.check_at_least("--eval-limit", args.eval_limit, 0)
+    checks.check_at_least("--n-low", args.n_low, 0)
+    if args.target_avg_bits is not None and not (args.target_avg_bits > 0 and args.target_avg_bits < 64):
+        raise _usage(f"--target-avg-bits must be a number in (0, 64), got {args.target_avg_bits!r}")
+    checks.check_regexes("--exclude", args.exclude)
     luq = args.method == "luq"
     if luq and args.target_avg_bits is None and args.n_low is None:
-        raise SystemExit("bivlm quantize: --method luq needs --target-avg-bits or --n-low")
+        raise _usage("--method luq needs --target-avg-bits or --n-low")
+    if not luq:
+        given = [o for o, v in (("--target-avg-bits", args.target_avg_bits), ("--n-low", args.n_low),
+                                ("--low-bits", args.low_bits)) if v is not None]
+        if given:
+            raise _usage(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to --method luq "
+                         f"(got --method {args.method})")
+    from .quant.config import COMPONENTS
+    comps = [c.strip() for c in str(args.components).split(",") if c.strip()]
+    if not comps or set(comps) - set(COMPONENTS):
+        raise _usage(f"--components {args.components!r}: unknown component(s) "
+                     f"{sorted(set(comps) - set(COMPONENTS)) or comps}; allowed: a comma-separated list of "
+                     f"{', '.join(COMPONENTS)}")
+    if args.dtype and not args.model:
+        raise _usage(f"--dtype {args.dtype} only applies to --model (the testbed loads in float32)")
     try:
         # LUQ: the high setting is the base config (vision/projector too, if --components lists them)
         config = QuantConfig.from_method(args.high_method if luq else args.method,
                                          bits=args.high_bits if luq else args.bits, group_size=args.group_size,
                                          components=args.components, **_parse_options(args.option))
-    except ValueError as e:
-        raise SystemExit(f"bivlm quantize: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise _usage(str(e)) from None
     config.exclude = list(args.exclude)
     config.device = args.device
     config.calibration.n_samples, config.calibration.seq_len = args.n_calib, args.seq_len
     config.calibration.mix = args.mix
-
+    checks.check_device("--device", args.device)
+    checks.check_out_dir("--out", args.out, args.overwrite)
+    checks.check_input_file("--calib-file", args.calib_file)
+    pairs = _calib_from_file(args.calib_file) if args.calib_file else None
+    cls, safetensors = None, False
     if args.model:
-        model, processor = _load_model(args.model, args.dtype)
-        if args.calib_file:
-            pairs = _calib_from_file(args.calib_file)
-        else:
+        safetensors = checks.inspect_model_dir("--model", args.model)["safetensors"]
+        cls = _model_class(args.model)
+        if pairs is None:
             pairs = _testbed_text(args.n_calib)
+    return config, pairs, cls, safetensors
+
+
+def _quantize(args) -> int:
+    from .quant import build_calibration_data, quantize_model, save_quantized
+    config, pairs, cls, safetensors = _check_quantize_args(args)     # nothing heavy before this line
+    luq = args.method == "luq"
+    if args.model:
+        model, processor = _load_model(args.model, cls, args.dtype, safetensors)
     else:
         load_testbed, tb_calib = _testbed()
         try:
             model, processor = load_testbed()
         except (ImportError, FileNotFoundError) as e:
-            raise SystemExit(f"bivlm quantize: cannot load the testbed model ({e}); pass --model PATH") from None
-        if args.calib_file:
-            pairs = _calib_from_file(args.calib_file)
-        else:
+            raise _usage(f"cannot load the testbed model ({e}); pass --model PATH") from None
+        if pairs is None:
             pairs = tb_calib(processor, n=args.n_calib, mix=args.mix)
     pairs = list(pairs)
     accuracy = None
@@ -223,7 +303,7 @@ def _quantize(args) -> int:
         batches = pairs[:args.n_calib]
     else:
         if processor is None:
-            raise SystemExit("bivlm quantize: no processor/tokenizer found to build calibration batches")
+            raise _usage(f"--model {args.model!r} has no processor/tokenizer files to build calibration batches")
         batches = build_calibration_data(processor, pairs, n_samples=args.n_calib, mix=args.mix,
                                          seq_len=args.seq_len)
     try:
@@ -238,7 +318,7 @@ def _quantize(args) -> int:
         else:
             model, report = quantize_model(model, config, batches, progress=not args.no_progress)
     except ValueError as e:
-        raise SystemExit(f"bivlm quantize: {e}") from None
+        raise _usage(str(e)) from None
     print(report.table())
     if accuracy is not None:
         print(f"easy-VQA accuracy (first {args.eval_limit} test questions): {acc_before:.1f}% before -> "
@@ -251,26 +331,75 @@ def _quantize(args) -> int:
     return 0
 
 
+def _check_eval_args(args) -> None:
+    """The options of ``bivlm eval`` that can be checked before the testbed is built (a minute)."""
+    from . import formats
+
+    def usage(message):
+        return UsageError(f"bivlm eval: {message}")
+    if getattr(args, "model", None) and getattr(args, "rtn_bits", None):
+        raise usage("give --model or --rtn-bits, not both")
+    for option, value, minimum in (("--limit", "limit", 1), ("--batch-size", "batch_size", 1),
+                                   ("--ppl-tokens", "ppl_tokens", 1), ("--layer-errors", "layer_errors", 0),
+                                   ("--prune-layer", "prune_layer", 0)):
+        checks.check_at_least(option, getattr(args, value, None), minimum)
+    keep = getattr(args, "prune_keep", None)
+    if keep is not None and not 0.0 < keep <= 1.0:
+        raise usage(f"--prune-keep must be in (0, 1], got {keep!r}")
+    if getattr(args, "rtn_bits", None):
+        try:
+            formats.check_group_size(args.group_size)
+        except ValueError as e:
+            raise usage(f"--group-size: {e}") from None
+    checks.check_eval_model("--model", getattr(args, "model", None))
+
+
 def _eval(args) -> int:
     err = getattr(args, "_eval_import_error", None)
     if err is not None:
-        raise SystemExit(f"bivlm eval: bivlm_kernels.evaluation is unavailable ({err})")
+        raise UsageError(f"bivlm eval: bivlm_kernels.evaluation is unavailable ({err})")
+    _check_eval_args(args)
     from .evaluation import run_eval
     return int(run_eval(args) or 0)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """``bivlm``. A bad command line prints one line to stderr and raises ``UsageError`` (a ``SystemExit`` with
+    status 2, as argparse does); an unexpected error prints one line and returns 1 (``--debug``: re-raised)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser(with_eval="eval" in argv)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "quantize":
-        return _quantize(args)
-    if args.command == "eval":
-        return _eval(args)
-    parser.print_help()
-    return 2
+    args = None
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        if args.command == "quantize":
+            return _quantize(args)
+        if args.command == "eval":
+            return _eval(args)
+        parser.print_help()
+        return 2
+    except UsageError as e:
+        message, command = _first_line(e), getattr(args, "command", None)
+        if command and not message.startswith("bivlm"):
+            message = f"bivlm {command}: {message}"
+        print(message, file=sys.stderr)
+        raise UsageError(message) from None
+    except KeyboardInterrupt:
+        print("bivlm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args is not None and args.debug:
+            raise
+        command = getattr(args, "command", None) or ""
+        print(f"bivlm {command}: error: {type(e).__name__}: {_first_line(e)} (rerun with bivlm --debug "
+              f"{command} ... for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
