@@ -130,3 +130,17 @@ def test_lut_values_out_of_range_codes():
         formats.lut_values(torch.full((2, 64), -1), cb, 64)
     with pytest.raises(ValueError, match="do not match"):
         formats.lut_values(torch.zeros(2, 64, dtype=torch.int64), torch.randn(2, 2, 2), 64)
+
+
+@pytest.mark.parametrize("kw", [dict(bits=True), dict(bits=2.0), dict(group_size=64.0), dict(group_size=True)])
+def test_quant_config_strict_types(kw):
+    from bivlm_kernels.quant import QuantConfig
+    with pytest.raises(ValueError):
+        QuantConfig.from_method("rtn", **{"bits": 2, "group_size": 64, **kw})
+
+
+@pytest.mark.parametrize("field, value", [("n_samples", True), ("seq_len", 2.0), ("mix", True), ("mix", "0.5")])
+def test_calibration_config_strict_types(field, value):
+    from bivlm_kernels.quant import QuantConfig
+    with pytest.raises(ValueError, match=f"calibration.{field}"):
+        QuantConfig(calibration={field: value}).validate()

@@ -102,11 +102,13 @@ class CalibrationConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if not isinstance(self.n_samples, int) or self.n_samples <= 0:
-            raise ValueError(f"calibration.n_samples must be a positive int, got {self.n_samples!r}")
-        if not isinstance(self.seq_len, int) or self.seq_len <= 0:
-            raise ValueError(f"calibration.seq_len must be a positive int, got {self.seq_len!r}")
-        if not 0.0 <= float(self.mix) <= 1.0:
+        for name in ("n_samples", "seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:      # True is an int: refused too
+                raise ValueError(f"calibration.{name} must be a positive int, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"calibration.seed must be an int, got {self.seed!r}")
+        if not isinstance(self.mix, (int, float)) or isinstance(self.mix, bool) or not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"calibration.mix (image/text ratio alpha) must lie in [0, 1], got {self.mix!r}")
 
 
