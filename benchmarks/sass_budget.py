@@ -74,6 +74,11 @@ reference backend, inference mode), median over many calls, and the reference ke
 difference is the Python between ``forward`` and the kernel (the issue's goal: <= 10 us per call); ``ops.run``
 alone splits it into the module's part and the op's checks and backend selection.
 
+Measuring a new kernel: the CUDA TUs are ``csrc/*_b{1,2,4}.cu``; every kernel in their cubins that no row
+measures is listed at the end of the report. Give a new one a name pattern and a weights-per-iteration formula
+next to ``_GEMV`` / ``gemv_weights_per_iter`` (the streaming-load check then confirms the unrolling; keep loading
+qweight with ``ld.global.cs`` or extend ``is_weight_load``) and pick it per M in ``cuda_rows`` as the dispatcher does.
+
 What this cannot tell: latency, occupancy effects and load-in-flight stalls (a kernel within budget can still
 miss the roofline), dual issue / pipe contention (all instructions are weighted 1), clocks under load, and any
 branch outcome other than the ones modelled above (M < MT within a bucket runs fewer row blocks).
@@ -366,14 +371,21 @@ def parse_ptxas(log: str) -> Dict[str, dict]:
     return out
 
 
+def cuda_sources(bits: int) -> List[str]:
+    """The TUs of one bit width: csrc/gemv_b{bits}.cu and any other csrc/*_b{bits}.cu a later kernel adds."""
+    import glob
+    return sorted(glob.glob(os.path.join(ROOT, "csrc", f"*_b{bits}.cu")))
+
+
 def cuda_rows(arch: int, cache: str, nvcc: str, cuobjdump: str) -> Tuple[List[dict], List[str]]:
     """One row per (bits, dtype, MT, g) of the VEC = 4 GEMV; plus the names of kernels nobody measures."""
     rows, unmeasured = [], []
     for bits in BITS:
-        cubin, log = compile_cubin(os.path.join(ROOT, "csrc", f"gemv_b{bits}.cu"), arch, cache, nvcc)
-        r, u = measure_cubin(cubin, log, cuobjdump, arch)
-        rows += [x for x in r if x["dtype"] in DTYPES and x["vec"] == 4 and x["m"] in MS]
-        unmeasured += u
+        for src in cuda_sources(bits):
+            cubin, log = compile_cubin(src, arch, cache, nvcc)
+            r, u = measure_cubin(cubin, log, cuobjdump, arch)
+            rows += [x for x in r if x["dtype"] in DTYPES and x["vec"] == 4 and x["m"] in MS]
+            unmeasured += u
     return rows, sorted(set(unmeasured))
 
 
@@ -598,7 +610,11 @@ def main(argv=None) -> int:
     notes: List[str] = []
     for arch in args.arch:
         if nvcc:
-            r, u = cuda_rows(arch, args.cache_dir, nvcc, cuobjdump)
+            try:
+                r, u = cuda_rows(arch, args.cache_dir, nvcc, cuobjdump)
+            except RuntimeError as e:   # e.g. csrc/ in the middle of an edit
+                print(f"sass_budget: {e}", file=sys.stderr)
+                return 2
             rows += r
             unmeasured += [f"sm_{arch} {n}" for n in u]
         if not args.no_triton:
