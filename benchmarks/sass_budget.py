@@ -522,6 +522,8 @@ def table(rows: List[dict], clock: float, sm90: bool) -> List[str]:
         ipw = _f(r["ipw"]) + ((" ✗" if r["ipw"] > bud else " ✓") if sm90 else "")
         if r["unroll"] not in (0, 1):
             ipw += f" (unroll {r['unroll']:g}!)"
+        if r["stats"] and r["stats"].get("inner_loops"):
+            ipw += " (inner loop: undercounted!)"
         mix = r["stats"]["mix"] if r["stats"] else {}
         cells = [r["path"], str(r["bits"]), r["dtype"], str(r["m"]), str(r["g"]), r["config"],
                  f"{r['weights_per_iter']:g}", ipw, _f(r["static_ipw"])]
@@ -631,7 +633,8 @@ def main(argv=None) -> int:
              + _source_state(), "",
              f"Model: {SMS} SMs x {SCHEDULERS} schedulers x {clock} GHz x 32 = {issue_rate(clock) / 1e12:.2f} T "
              f"thread-instructions/s; streaming at {COPY_FRACTION:.0%} of the HBM bandwidth (H200 4.8 TB/s, "
-             f"H100 3.35 TB/s); budget = rate x bpw / (8 x 0.9 x BW); shape {SHAPE[0]}x{SHAPE[1]}. "
+             f"H100 3.35 TB/s); budget = rate x bpw / (8 x 0.9 x BW) (the issue's rounded 1.2 / 2.4 / 4.0 are this "
+             f"formula at 1.98 GHz: `--clock-ghz 1.98`); shape {SHAPE[0]}x{SHAPE[1]}. "
              "`instr/w` = main-loop instructions on the executed path per weight (✓ within / ✗ over the H200 "
              "budget); `static` = the whole loop span per weight. `KiB in flight/SM` = the loop's streaming weight "
              "loads per thread x threads resident by registers (4-warp blocks); Little's law at "
