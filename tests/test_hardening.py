@@ -144,3 +144,22 @@ def test_calibration_config_strict_types(field, value):
     from bivlm_kernels.quant import QuantConfig
     with pytest.raises(ValueError, match=f"calibration.{field}"):
         QuantConfig(calibration={field: value}).validate()
+
+
+def test_checkpoint_load_runs_the_same_content_check(tmp_path):
+    """Item 5 through a file: a duplicate perm index or a NaN codebook entry in a .safetensors is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from bivlm_kernels import checkpoint
+    model = nn.Sequential(_mixed_layer(), nn.ReLU())
+    path = str(tmp_path / "m.safetensors")
+    checkpoint.save(model, path)
+    tensors, meta = load_file(path), checkpoint.read_metadata(path)
+    for key, corrupt, match in (("0.perm", lambda t: t.__setitem__(0, t[1].item()), "'0.perm'.*exactly once"),
+                                ("0.segments.0.codebook", lambda t: t.view(-1).__setitem__(0, float("nan")),
+                                 "'0.segments.0.codebook' contains NaN")):
+        bad = {k: v.clone() for k, v in tensors.items()}
+        corrupt(bad[key])
+        save_file(bad, str(tmp_path / "bad.safetensors"), metadata=meta)
+        with pytest.raises(ValueError, match=match):
+            checkpoint.load(nn.Sequential(nn.Linear(128, 8), nn.ReLU()), str(tmp_path / "bad.safetensors"))
