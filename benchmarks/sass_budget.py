@@ -534,7 +534,8 @@ def table(rows: List[dict], clock: float, sm90: bool) -> List[str]:
             st = r["stats"] or {}
             flight = (st.get("weight_bytes", 0) * WARP * resident_warps(r["registers"]) / 1024
                       if r["path"] == "cuda" and r["registers"] else None)
-            cells += [_f(flight, ".0f"), _f(h200["t_issue_us"], ".1f"), _f(h200["t_mem_us"], ".1f"), _f(h200["ceiling"], ".1f") + "x",
+            cells += [_f(flight, ".0f"), _f(h200["t_issue_us"], ".1f"), _f(h200["t_mem_us"], ".1f"),
+                      _f(h200["ceiling"], ".1f") + "x",
                       _f(h200["mem_ceiling"], ".1f") + "x", _f(h100["ceiling"], ".1f") + "x",
                       _f(h100["mem_ceiling"], ".1f") + "x"]
         cells.append(dominant(mix, r["weights_per_iter"]))
@@ -629,7 +630,8 @@ def main(argv=None) -> int:
              f"Command: `python {' '.join(shlex.quote(a) for a in ['benchmarks/sass_budget.py', *sys.argv[1:]])}`"
              if argv is None else "", "",
              f"Tools: nvcc {tool_version(nvcc) if nvcc else 'absent'}; cuobjdump {tool_version(cuobjdump)} "
-             f"(`{os.path.relpath(cuobjdump, ROOT) if cuobjdump.startswith(ROOT) else cuobjdump}`); " + _versions() + f"; host {platform.machine()} Python {platform.python_version()}. "
+             f"(`{os.path.relpath(cuobjdump, ROOT) if cuobjdump.startswith(ROOT) else cuobjdump}`); "
+             + _versions() + f"; host {platform.machine()} Python {platform.python_version()}. "
              + _source_state(), "",
              f"Model: {SMS} SMs x {SCHEDULERS} schedulers x {clock} GHz x 32 = {issue_rate(clock) / 1e12:.2f} T "
              f"thread-instructions/s; streaming at {COPY_FRACTION:.0%} of the HBM bandwidth (H200 4.8 TB/s, "
@@ -655,10 +657,12 @@ def main(argv=None) -> int:
             lines += table(sel, clock, sm90=arch == 90) + [""]
     if not args.no_eager:
         e = eager_us()
+        what = "`QuantLinear.forward`, 64x64, 1 bit g64, fp16, M = 1, reference backend"
         lines += ["## Thin eager path (host, CPU)", "",
                   "| what | µs per call (median) |", "|---|---|",
-                  f"| `QuantLinear.forward`, 64x64, 1 bit g64, fp16, M = 1, reference backend | {e['forward_us']:.1f} |",
-                  f"| `ops.run(\"lut_linear\", ...)`: argument checks + backend selection + kernel | {e['run_us']:.1f} |",
+                  f"| {what} | {e['forward_us']:.1f} |",
+                  f"| `ops.run(\"lut_linear\", ...)`: argument checks + backend selection + kernel | "
+                  f"{e['run_us']:.1f} |",
                   f"| the reference kernel alone (`ops.reference_lut_linear`, same tensors) | {e['kernel_us']:.1f} |",
                   f"| forward − kernel: the Python between forward and the kernel (goal ≤ 10) | "
                   f"{e['overhead_us']:.1f} |",
