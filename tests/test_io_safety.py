@@ -286,3 +286,11 @@ def test_header_fields_of_the_wrong_type(model, tmp_path):
             load_quantized(path)
     json.dump(info, open(qfile, "w"))
     load_quantized(path)
+
+
+def test_broken_config_json_is_a_value_error(model, tmp_path):
+    path = save_quantized(model, str(tmp_path / "ckpt"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write("{broken")
+    with pytest.raises(ValueError, match="config.json cannot be read"):
+        load_quantized(path)

@@ -200,7 +200,10 @@ def load_quantized(path: str, device=None) -> nn.Module:
     if not os.path.isfile(wfile):
         raise ValueError(f"{path!r} is incomplete: {WEIGHTS_FILE} is missing")
     cls = _model_class(info)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:                       # missing / malformed config.json
+        raise ValueError(f"{path!r}: config.json cannot be read ({type(e).__name__}: {e})") from None
     dtype = _DTYPES.get(info["dtype"])
     if dtype is None:
         raise ValueError(f"{QUANT_FILE} has dtype {info['dtype']!r}; expected one of {list(_DTYPES)}")
