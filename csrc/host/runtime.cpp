@@ -2,6 +2,8 @@
 // __syncthreads, cp.async groups, dynamic shared memory and the runtime API subset. See runtime.h for the model.
 #include "runtime.h"
 
+#include <cxxabi.h>
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -9,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -21,6 +24,45 @@
 #if defined(BIVLM_ASAN)
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
+#endif
+
+// ---- context switch ------------------------------------------------------------------------------------------
+// x86-64: a hand-written switch (callee-saved registers, MXCSR and the x87 control word; the System V ABI lets
+// everything else be clobbered across a call). ~20x faster than swapcontext, which makes a sigprocmask system
+// call per switch -- and a warp collective costs two switches per lane. Elsewhere: ucontext.
+#if defined(__x86_64__) && !defined(BIVLM_HOST_UCONTEXT)
+#define BIVLM_FAST_SWITCH 1
+extern "C" void bivlm_host_switch(void** save_sp, void* new_sp);
+asm(R"(
+  .text
+  .globl bivlm_host_switch
+  .type bivlm_host_switch, @function
+bivlm_host_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size bivlm_host_switch, .-bivlm_host_switch
+  .section .note.GNU-stack,"",@progbits
+  .text
+)");
 #endif
 
 namespace bivlm {
@@ -46,7 +88,11 @@ struct AsyncGroup {
 }  // namespace
 
 struct ThreadState {
+#if defined(BIVLM_FAST_SWITCH)
+  void* sp = nullptr;  // saved stack pointer while switched out
+#else
   ucontext_t ctx;
+#endif
   void* stack = nullptr;  // usable stack (above the guard page)
   uint3 tid{0, 0, 0};
   int linear = 0;
@@ -63,7 +109,11 @@ namespace {
 
 struct Machine {
   std::vector<ThreadState> threads = std::vector<ThreadState>(kMaxThreads);
+#if defined(BIVLM_FAST_SWITCH)
+  void* main_sp = nullptr;
+#else
   ucontext_t main_ctx;
+#endif
   const void* main_stack_bottom = nullptr;
   size_t main_stack_size = 0;
   ThreadState* current = nullptr;
@@ -75,6 +125,7 @@ struct Machine {
   void* body_ctx = nullptr;
   cudaError_t last_error = cudaSuccess;
   long launches = 0;
+  std::map<const void*, long> per_kernel;
 };
 
 Machine& M() {
@@ -98,10 +149,14 @@ void enter(ThreadState& t) {
 #if defined(BIVLM_ASAN)
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, t.stack, kStackBytes);
-  swapcontext(&m.main_ctx, &t.ctx);
-  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+#if defined(BIVLM_FAST_SWITCH)
+  bivlm_host_switch(&m.main_sp, t.sp);
 #else
   swapcontext(&m.main_ctx, &t.ctx);
+#endif
+#if defined(BIVLM_ASAN)
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
   m.current = nullptr;
 }
@@ -111,17 +166,22 @@ void leave(ThreadState& t, bool exiting) {
   Machine& m = M();
 #if defined(BIVLM_ASAN)
   __sanitizer_start_switch_fiber(exiting ? nullptr : &t.fake_stack, m.main_stack_bottom, m.main_stack_size);
-  swapcontext(&t.ctx, &m.main_ctx);
-  __sanitizer_finish_switch_fiber(t.fake_stack, &m.main_stack_bottom, &m.main_stack_size);
 #else
   (void)exiting;
+#endif
+#if defined(BIVLM_FAST_SWITCH)
+  bivlm_host_switch(&t.sp, m.main_sp);
+#else
   swapcontext(&t.ctx, &m.main_ctx);
+#endif
+#if defined(BIVLM_ASAN)
+  __sanitizer_finish_switch_fiber(t.fake_stack, &m.main_stack_bottom, &m.main_stack_size);
 #endif
 }
 
 void flush_async(ThreadState& t, size_t keep);
 
-void fiber_main() {
+[[noreturn]] void fiber_main() {
   Machine& m = M();
 #if defined(BIVLM_ASAN)
   __sanitizer_finish_switch_fiber(nullptr, &m.main_stack_bottom, &m.main_stack_size);
@@ -144,7 +204,7 @@ void fiber_main() {
       fatal("lane %d exited while lane %d waits for it in %s (mask 0x%08x)", lane, l - w0, o.op, o.mask);
   }
   leave(t, true);
-  fatal("an exited fiber was resumed");
+  fatal("an exited fiber was resumed");  // never returns: there is no frame to return to
 }
 
 void flush_async(ThreadState& t, size_t keep) {
@@ -208,11 +268,22 @@ void run_block() {
     t.data = nullptr;
     t.async_done.clear();
     t.async_open = AsyncGroup{};
+#if defined(BIVLM_FAST_SWITCH)
+    // The frame bivlm_host_switch pops: MXCSR/x87 control word, r15..r12, rbx, rbp, then it returns into
+    // fiber_main with the stack aligned as after a call (a zero return address above it: fiber_main never returns).
+    uint64_t* top = reinterpret_cast<uint64_t*>(static_cast<char*>(t.stack) + kStackBytes);
+    top[-1] = 0;
+    top[-2] = reinterpret_cast<uint64_t>(&fiber_main);
+    for (int r = 3; r <= 8; ++r) top[-r] = 0;  // rbp, rbx, r12, r13, r14, r15
+    top[-9] = 0x1F80u | (uint64_t{0x037Fu} << 32);  // default MXCSR, x87 control word
+    t.sp = top - 9;
+#else
     getcontext(&t.ctx);
     t.ctx.uc_stack.ss_sp = t.stack;
     t.ctx.uc_stack.ss_size = kStackBytes;
     t.ctx.uc_link = nullptr;
     makecontext(&t.ctx, fiber_main, 0);
+#endif
   }
   int alive = m.nthreads;
   while (alive > 0) {
@@ -353,6 +424,22 @@ void* dynamic_smem() {
 
 long launch_count() { return M().launches; }
 
+std::string launched_kernels() {
+  std::string out;
+  for (const auto& [addr, count] : M().per_kernel) {
+    Dl_info info{};
+    std::string name = "?";
+    if (dladdr(addr, &info) != 0 && info.dli_sname != nullptr) {
+      int status = 0;
+      char* d = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+      name = status == 0 && d != nullptr ? d : info.dli_sname;
+      std::free(d);
+    }
+    out += std::to_string(count) + " " + name + "\n";
+  }
+  return out;
+}
+
 void run_grid(const LaunchConfig& cfg, void (*body)(void*), void* ctx) {
   Machine& m = M();
   if (m.cfg != nullptr) fatal("kernel %s launched from inside kernel %s (not supported)", cfg.name, m.cfg->name);
@@ -365,6 +452,7 @@ void run_grid(const LaunchConfig& cfg, void (*body)(void*), void* ctx) {
     return;
   }
   ++m.launches;
+  ++m.per_kernel[cfg.kernel];
   m.cfg = &cfg;
   m.nthreads = static_cast<int>(nthreads);
   m.body = body;

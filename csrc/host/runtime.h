@@ -4,8 +4,8 @@
 // How kernels run on the CPU (implemented in runtime.cpp):
 //   * A launch runs its blocks one after another, in blockIdx order (x fastest). Blocks of a grid never
 //     communicate inside one launch, so running them in turn is a legal GPU schedule.
-//   * Inside a block, every GPU thread is a fiber (its own stack, ucontext) on the calling OS thread. A fiber
-//     runs until it reaches a synchronization point -- __syncthreads, or a warp-collective wrapper of ptx.cuh
+//   * Inside a block, every GPU thread is a fiber (its own stack; runtime.cpp switches between them) on the
+//     calling OS thread. A fiber runs until it reaches a synchronization point -- __syncthreads, or a warp-collective wrapper of ptx.cuh
 //     (shuffle, vote, ldmatrix, mma.sync, ...) -- and then yields to the block scheduler. A warp collective
 //     completes when every lane named in its mask has arrived at the same primitive with the same mask: the
 //     last lane to arrive computes every lane's result from all lanes' inputs at once (so lanes really exchange
@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -142,6 +143,9 @@ void* dynamic_smem();
 
 // Number of grid launches that ran (tests check that refused arguments launch nothing).
 long launch_count();
+// Demangled names of every kernel instantiation launched so far with its launch count, one "count name" per line
+// (tests check that every instantiated configuration ran; needs the binary linked with -rdynamic).
+std::string launched_kernels();
 
 // ---- launches -------------------------------------------------------------------------------------------------
 
@@ -151,6 +155,7 @@ struct LaunchConfig {
   const char* name;  // the kernel expression as written, for errors
   const char* file;
   int line;
+  const void* kernel;  // the instantiation (its symbol names it in launched_kernels)
 };
 
 // Validates the configuration (sets cudaErrorInvalidConfiguration and runs nothing when it is not launchable),
@@ -179,7 +184,8 @@ struct Launcher {
 template <class... P>
 Launcher<P...> make_launcher(dim3 grid, dim3 block, size_t smem, cudaStream_t, void (*kernel)(P...),
                              const char* name, const char* file, int line) {
-  return Launcher<P...>{LaunchConfig{grid, block, smem, name, file, line}, kernel};
+  return Launcher<P...>{LaunchConfig{grid, block, smem, name, file, line, reinterpret_cast<const void*>(kernel)},
+                        kernel};
 }
 
 }  // namespace host

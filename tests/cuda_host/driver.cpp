@@ -1,6 +1,7 @@
 // driver.cpp -- main of the host-build test driver, and the kernel cases that tests/test_cuda_host.py generates.
 //
 //   bivlm_host_tests cases IN OUT   runs every case of IN through the C ABI (bivlm_kernels.h), writes OUT
+//                                   and OUT.kernels (each kernel instantiation launched, with its count)
 //   bivlm_host_tests selftest       wrapper primitives, fp16/bf16 conversions, the emulated machine
 //   bivlm_host_tests refusals       argument refusals (cudaErrorInvalidValue and no launch)
 //   bivlm_host_tests fault NAME     one misuse that must abort with a message (pytest checks it does)
@@ -135,6 +136,9 @@ int run_cases(const char* in_path, const char* out_path) {
   }
   std::fclose(in);
   std::fclose(out);
+  const std::string kernels = bivlm::host::launched_kernels();
+  FILE* kf = std::fopen((std::string(out_path) + ".kernels").c_str(), "w");
+  if (kf != nullptr) std::fputs(kernels.c_str(), kf), std::fclose(kf);
   std::printf("cases: %d run, %ld kernel launches\n", count, launches);
   return 0;
 }
