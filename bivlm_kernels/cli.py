@@ -179,7 +179,7 @@ def _quantize(args) -> int:
     config, pairs, cls, safetensors = _check_quantize_args(args)     # nothing heavy before this line
     luq = args.method == "luq"
     if args.model:
-        model, processor = _load_model(args.model, cls, args.dtype, safetensors)
+        model, processor = _load_model(args.model, cls, args.dtype, safetensors, progress=not args.no_progress)
     else:
         load_testbed, tb_calib = _testbed()
         try:

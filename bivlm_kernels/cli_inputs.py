@@ -34,19 +34,29 @@ def model_class(path: str):
     return cls
 
 
-def load_model(path: str, cls, dtype: Optional[str], safetensors: bool):
+def load_model(path: str, cls, dtype: Optional[str], safetensors: bool, progress: bool = True):
     """A local HF model directory -> (model, processor or tokenizer). Only safetensors are read when the
-    directory has them (a pickle file is then never opened); missing weights are refused."""
+    directory has them (a pickle file is then never opened); missing weights are refused (our one-line
+    message replaces transformers' load-report table)."""
     import torch
     import transformers
+    from transformers.utils import logging as hf_logging
     kw = {"local_files_only": True, "use_safetensors": safetensors, "output_loading_info": True}
     if dtype:
         kw["dtype"] = getattr(torch, dtype)
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         model, info = cls.from_pretrained(path, **kw)
     except Exception as e:
         raise _usage(f"--model {path!r} cannot be loaded ({type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
     checks.check_load_report("--model", path, info)
     model.eval()
     processor = None
