@@ -1,0 +1,155 @@
+"""Plant bugs one at a time in a copy of csrc/ and show that the host-build tests (tests/test_cuda_host.py) catch
+each one. Not run in CI (each mutant rebuilds part of the host build: ~1-3 minutes apiece on 2 cores).
+
+    python python/mutate_cuda_host.py                 # all mutants, writes benchmarks/results/cuda_host_mutations.md
+    python python/mutate_cuda_host.py --only dropped_bias,wrong_group_index --no-write
+
+Each mutant is an exact text replacement (the script fails loudly if the text is not found, so a mutant cannot
+silently stop applying when the kernels change). The baseline build directory (build/cuda_host, built first if
+needed) is copied with its time stamps, so only the translation units that depend on the mutated file rebuild.
+A mutant is caught when at least one test fails; a mutant that does not compile is reported as such (the
+compiler caught it, not the tests) and counts as not caught.
+"""
+import argparse
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "cuda_host_mutations.md"
+
+# name, file under csrc/, old text, new text, the bug it models
+MUTANTS = [
+    ("split_range_off_by_one", "gemv.cuh",
+     "const int we = min(p.kw, wb + p.words_per_split);",
+     "const int we = min(p.kw, wb + p.words_per_split - 1);",
+     "split-K range ends one word early (only the 4-byte-load kernel with > 1 split loses a word)"),
+    ("wrong_group_index", "gemv.cuh",
+     "const int grp = wi >> p.wpg_shift;",
+     "const int grp = w0 >> p.wpg_shift;",
+     "GEMV table of the chunk's first word for all its words (wrong when a group is < 4 words: 1-bit g32/g64, "
+     "2-bit g32)"),
+    ("dropped_bias", "gemv.cuh",
+     "if (add_bias) v += to_float(p.bias[n]);",
+     "if (add_bias) v += 0.0f * to_float(p.bias[n]);",
+     "bias never added"),
+    ("warp_sum_half", "common.cuh",
+     "for (int off = 16; off > 0; off >>= 1)",
+     "for (int off = 8; off > 0; off >>= 1)",
+     "warp reduction over 16 of the 32 lanes"),
+    ("reduce_drops_split0", "gemv_dispatch.cu",
+     "for (int s = 0; s < splits; ++s) v += ws[s * mn + i];",
+     "for (int s = 1; s < splits; ++s) v += ws[s * mn + i];",
+     "split-K reduce skips the first partial"),
+    ("vec4_without_alignment", "gemv_dispatch.cu",
+     "return kw % 4 == 0 && aligned16(w.qweight);",
+     "return kw % 4 == 0;",
+     "16-byte weight loads chosen for a base that is only 4-byte aligned (a misaligned-address fault on a GPU)"),
+    ("x_alignment_not_refused", "gemv_dispatch.cu",
+     "if (!aligned16(x) || ",
+     "if (",
+     "launch_gemv accepts an x that is not 16-byte aligned"),
+    ("wrong_rounding_dequant", "common.cuh",
+     "w[t] = __fmul_rn(__fsub_rn(code_to_float(c), e[1]), e[0]);",
+     "w[t] = fmaf(code_to_float(c), e[0], -e[1] * e[0]);",
+     "affine dequantize contracted into an FMA: rounds differently from the reference's (c - z) * s"),
+    ("swapped_mma_fragment_lane", "ptx_mma.cuh",
+     "const MmaSlot& s = *static_cast<const MmaSlot*>(slots[l]);\n    const int g = l >> 2, t = l & 3;",
+     "const MmaSlot& s = *static_cast<const MmaSlot*>(slots[l]);\n    const int g = (l >> 2) ^ 1, t = l & 3;",
+     "mma.sync host: the fragments of lane groups 0 and 1 (and 2/3, ...) swapped"),
+    ("swapped_ldmatrix_lane", "ptx_mma.cuh",
+     "const int r = l >> 2, c = 2 * (l & 3);",
+     "const int r = l & 7, c = 2 * (l >> 3);",
+     "ldmatrix host: lane -> (row, column pair) mapping transposed"),
+    ("wrong_rounding_fp16_ties", "host/fp16.h",
+     "if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;",
+     "if (rest >= 0x1000u) ++h;",
+     "float -> half rounds ties away from zero instead of to even"),
+    ("wrong_rounding_bf16_truncates", "host/fp16.h",
+     "const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);",
+     "const uint32_t rounded = u;",
+     "float -> bfloat16 truncates"),
+]
+
+
+def run(cmd, env=None, timeout=3600):
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def ensure_baseline(jobs):
+    build = ROOT / "build" / "cuda_host"
+    r = run(["make", "-s", "-C", str(ROOT / "tests" / "cuda_host"), f"-j{jobs}"])
+    if r.returncode != 0:
+        sys.exit(f"baseline host build failed:\n{r.stderr}")
+    return build
+
+
+def mutate(workdir, base_build, name, rel, old, new, jobs, seed):
+    src = workdir / "csrc"
+    build = workdir / "build"
+    shutil.copytree(ROOT / "csrc", src, copy_function=shutil.copy2)
+    shutil.copytree(base_build, build, copy_function=shutil.copy2,
+                    ignore=shutil.ignore_patterns("*.cubin"))
+    # The dependency files name the original sources: point them at the copy so the mutated header rebuilds.
+    for d in build.glob("*.d"):
+        d.write_text(d.read_text().replace(str(ROOT / "csrc"), str(src)))
+    path = src / rel
+    text = path.read_text()
+    if text.count(old) != 1:
+        sys.exit(f"mutant {name}: the text to replace occurs {text.count(old)} times in csrc/{rel}")
+    time.sleep(1.1)   # a later mtime than the copied objects
+    path.write_text(text.replace(old, new))
+    env = dict(os.environ, BIVLM_CUDA_HOST_SRC=str(src), BIVLM_CUDA_HOST_BUILD=str(build),
+               BIVLM_FUZZ_SEED=str(seed), BIVLM_HOST_JOBS=str(jobs))
+    env.pop("BIVLM_CUDA_HOST_TESTED", None)
+    r = run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_cuda_host.py"), "-q", "-rfE",
+             "-p", "no:cacheprovider", f"--basetemp={workdir / 'pytest'}"], env=env)
+    out = r.stdout + r.stderr
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)(?: - (.*))?$", out, re.M)
+    if "host build failed" in out and all("host build failed" in (m or "") for _, m in failed):
+        return "did not compile", []
+    return ("caught" if failed else "NOT caught"), failed
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="comma-separated mutant names")
+    ap.add_argument("--jobs", type=int, default=1, help="make -j for each rebuild (default 1: shared machines)")
+    ap.add_argument("--seed", type=int, default=12345, help="BIVLM_FUZZ_SEED of every run")
+    ap.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS.relative_to(ROOT)}")
+    args = ap.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or m[0] in args.only.split(",")]
+    base = ensure_baseline(args.jobs)
+    rows = []
+    for name, rel, old, new, what in chosen:
+        t0 = time.time()
+        with tempfile.TemporaryDirectory(prefix=f"bivlm_mut_{name}_") as tmp:
+            verdict, failed = mutate(pathlib.Path(tmp), base, name, rel, old, new, args.jobs, args.seed)
+        tests = sorted({t.split("::")[-1] for t, _ in failed})
+        first = next((m for _, m in failed if m), "")
+        first = re.sub(r"/tmp/bivlm_mut_\w+?/", "<copy>/", first)[:160]
+        rows.append((name, rel, what, verdict, tests, first))
+        print(f"{name:32s} {verdict:16s} {time.time() - t0:6.0f} s  {', '.join(tests)}", flush=True)
+    caught = sum(1 for r in rows if r[3] == "caught")
+    print(f"{caught} of {len(rows)} mutants caught")
+    if not args.no_write:
+        lines = ["# Planted bugs in csrc/ and the host-build tests that catch them", "",
+                 "`python python/mutate_cuda_host.py` (seed " + str(args.seed) + "): each mutant is one text "
+                 "replacement in a copy of `csrc/`, rebuilt and run through all of `tests/test_cuda_host.py` "
+                 "(host build under ASan + UBSan). Caught = at least one test failed.", "",
+                 "| mutant | file | bug | result | failing tests | first message |", "|---|---|---|---|---|---|"]
+        for name, rel, what, verdict, tests, first in rows:
+            msg = first.replace("|", "\\|")
+            lines.append(f"| `{name}` | `csrc/{rel}` | {what} | **{verdict}** | {', '.join(tests)} | {msg} |")
+        lines += ["", f"**{caught} of {len(rows)} caught.**", ""]
+        RESULTS.write_text("\n".join(lines))
+    return 0 if caught == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
