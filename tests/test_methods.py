@@ -387,7 +387,7 @@ def test_bivlm_one_bit_salient_share_rounds_to_groups():
 
 # ----------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("name,opts,match", [
-    ("rtn", dict(bits=3), "bits"), ("gptq", dict(bits=3), "bits"), ("billm", dict(bits=4), "bits"),
+    ("rtn", dict(bits=3), "bits"), ("rtn", dict(bits=2.0), "bits"), ("gptq", dict(bits=True), "bits"), ("gptq", dict(bits=3), "bits"), ("billm", dict(bits=4), "bits"),
     ("billm", dict(bits=1, orders=(1, 1, 3)), "orders"), ("bivlm", dict(bits=1, salient_order=3), "salient_order"),
     ("bivlm", dict(bits=1, salient_col_share=1.5), "salient_col_share"),
     ("gptq", dict(group_size=48), "group_size"), ("gptq", dict(blocksize=0), "blocksize"),
