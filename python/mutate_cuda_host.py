@@ -95,9 +95,10 @@ def mutate(workdir, base_build, name, rel, old, new, jobs, seed):
     shutil.copytree(ROOT / "csrc", src, copy_function=shutil.copy2)
     shutil.copytree(base_build, build, copy_function=shutil.copy2,
                     ignore=shutil.ignore_patterns("*.cubin"))
-    # The dependency files name the original sources: point them at the copy so the mutated header rebuilds.
+    # The dependency files name the original objects and sources: point them at the copy, so that the objects
+    # depending on the mutated file (header or not) are rebuilt.
     for d in build.glob("*.d"):
-        d.write_text(d.read_text().replace(str(ROOT / "csrc"), str(src)))
+        d.write_text(d.read_text().replace(str(base_build), str(build)).replace(str(ROOT / "csrc"), str(src)))
     path = src / rel
     text = path.read_text()
     if text.count(old) != 1:
@@ -110,10 +111,14 @@ def mutate(workdir, base_build, name, rel, old, new, jobs, seed):
     r = run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_cuda_host.py"), "-q", "-rfE",
              "-p", "no:cacheprovider", f"--basetemp={workdir / 'pytest'}"], env=env)
     out = r.stdout + r.stderr
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)(?: - (.*))?$", out, re.M)
-    if "host build failed" in out and all("host build failed" in (m or "") for _, m in failed):
-        return "did not compile", []
-    return ("caught" if failed else "NOT caught"), failed
+    failed = [t for t in re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)]
+    if "host build failed" in out and not re.search(r"^E\s+.*(mismatch|FAIL |bivlm host build:)", out, re.M):
+        return "did not compile", [], ""
+    # The first line that says what went wrong: a mismatching case, a failed C++ check, an emulator abort or a
+    # sanitizer report (pytest prints assertion messages with an "E" prefix).
+    detail = re.search(r"^E\s+((?:linear|dequantize|reduce)\(.*|FAIL .*|bivlm host build: .*|.*AddressSanitizer.*"
+                       r"|.*runtime error.*)$", out, re.M)
+    return ("caught" if failed else "NOT caught"), failed, detail.group(1) if detail else ""
 
 
 def main():
@@ -129,10 +134,9 @@ def main():
     for name, rel, old, new, what in chosen:
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix=f"bivlm_mut_{name}_") as tmp:
-            verdict, failed = mutate(pathlib.Path(tmp), base, name, rel, old, new, args.jobs, args.seed)
-        tests = sorted({t.split("::")[-1] for t, _ in failed})
-        first = next((m for _, m in failed if m), "")
-        first = re.sub(r"/tmp/bivlm_mut_\w+?/", "<copy>/", first)[:160]
+            verdict, failed, first = mutate(pathlib.Path(tmp), base, name, rel, old, new, args.jobs, args.seed)
+        tests = sorted({t.split("::")[-1] for t in failed})
+        first = re.sub(r"/tmp/bivlm_mut_\w+?/", "<copy>/", first)[:220]
         rows.append((name, rel, what, verdict, tests, first))
         print(f"{name:32s} {verdict:16s} {time.time() - t0:6.0f} s  {', '.join(tests)}", flush=True)
     caught = sum(1 for r in rows if r[3] == "caught")
@@ -142,7 +146,7 @@ def main():
                  "`python python/mutate_cuda_host.py` (seed " + str(args.seed) + "): each mutant is one text "
                  "replacement in a copy of `csrc/`, rebuilt and run through all of `tests/test_cuda_host.py` "
                  "(host build under ASan + UBSan). Caught = at least one test failed.", "",
-                 "| mutant | file | bug | result | failing tests | first message |", "|---|---|---|---|---|---|"]
+                 "| mutant | file | bug | result | failing tests | first report |", "|---|---|---|---|---|---|"]
         for name, rel, what, verdict, tests, first in rows:
             msg = first.replace("|", "\\|")
             lines.append(f"| `{name}` | `csrc/{rel}` | {what} | **{verdict}** | {', '.join(tests)} | {msg} |")

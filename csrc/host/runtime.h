@@ -36,6 +36,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __align__(n) alignas(n)
 // Static shared memory: one instance per kernel instantiation; blocks run in turn, so that is per-block storage.
 // (Unlike a GPU it keeps the previous block's contents: reading it before writing is not caught.)
 #define __shared__ static
