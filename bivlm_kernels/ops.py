@@ -296,7 +296,7 @@ _ARITY = {"lut_linear": 7, "affine_linear": 8, "dequantize_lut": 4, "dequantize_
 
 
 def run(op_name: str, *args):
-    """Validate, pick reference / Triton / CUDA, run. All arguments positional, defaults included.
+    """Validate, pick reference / CPU / Triton / CUDA, run. All arguments positional, defaults included.
 
     This is the op's implementation for every device. ``QuantLinear`` also calls it directly in eager mode
     when no gradient is needed, skipping the ~20 µs round trip through the dispatcher into Python; under
