@@ -10,7 +10,7 @@ PROBE = textwrap.dedent("""
     for name in ("is_available", "device_count", "current_device", "get_device_properties", "get_device_name"):
         setattr(torch.cuda, name, forbidden)
     # Make the optional pieces unimportable: importing the package must not need them.
-    for mod in ("triton", "transformers", "bivlm_kernels._C"):
+    for mod in ("triton", "transformers", "bivlm_kernels._C", "bivlm_kernels._C_cpu"):
         sys.modules[mod] = None
     import bivlm_kernels
     from bivlm_kernels import QuantLinear, ops, formats, checkpoint
