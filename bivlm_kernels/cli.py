@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from typing import List, Optional
 
 from . import cli_checks as checks
 from .cli_checks import UsageError
+from .cli_setup import add_run_flags, add_shared_flags, lazy_epilog, quantize_epilog, setup_run
 from .cli_inputs import calib_from_file as _calib_from_file, load_model as _load_model
 from .cli_inputs import model_class as _model_class, testbed as _testbed, testbed_text as _testbed_text
 
@@ -36,13 +36,15 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser(with_eval: bool = False) -> argparse.ArgumentParser:
     p = _Parser(prog="bivlm", description="Ultra-low-bit (1/2/4-bit) post-training quantization "
                 "of VLMs into packed QuantLinear layers.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log per-layer decisions (group size fallbacks...)")
-    p.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected error")
-    sub = p.add_subparsers(dest="command", metavar="{quantize,eval}")
+    add_shared_flags(p, top=True)
+    sub = p.add_subparsers(dest="command", metavar="{quantize,eval,methods}")
 
     q = sub.add_parser("quantize", help="quantize a model and save a checkpoint directory",
-                       description="Quantize a Hugging Face (V)LM layer by layer and save it with save_quantized.")
-    q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                       description="Quantize a Hugging Face (V)LM layer by layer and save it with save_quantized.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    lazy_epilog(q, quantize_epilog)          # the method listing, built only for --help
+    add_shared_flags(q, top=False)
+    add_run_flags(q)
     q.add_argument("--model", metavar="PATH", help="local Hugging Face model directory (default: the testbed "
                    "model from bivlm_kernels.models.testbed)")
     q.add_argument("--method", choices=METHOD_CHOICES, default="bivlm", help="quantization method (default bivlm)")
@@ -69,7 +71,7 @@ def _build_parser(with_eval: bool = False) -> argparse.ArgumentParser:
                    "'text' and optionally 'image' (a path); default: the testbed's calibration data")
     q.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="dtype to load --model in (default: its config's)")
-    q.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars (-q implies it)")
     q.add_argument("--eval-limit", type=int, default=200, metavar="N",
                    help="testbed only (no --model): easy-VQA accuracy on the first N test questions before and "
                         "after quantization (default 200; 0 skips)")
@@ -92,7 +94,8 @@ def _build_parser(with_eval: bool = False) -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a (quantized) model (bivlm_kernels.evaluation); "
                        "`bivlm eval --help` lists its options")
-    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    add_shared_flags(e, top=False)
+    add_run_flags(e)
     if with_eval:
         # Imported only for `bivlm eval ...`, so that `bivlm --help` and `bivlm quantize` stay light.
         try:
@@ -101,6 +104,11 @@ def _build_parser(with_eval: bool = False) -> argparse.ArgumentParser:
             e.set_defaults(_eval_import_error=str(err))
         else:
             add_eval_arguments(e)
+    m = sub.add_parser("methods", help="list the quantization methods and their --option settings",
+                       description="The methods of bivlm quantize --method, each option with its default, "
+                       "read from the method config dataclasses.")
+    add_shared_flags(m, top=False)
+    m.add_argument("--short", action="store_true", help="one line per method, without the explanations")
     return p
 
 
@@ -160,7 +168,7 @@ def _check_quantize_args(args):
     config.exclude = list(args.exclude)
     config.device = args.device
     config.calibration.n_samples, config.calibration.seq_len = args.n_calib, args.seq_len
-    config.calibration.mix = args.mix
+    config.calibration.mix, config.calibration.seed = args.mix, args.seed
     checks.check_device("--device", args.device)
     checks.check_out_dir("--out", args.out, args.overwrite)
     checks.check_input_file("--calib-file", args.calib_file)
@@ -187,14 +195,15 @@ def _quantize(args) -> int:
         except (ImportError, FileNotFoundError) as e:
             raise _usage(f"cannot load the testbed model ({e}); pass --model PATH") from None
         if pairs is None:
-            pairs = tb_calib(processor, n=args.n_calib, mix=args.mix)
+            pairs = tb_calib(processor, n=args.n_calib, mix=args.mix, seed=args.seed)
     pairs = list(pairs)
     accuracy = None
     if not args.model and args.eval_limit > 0:
         from .evaluation import vqa_accuracy
 
         def accuracy(m):
-            return 100 * vqa_accuracy(m, processor, limit=args.eval_limit)["accuracy"]
+            acc = vqa_accuracy(m, processor, limit=args.eval_limit, progress=not args.no_progress)
+            return 100 * acc["accuracy"]
         acc_before = accuracy(model)
         print(f"easy-VQA accuracy before quantization (first {args.eval_limit} test questions): {acc_before:.1f}%")
     # The testbed may hand over ready input dicts or (image, text) pairs.
@@ -204,7 +213,7 @@ def _quantize(args) -> int:
         if processor is None:
             raise _usage(f"--model {args.model!r} has no processor/tokenizer files to build calibration batches")
         batches = build_calibration_data(processor, pairs, n_samples=args.n_calib, mix=args.mix,
-                                         seq_len=args.seq_len)
+                                         seq_len=args.seq_len, seed=args.seed)
     try:
         if luq:
             from .quant.luq import luq_quantize
@@ -275,12 +284,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = None
     try:
         args = parser.parse_args(argv)
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
+        setup_run(args)
         if args.command == "quantize":
             return _quantize(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "methods":
+            from .cli_setup import print_methods
+            return print_methods(args)
         parser.print_help()
         return 2
     except UsageError as e:

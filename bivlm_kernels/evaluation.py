@@ -146,7 +146,7 @@ def vqa_accuracy(model, processor, limit: Optional[int] = None, batch_size: int 
 # ------------------------------------------------------------------------------------------------ perplexity
 @torch.no_grad()
 def perplexity(model, tokenizer, text: Optional[str] = None, window: int = 512, max_tokens: Optional[int] = None,
-               batch_size: int = 4) -> dict:
+               batch_size: int = 4, progress: bool = False) -> dict:
     """Next-token perplexity of ``model``'s language model on ``text`` (default: the shipped eval text), in
     non-overlapping windows of ``window`` tokens (each window's first token is not predicted).
 
@@ -165,7 +165,11 @@ def perplexity(model, tokenizer, text: Optional[str] = None, window: int = 512, 
     wins = ids[:n_win * window].view(n_win, window)
     model.eval()
     nll, count, t0 = 0.0, 0, time.time()
-    for s in range(0, n_win, batch_size):
+    it = range(0, n_win, batch_size)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="perplexity", unit="batch", file=sys.stderr)
+    for s in it:
         x = wins[s:s + batch_size]
         logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits.float()
         nll += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -283,6 +287,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         default="attention", help="ranking of the tokens to keep (default attention)")
     parser.add_argument("--prune-target", choices=("image", "text"), default="image",
                         help="prune image tokens (default) or, as an ablation, text tokens")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (bivlm -q implies it)")
     parser.add_argument("--cache-dir", default=None, help="where the converted DINOv2 is cached "
                         "(default $BIVLM_CACHE or ~/.cache/bivlm_kernels)")
     return parser
@@ -290,13 +295,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def _evaluate_row(label, model, proc, args, out) -> dict:
     row = {"label": label, **bits_summary(model)}
+    progress = not getattr(args, "no_progress", False)
     pruning = None
     if getattr(args, "prune_keep", None) is not None:
         from .pruning import enable_token_pruning
         pruning = enable_token_pruning(model, layer=args.prune_layer, keep=args.prune_keep,
                                        criterion=args.prune_criterion, target=args.prune_target)
     try:                                      # pruning only during VQA: perplexity reads every position
-        acc = vqa_accuracy(model, proc, limit=args.limit, batch_size=args.batch_size, progress=True)
+        acc = vqa_accuracy(model, proc, limit=args.limit, batch_size=args.batch_size, progress=progress)
     finally:
         if pruning is not None:
             pruning.remove()
@@ -306,7 +312,8 @@ def _evaluate_row(label, model, proc, args, out) -> dict:
         cand = sum(sum(r.candidates) for r in pruning.records) / sum(len(r.kept) for r in pruning.records)
         row.update(prune_kept=kept, prune_candidates=cand)
     if not args.no_ppl:
-        row["perplexity"] = perplexity(model, proc.tokenizer, max_tokens=args.ppl_tokens)["perplexity"]
+        row["perplexity"] = perplexity(model, proc.tokenizer, max_tokens=args.ppl_tokens,
+                                       progress=progress)["perplexity"]
     q = row["quantized_bpw"]
     print(f"== {label} ==", file=out)
     if q is None:

@@ -146,7 +146,7 @@ def test_unexpected_errors_are_one_line_unless_debug(tmp_path, capsys, monkeypat
 
 # ------------------------------------------------------------------ a real (tiny) model directory
 
-def _model_dir(tmp_path):
+def _model_dir(tmp_path, hidden=64, n_calib=4):
     tokenizers = pytest.importorskip("tokenizers")
     vocab = {w: i for i, w in enumerate(["[UNK]", "[PAD]"] + [f"w{i}" for i in range(200)])}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
@@ -154,14 +154,14 @@ def _model_dir(tmp_path):
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
     src = tmp_path / "src"
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=128, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=202,
                                    max_position_embeddings=64)
     transformers.LlamaForCausalLM(cfg).save_pretrained(src)
     fast.save_pretrained(src)
     calib = tmp_path / "calib.jsonl"
     calib.write_text("\n".join(json.dumps({"text": " ".join(f"w{(i * 7 + j) % 200}" for j in range(12))})
-                               for i in range(4)))
+                               for i in range(n_calib)))
     return src, calib
 
 

@@ -476,4 +476,5 @@ def _quantize_linear(model, cname, name, lin, lcfg, g, acc, n_rows, report):
         name=name, component=cname, method=lcfg.method, out_features=lin.out_features,
         in_features=lin.in_features, group_size=g, nominal_bits=ql.spec.nominal_bits, weight_bits=bpw,
         rel_error=err, seconds=time.perf_counter() - t0, bytes_before=W.numel() * W.element_size(),
-        bytes_after=int(round(bpw * lin.out_features * lin.in_features / 8)), n_tokens=n_rows))
+        bytes_after=int(round(bpw * lin.out_features * lin.in_features / 8)), n_tokens=n_rows,
+        group_size_asked=lcfg.group_size if lcfg.group_size != g else None))

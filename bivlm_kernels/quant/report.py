@@ -26,6 +26,7 @@ class LayerReport:
     bytes_before: int         # the original weight's bytes (its dtype)
     bytes_after: int          # packed buffers' bytes (bias excluded on both sides)
     n_tokens: int = 0         # calibration rows the layer's Hessian saw
+    group_size_asked: Optional[int] = None   # the configured group size, when it did not divide in_features
 
 
 @dataclass
@@ -76,7 +77,18 @@ class QuantReport:
                      f"average {s['average_bits']:.3f} bits/weight (honest), mean rel. error {mean_err:.4f}")
         lines.append(f"quantized layers: {_mb(s['bytes_before'])} -> {_mb(s['bytes_after'])}; whole model: "
                      f"{_mb(s['model_bytes_before'])} -> {_mb(s['model_bytes_after'])}; {s['seconds']:.1f} s")
+        lines += self.group_size_notes()
         return "\n".join(lines)
+
+    def group_size_notes(self) -> List[str]:
+        """One line per (asked, used) group size pair where the asked one did not divide ``in_features``."""
+        changed = {}                             # (asked, used) -> in_features of each such layer
+        for r in self.layers:
+            if r.group_size_asked not in (None, r.group_size):
+                changed.setdefault((r.group_size_asked, r.group_size), []).append(r.in_features)
+        return [f"group size {asked} asked, {used} used for {len(ks)} layer{'s' if len(ks) > 1 else ''} "
+                f"(in_features {', '.join(map(str, sorted(set(ks))))}: not a multiple of {asked})"
+                for (asked, used), ks in sorted(changed.items())]
 
     def __str__(self) -> str:
         return self.table()
