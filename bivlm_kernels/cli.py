@@ -228,6 +228,11 @@ def _quantize(args) -> int:
     except ValueError as e:
         raise _usage(str(e)) from None
     print(report.table())
+    if luq:                 # LUQ's table is per decoder layer: the driver's group size notes go below it
+        from .quant.report import QuantReport
+        recorded = (getattr(model, "bivlm_quantization", None) or {}).get("report")
+        for line in QuantReport.from_dict(recorded).group_size_notes() if recorded else []:
+            print(line)
     if accuracy is not None:
         print(f"easy-VQA accuracy (first {args.eval_limit} test questions): {acc_before:.1f}% before -> "
               f"{accuracy(model):.1f}% after, at {report.average_bits:.3f} honest bits/weight")

@@ -123,9 +123,14 @@ def test_seed_and_threads_reproduce_exactly(tmp_path, capsys):
     assert '"seed": 6' in json.dumps(recorded)                # the seed is recorded with the config
 
 
-def test_group_size_change_said_once(tmp_path, capsys):
-    src, calib = _model_dir(tmp_path, hidden=96)              # in_features 96 (5 linears) and 128 (down_proj)
-    argv = ["quantize", "--model", str(src), "--method", "rtn", "--bits", "2", "--group-size", "128",
+LUQ = ["--method", "luq", "--n-low", "1", "--low-method", "rtn", "--high-method", "rtn", "--high-bits", "2",
+       "--entropy-estimator", "histogram"]
+
+
+@pytest.mark.parametrize("method", [["--method", "rtn", "--bits", "2"], LUQ], ids=["rtn", "luq"])
+def test_group_size_change_said_once(tmp_path, capsys, method):
+    src, calib = _model_dir(tmp_path, hidden=96)              # in_features 96 (6 linears) and 128 (down_proj)
+    argv = ["quantize", "--model", str(src), *method, "--group-size", "128",
             "--calib-file", str(calib), "--n-calib", "4", "--out", str(tmp_path / "o"), "--no-progress"]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
