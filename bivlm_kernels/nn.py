@@ -34,10 +34,14 @@ class _Segment(nn.Module):
         super().__init__()
         self.bits, self.kind, self.width, self.group_size = spec.bits, spec.kind, spec.width, group_size
         self._op_name = "lut_linear" if spec.kind == "lut" else "affine_linear"
-        self._op = getattr(ops, self._op_name)
         for name, shape in spec.buffer_shapes(n, group_size).items():
             dt = torch.int32 if name == "qweight" else dtype
             self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
+
+    @property
+    def _op(self):
+        # Looked up per call, not stored: a torch.ops handle does not pickle (torch.save(model) must work).
+        return getattr(ops, self._op_name)
 
     def forward(self, x, bias=None, out_dtype=None):
         tables = (self.codebook,) if self.kind == "lut" else (self.scales, self.zeros)
@@ -206,6 +210,18 @@ class QuantLinear(nn.Module):
         """Honest bits per weight: every buffer but the bias (codes, codebooks, scales, zeros, perm)."""
         return formats.bits_per_weight(self)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight ``[N, K]``, read-only, for code that reads ``module.weight`` (e.g. to infer
+        a dtype or device). COSTLY: it decodes the whole layer on every access and holds a dense copy; the
+        forward never uses it. Assigning to it is an error (the layer stores packed codes only)."""
+        return self.dequantize()
+
+    @weight.setter
+    def weight(self, value):
+        raise AttributeError("QuantLinear.weight is read-only (dequantized on access); build a new layer with "
+                             "QuantLinear.from_linear / from_quantized, or bivlm_kernels.convert.dequantize_model")
+
     def dequantize(self) -> torch.Tensor:
         """The weight ``[N, K]`` in original column order, in the layer's dtype."""
         return formats.unpermute(torch.cat([seg.dequantize() for seg in self.segments], dim=1), self.perm)
@@ -215,6 +231,7 @@ class QuantLinear(nn.Module):
             if len(self.spec.segments) > 1 else f"{self.spec.segments[0].bits}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={bits}, "
                 f"group_size={self.group_size}, perm={self.perm is not None}, bias={self.bias is not None}, "
+                f"dtype={str(self.dtype).replace('torch.', '')}, "
                 f"format={formats.FORMAT_NAME}-v{formats.FORMAT_VERSION}, "
                 f"bits_per_weight={self.weight_bits:.3f}")
 

@@ -194,3 +194,23 @@ def test_bad_constructor_and_forward_inputs():
     qw = QuantizedWeight([QuantizedSegment(1, torch.full((4, 128), 2), codebook=torch.randn(4, 1, 2))], 128)
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 1\]"):
         QuantLinear.from_quantized(qw)
+
+
+def test_drop_in_pickle_weight_and_repr():
+    """What nn.Linear users touch: torch.save(model) round trips (no torch.ops handle stored), a read-only
+    dequantized `weight`, and the table dtype in print(layer)."""
+    import io
+    torch.manual_seed(3)
+    lin = nn.Linear(128, 24)
+    model = nn.Sequential(QuantLinear.from_linear(lin, 2, 64, dtype=torch.float32))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    x = torch.randn(5, 128)
+    assert torch.equal(again(x), model(x))
+    ql = model[0]
+    assert torch.equal(ql.weight, ql.dequantize()) and ql.weight.shape == (24, 128)
+    with pytest.raises(AttributeError, match="read-only"):
+        ql.weight = torch.zeros(24, 128)
+    assert "dtype=float32" in repr(ql)
