@@ -139,11 +139,14 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["bivlm_kernels", "bivlm_kernels.*"]),
     package_data={"bivlm_kernels": ["data/*", "data/**/*", "models/data/*"]},
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4"],
+    # Lower bounds are the oldest releases the test suite ran green with (constraints.txt pins the newest
+    # green set): transformers 5.23 and 5.24 both pass; 4.x builds the model configs differently (rope_parameters)
+    # and is not tested. No upper bounds: no known break. Older torch/safetensors/triton may work but are untested.
+    install_requires=["torch>=2.14", "numpy", "safetensors>=0.8"],
     extras_require={
-        "triton": ["triton>=3.0"],
-        "quant": ["transformers>=4.50", "accelerate", "tqdm", "scikit-learn"],
-        "testbed": ["transformers>=4.50", "accelerate", "gguf", "onnx", "pillow", "tqdm", "scikit-learn"],
+        "triton": ["triton>=3.8"],
+        "quant": ["transformers>=5.23", "accelerate", "tqdm", "scikit-learn"],
+        "testbed": ["transformers>=5.23", "accelerate", "gguf", "onnx", "pillow", "tqdm", "scikit-learn"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "test": ["pytest", "pytest-benchmark"],
     },
