@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import textwrap
+
 from .cli_checks import UsageError
 
 # Fields of a method config the CLI sets itself: not --option material.
