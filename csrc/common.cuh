@@ -75,11 +75,10 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&f)[8]) {
 }
 
 __device__ __forceinline__ void load8(const float* p, float (&f)[8]) {
-  const uint4 a = ptx::ld_nc_v4(p);
-  const uint4 b = ptx::ld_nc_v4(p + 4);
-  f[0] = __uint_as_float(a.x); f[1] = __uint_as_float(a.y); f[2] = __uint_as_float(a.z);
-  f[3] = __uint_as_float(a.w); f[4] = __uint_as_float(b.x); f[5] = __uint_as_float(b.y);
-  f[6] = __uint_as_float(b.z); f[7] = __uint_as_float(b.w);
+  const float4 a = ptx::ld_nc_f4(p);
+  const float4 b = ptx::ld_nc_f4(p + 4);
+  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+  f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
 
 // ---- outputs: store 8 consecutive fp32 values as T -----------------------------------------------------------

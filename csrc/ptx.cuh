@@ -55,6 +55,18 @@ BIVLM_PTX uint4 ld_nc_v4(const void* p) {
 #endif
 }
 
+// What: the same for four floats, ld.global.nc.v4.f32 (fp32 activations). p must be 16-byte aligned.
+BIVLM_PTX float4 ld_nc_f4(const float* p) {
+#if defined(BIVLM_HOST_BUILD)
+  check_aligned(p, 16, "ld.global.nc.v4.f32");
+  float4 v;
+  std::memcpy(&v, p, 16);
+  return v;
+#else
+  return __ldg(reinterpret_cast<const float4*>(p));
+#endif
+}
+
 // What: 16 bytes with the streaming hint, ld.global.cs.v4.u32 (__ldcs). Why: each weight word is read once per
 // call; evict-first keeps it from pushing the activations out of L1/L2. p must be 16-byte aligned.
 BIVLM_PTX uint4 ld_cs_v4(const void* p) {

@@ -131,6 +131,9 @@ __global__ void vector_kernel(const int32_t* src, int32_t* dst) {
   const uint4 b = ptx::ld_cs_v4(src + 4 * t);
   a.x ^= b.x, a.y ^= b.y, a.z ^= b.z, a.w ^= b.w;  // zero if both loads read the same 16 bytes
   a.x += static_cast<uint32_t>(ptx::ld_cs_b32(src + 4 * t + 3));
+  const float4 f = ptx::ld_nc_f4(reinterpret_cast<const float*>(src + 4 * t));
+  a.y = __float_as_uint(f.y) ^ b.y;  // zero if the float load read the same bytes
+  a.z = __float_as_uint(f.z) ^ b.z;
   ptx::st_v4(dst + 4 * t, a);
 }
 
