@@ -113,24 +113,38 @@ def register() -> None:
     _registered = True
 
 
-class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Import hook: lets ``transformers`` import normally, then registers the quantizer."""
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Import hook: lets ``transformers`` import normally, then registers the quantizer. It stays on
+    ``sys.meta_path`` until transformers is really executed: a bare ``importlib.util.find_spec("transformers")``
+    (e.g. an availability check) must not use it up."""
+
+    def __init__(self):
+        self._busy = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "transformers":
+        if name != "transformers" or self._busy:
             return None
-        sys.meta_path.remove(self)                  # one-shot; find the real spec without us
-        spec = importlib.util.find_spec(name)
+        self._busy = True                           # find the real spec without recursing into ourselves
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._busy = False
         if spec is None or spec.loader is None:
             return spec
-        self._loader = spec.loader
-        spec.loader = self
+        spec.loader = _RegisteringLoader(spec.loader, self)
         return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    def __init__(self, loader, finder):
+        self._loader, self._finder = loader, finder
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
+        if self._finder in sys.meta_path:
+            sys.meta_path.remove(self._finder)
         self._loader.exec_module(module)
         try:
             register()
@@ -138,6 +152,9 @@ class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             import logging
             logging.getLogger(__name__).warning("bivlm_kernels: could not register the transformers "
                                                 "quantizer (%s: %s)", type(e).__name__, e)
+
+    def __getattr__(self, name):                    # e.g. get_resource_reader, is_package of the real loader
+        return getattr(self._loader, name)
 
 
 def install() -> None:

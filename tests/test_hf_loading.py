@@ -80,7 +80,9 @@ def test_without_the_package_transformers_says_it_skips_bivlm(tmp_path):
 
 def test_registration_is_lazy():
     r = subprocess.run([sys.executable, "-c",
-                        "import sys, bivlm_kernels; assert 'transformers' not in sys.modules\n"
+                        "import sys, importlib.util, bivlm_kernels; assert 'transformers' not in sys.modules\n"
+                        # an availability check before the import must not use the hook up
+                        "assert importlib.util.find_spec('transformers') is not None\n"
                         "import transformers\n"
                         "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M\n"
                         "assert 'bivlm' in M, sorted(M)\n"],

@@ -147,3 +147,20 @@ def test_shared_prefix_scoring_matches_plain_forward(bed):
     enc["pixel_values"] = torch.stack([pix[ids[i]] for i in sel])
     plain = evaluation.last_token_logits(model, enc)
     torch.testing.assert_close(shared, plain, atol=1e-3, rtol=1e-4)
+
+
+def test_quantized_testbed_loads_with_from_pretrained(bed, tmp_path):
+    """The real testbed through transformers' own loader: bit-identical logits to the in-memory model."""
+    import transformers
+    from bivlm_kernels import evaluation
+    from bivlm_kernels.nn import QuantLinear, quantize_linears_
+    from bivlm_kernels.quant import save_quantized
+    model, proc = bed
+    q = copy.deepcopy(model)
+    quantize_linears_(q, 2, 64, filter_fn=evaluation.rtn_filter("lm"))
+    save_quantized(q, str(tmp_path / "ckpt"))
+    loaded = transformers.AutoModelForImageTextToText.from_pretrained(str(tmp_path / "ckpt"))
+    assert isinstance(loaded.model.language_model.layers[7].mlp.down_proj, QuantLinear)
+    batch = testbed.calibration_data(proc, 1, mix=1.0, seed=5)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, q(**batch).logits)
