@@ -83,6 +83,9 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.segments = nn.ModuleList(_Segment(s, out_features, group_size, dtype, device) for s in segs)
         self._bounds = formats.segment_bounds([s.width for s in segs])
+        # Thin eager path for the common layout (one segment, no perm): forward reads this segment's buffers
+        # directly instead of going through two Module calls. Kept out of _modules (not a second child).
+        self.__dict__["_seg0"] = self.segments[0] if len(segs) == 1 and not perm else None
         if perm:
             self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device))
         else:
@@ -179,6 +182,15 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x's last dimension must be in_features={self.in_features}, "
                              f"got shape {tuple(x.shape)}")
+        seg0 = self._seg0
+        if seg0 is not None and not torch.compiler.is_compiling() and \
+                not (x.requires_grad and torch.is_grad_enabled()):
+            b = seg0._buffers                      # eager inference, one segment: straight to the op
+            if seg0.kind == "lut":
+                return ops.run("lut_linear", x, b["qweight"], b["codebook"], seg0.bits, seg0.group_size,
+                               self._buffers.get("bias"), None)
+            return ops.run("affine_linear", x, b["qweight"], b["scales"], b["zeros"], seg0.bits,
+                           seg0.group_size, self._buffers.get("bias"), None)
         segs = self.segments
         if len(segs) > 1 and all(seg.kind == "lut" for seg in segs):
             # The sub-2-bit layout (perm + 2-bit and 1-bit segments) in one op: perm applied to x once, one
