@@ -122,15 +122,21 @@ def read_layout(meta: dict, path: str = "checkpoint") -> dict:
         layout = json.loads(meta["layers"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path!r} header entry 'layers' is not valid JSON: {e}") from None
+    return check_layout(layout, f"{path!r} header entry 'layers'", f"{path!r} layer")
+
+
+def check_layout(layout, what: str, layer_label: str) -> dict:
+    """``layout`` ({module name: LayerSpec dict}) with its types and every layer spec checked; ``what`` and
+    ``layer_label`` name it in the error (the checkpoint header, a config.json ``quantization_config``)."""
     if not isinstance(layout, dict) or not all(isinstance(k, str) and isinstance(v, dict)
                                                for k, v in layout.items()):
-        raise ValueError(f"{path!r} header entry 'layers' must map module names to layer specs (a JSON object "
+        raise ValueError(f"{what} must map module names to layer specs (a JSON object "
                          f"of objects), got {type(layout).__name__}")
     for name, d in layout.items():
         try:
             formats.LayerSpec.from_dict(d)
-        except ValueError as e:
-            raise ValueError(f"{path!r} layer {name!r}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{layer_label} {name!r}: {e}") from None
     return layout
 
 

@@ -48,27 +48,13 @@ def register() -> None:
                      layers: dict | None = None, **kwargs):
             self.quant_method = QUANT_METHOD
             self.format, self.format_version, self.dtype = format, format_version, dtype
-            self.layers = dict(layers or {})
+            self.layers = {} if layers is None else layers
             for k, v in kwargs.items():            # forward-compatible: keep what a newer writer added
                 setattr(self, k, v)
             self.post_init()
 
         def post_init(self):
-            from . import checkpoint, formats
-            if self.format != formats.FORMAT_NAME or str(self.format_version) != str(formats.FORMAT_VERSION):
-                raise ValueError(f"quantization_config: format {self.format!r} version {self.format_version!r}; "
-                                 f"this bivlm_kernels reads {formats.FORMAT_NAME!r} version "
-                                 f"{formats.FORMAT_VERSION} only")
-            if self.dtype not in checkpoint._DTYPES:
-                raise ValueError(f"quantization_config: dtype must be one of {list(checkpoint._DTYPES)}, "
-                                 f"got {self.dtype!r}")
-            if not isinstance(self.layers, dict) or not self.layers:
-                raise ValueError("quantization_config: 'layers' must map module names to layer layouts")
-            for name, d in self.layers.items():
-                try:
-                    formats.LayerSpec.from_dict(d)
-                except (TypeError, ValueError) as e:
-                    raise ValueError(f"quantization_config: layer {name!r}: {e}") from None
+            check_quantization_config(vars(self))
 
     @register_quantizer(QUANT_METHOD)
     class BivlmHfQuantizer(HfQuantizer):
@@ -167,6 +153,24 @@ def install() -> None:
         return
     if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())
+
+
+def check_quantization_config(cfg: dict) -> None:
+    """The one check of a ``quantization_config`` (format name and version, table dtype, per-layer layouts),
+    used by the transformers config above and by the vLLM plugin."""
+    from . import checkpoint, formats
+    fmt, version = cfg.get("format"), cfg.get("format_version")
+    if fmt != formats.FORMAT_NAME or str(version) != str(formats.FORMAT_VERSION):
+        raise ValueError(f"quantization_config: format {fmt!r} version {version!r}; this bivlm_kernels reads "
+                         f"{formats.FORMAT_NAME!r} version {formats.FORMAT_VERSION} only")
+    if cfg.get("dtype") not in checkpoint._DTYPES:
+        raise ValueError(f"quantization_config: dtype must be one of {list(checkpoint._DTYPES)}, "
+                         f"got {cfg.get('dtype')!r}")
+    layers = cfg.get("layers")
+    if not layers:
+        raise ValueError("quantization_config: 'layers' must map module names to layer layouts, got "
+                         f"{layers!r}")
+    checkpoint.check_layout(layers, "quantization_config: 'layers'", "quantization_config: layer")
 
 
 def quantization_config(layout: dict, dtype: str) -> dict:

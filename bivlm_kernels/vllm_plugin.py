@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import formats, ops
+from .hf_quantizer import check_quantization_config
 
 QUANT_METHOD = "bivlm"
 # vLLM's fused linears -> the checkpoint's (HF) module names of their parts, in vLLM's shard order.
@@ -65,17 +66,8 @@ def _config_class():
 
         @classmethod
         def from_config(cls, config: dict):
-            if str(config.get("format_version")) != str(formats.FORMAT_VERSION) or \
-                    config.get("format") != formats.FORMAT_NAME:
-                raise ValueError(f"bivlm: checkpoint format {config.get('format')!r} version "
-                                 f"{config.get('format_version')!r}; this plugin reads {formats.FORMAT_NAME!r} "
-                                 f"version {formats.FORMAT_VERSION}")
-            layers = config.get("layers")
-            if not isinstance(layers, dict) or not layers:
-                raise ValueError("bivlm: quantization_config has no 'layers' layout")
-            for name, d in layers.items():
-                formats.LayerSpec.from_dict(d)          # a bad layout fails here, naming nothing half-built
-            return cls(layers, config.get("dtype", "float16"))
+            check_quantization_config(config)          # the same check as transformers' side
+            return cls(config["layers"], config["dtype"])
 
         def apply_vllm_mapper(self, hf_to_vllm_mapper):
             mapped = {}
