@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 
-__all__ = ["cache_kwarg", "output_cache", "find_cache"]
+__all__ = ["cache_kwarg", "output_cache", "find_cache", "is_cache"]
 
 
 def cache_kwarg(forward) -> str:
@@ -30,12 +30,20 @@ def output_cache(out):
     return getattr(out, "past_key_values", None)
 
 
+def is_cache(v) -> bool:
+    """Whether ``v`` is a transformers KV ``Cache`` (False without transformers installed: then there is none)."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:
+        return False
+    return isinstance(v, Cache)
+
+
 def find_cache(args, kwargs):
     """The transformers ``Cache`` among a module call's arguments, found by type rather than by keyword (a
     decoder layer gets it as ``past_key_value``, ``past_key_values`` or ``cache`` depending on the version, and
     possibly positionally); ``None`` when there is none."""
-    from transformers.cache_utils import Cache
     for v in list(kwargs.values()) + list(args[1:]):
-        if isinstance(v, Cache):
+        if is_cache(v):
             return v
     return None

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import formats
+from ..hf_compat import is_cache
 from ..nn import QuantLinear
 from .config import COMPONENTS, QuantConfig, pick_group_size
 from .report import LayerReport, QuantReport
@@ -175,16 +176,8 @@ _STATEFUL_KWARGS = {"past_key_values": None, "past_key_value": None, "layer_past
                     "use_cache": False}
 
 
-def _is_cache(v) -> bool:
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:          # the runtime-only install: no transformers, so no transformers cache either
-        return False
-    return isinstance(v, Cache)
-
-
 def _stateless(kwargs: dict) -> dict:
-    return {k: (_STATEFUL_KWARGS[k] if k in _STATEFUL_KWARGS else None if _is_cache(v) else v)
+    return {k: (_STATEFUL_KWARGS[k] if k in _STATEFUL_KWARGS else None if is_cache(v) else v)
             for k, v in kwargs.items()}
 
 
