@@ -40,6 +40,7 @@ import gc
 import itertools
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -419,54 +420,64 @@ def run(args, device) -> int:
           if device.type == "cuda" else 0)          # smoke: the minimum of 2 copies
     rows, not_run = [], []
     shapes = {s["name"]: s for s in args.shapes_list}
-    for sname, group in itertools.groupby(points, key=lambda p: p[0]):
-        group = list(group)
-        if budget.exceeded():
-            not_run += group
-            continue
-        shape = shapes[sname]
-        fmts = sorted({p[3] for p in group if p[3] != DENSE}, key=list(FORMATS).index)
-        t0 = time.monotonic()
-        try:
-            st = ShapeState(shape, fmts, args, device, l2)
-        except torch.cuda.OutOfMemoryError as e:      # pragma: no cover - GPU only
-            print(f"[bench_kernels] {sname}: out of memory building weights ({e}); skipped", flush=True)
-            not_run += group
-            continue
-        print(f"[bench_kernels] {sname} ({shape['N']}x{shape['K']}): weights ready in "
-              f"{time.monotonic() - t0:.1f}s; copies dense {len(st.dense)}, "
-              + ", ".join(f"{f} {len(st.quant[f])}" for f in fmts), flush=True)
-        x, cur_m, dense_us, err_cache = None, None, {}, {}
-        for (_, m, mode, fname, backend) in group:
+    interrupted = False
+    try:
+        for sname, group in itertools.groupby(points, key=lambda p: p[0]):
+            group = list(group)
             if budget.exceeded():
-                not_run.append((sname, m, mode, fname, backend))
+                not_run += group
                 continue
-            if m != cur_m:
-                x = torch.randn(m, shape["K"], device=device, dtype=args.torch_dtype)
-                cur_m, dense_us, err_cache = m, {}, {}
-            t1 = time.monotonic()
+            shape = shapes[sname]
+            fmts = sorted({p[3] for p in group if p[3] != DENSE}, key=list(FORMATS).index)
+            t0 = time.monotonic()
             try:
-                row = measure_point(st, x, m, mode, fname, backend, args, device, dense_us.get(mode),
-                                    err_cache.get((fname, backend)))
-            except Exception as e:  # noqa: BLE001 - one failing kernel must not end the run
-                msg = str(e).splitlines()[0][:160] if str(e) else ""
-                row = {"mode": mode, "backend": backend, "format": fname, "N": shape["N"], "K": shape["K"],
-                       "M": m, "dtype": args.dtype, "group_size": args.group_size,
-                       "status": f"error: {type(e).__name__}: {msg}"}
-                _recover(device)
-            row["shape"], row["wall_s"] = sname, round(time.monotonic() - t1, 2)
-            if fname == DENSE:
-                dense_us[mode] = row.get("us")
-            elif mode == "eager" and row.get("rel_err") is not None:
-                err_cache[(fname, backend)] = row["rel_err"]
-            rows.append(row)
-            print("  " + _line(row), flush=True)
-            bc.write_csv(out / "kernels.csv", rows, COLUMNS)       # a killed run keeps every measured point
-        del st, x
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        write_outputs(out, rows, info, args, notes, not_run, smoke, copy, final=False)
+                st = ShapeState(shape, fmts, args, device, l2)
+            except torch.cuda.OutOfMemoryError as e:      # pragma: no cover - GPU only
+                print(f"[bench_kernels] {sname}: out of memory building weights ({e}); skipped", flush=True)
+                not_run += group
+                continue
+            print(f"[bench_kernels] {sname} ({shape['N']}x{shape['K']}): weights ready in "
+                  f"{time.monotonic() - t0:.1f}s; copies dense {len(st.dense)}, "
+                  + ", ".join(f"{f} {len(st.quant[f])}" for f in fmts), flush=True)
+            x, cur_m, dense_us, err_cache = None, None, {}, {}
+            for (_, m, mode, fname, backend) in group:
+                if budget.exceeded():
+                    not_run.append((sname, m, mode, fname, backend))
+                    continue
+                if m != cur_m:
+                    x = torch.randn(m, shape["K"], device=device, dtype=args.torch_dtype)
+                    cur_m, dense_us, err_cache = m, {}, {}
+                t1 = time.monotonic()
+                try:
+                    row = measure_point(st, x, m, mode, fname, backend, args, device, dense_us.get(mode),
+                                        err_cache.get((fname, backend)))
+                except Exception as e:  # noqa: BLE001 - one failing kernel must not end the run
+                    msg = str(e).splitlines()[0][:160] if str(e) else ""
+                    row = {"mode": mode, "backend": backend, "format": fname, "N": shape["N"], "K": shape["K"],
+                           "M": m, "dtype": args.dtype, "group_size": args.group_size,
+                           "status": f"error: {type(e).__name__}: {msg}"}
+                    _recover(device)
+                row["shape"], row["wall_s"] = sname, round(time.monotonic() - t1, 2)
+                if fname == DENSE:
+                    dense_us[mode] = row.get("us")
+                elif mode == "eager" and row.get("rel_err") is not None:
+                    err_cache[(fname, backend)] = row["rel_err"]
+                rows.append(row)
+                print("  " + _line(row), flush=True)
+                bc.write_csv(out / "kernels.csv", rows, COLUMNS)       # a killed run keeps every measured point
+            del st, x
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            write_outputs(out, rows, info, args, notes, not_run, smoke, copy, final=False)
+    except KeyboardInterrupt:       # Ctrl-C, or SIGTERM from a time limit (see __main__): keep what was measured
+        interrupted = True
+        done = {(r["shape"], r["M"], r["mode"], r["format"], r["backend"]) for r in rows} | set(not_run)
+        not_run += [p for p in points if p not in done]
+        info["interrupted"] = (f"yes, after {budget.elapsed():.0f}s: the tables hold the points measured "
+                               f"until then")
+        print(f"[bench_kernels] interrupted after {budget.elapsed():.0f}s; writing the {len(rows)} measured "
+              f"points", flush=True)
     if device.type == "cuda":
         info["clocks_note_end"] = bc.clocks_note(bc.nvidia_smi(device.index or 0))
     info["elapsed_s"] = round(budget.elapsed(), 1)
@@ -479,7 +490,7 @@ def run(args, device) -> int:
           f"run; {out / 'kernels.md'}", flush=True)
     if smoke:
         print(f"[bench_kernels] {bc.SMOKE_BANNER}", flush=True)
-    return 0
+    return 130 if interrupted else 0
 
 
 def _line(r: dict) -> str:
@@ -554,6 +565,33 @@ def target_rows(rows: list) -> list:
     return out
 
 
+def overview_table(rows: list) -> str:
+    """One line per (shape, M, mode), one column per measured path/format: speedup over fp16 ``F.linear`` of
+    the same run, µs per call in brackets (the compact table ``device_check.sh`` puts in its summary)."""
+    paths = list(dict.fromkeys((r["backend"], r["format"]) for r in rows if r["format"] != DENSE))
+    if not paths:
+        return ""
+    cells = {(r["shape"], r["M"], r["mode"], r["backend"], r["format"]): r for r in rows}
+    groups = list(dict.fromkeys((r["shape"], r["N"], r["K"], r["M"], r["mode"]) for r in rows))
+
+    def cell(r):
+        if r is None:
+            return "–"
+        if r.get("us") is None:
+            return "error"
+        if r.get("status") != "ok" and r["format"] != DENSE:
+            return "WRONG" if str(r.get("status", "")).startswith("WRONG") else "unchecked"
+        return f"{bc.fmt(r.get('speedup'), '.2f', 'x')} ({r['us']:.1f})"
+
+    head = "| N x K | M | mode | fp16 µs | " + " | ".join(f"{b} {f}" for b, f in paths) + " |"
+    lines = [head, "|" + "---|" * (4 + len(paths))]
+    for sname, n, k, m, mode in groups:
+        dense = cells.get((sname, m, mode, "torch", DENSE))
+        lines.append(f"| {n}x{k} | {m} | {mode} | {bc.fmt(None if dense is None else dense.get('us'), '.1f')} | "
+                     + " | ".join(cell(cells.get((sname, m, mode, b, f))) for b, f in paths) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _met(v, floor) -> str:
     return "–" if v is None else ("yes" if v >= floor else "**no**")
 
@@ -572,6 +610,9 @@ def write_outputs(out: Path, rows, info, args, notes, not_run, smoke, copy, fina
         md.append("## Performance floors (issues 3 and 4)\n\n" + bc.md_table(tr, [
             ("target", "target"), ("path", "backend"), ("eager", lambda r: bc.fmt(r.get("eager"), ".2f", "x")),
             ("graph", lambda r: bc.fmt(r.get("graph"), ".2f", "x")), ("met", "met")]))
+    ov = overview_table(rows)
+    if ov:
+        md.append("## Speedup over fp16 F.linear (µs per call in brackets)\n\n" + ov)
     cols = [("M", "M"), ("mode", "mode"), ("path", "backend"), ("format", "format"),
             ("bits/w", lambda r: bc.fmt(r.get("bits_per_weight"), ".3g")),
             ("µs", lambda r: bc.fmt(r.get("us"), ".1f")), ("fp16 µs", lambda r: bc.fmt(r.get("dense_us"), ".1f")),
@@ -592,7 +633,7 @@ def write_outputs(out: Path, rows, info, args, notes, not_run, smoke, copy, fina
         md.append(f"## {sname}: N={grp[0]['N']} x K={grp[0]['K']}\n\n" + bc.md_table(grp, cols))
     if not_run:
         md.append(f"## Not run\n\n{len(not_run)} planned points were not measured (time budget "
-                  f"{args.budget_s}s exhausted or weights did not fit), e.g. "
+                  f"{args.budget_s}s exhausted, run interrupted, or weights did not fit), e.g. "
                   + ", ".join(f"{s} M={m} {mo} {b}/{f}" for s, m, mo, f, b in not_run[:8]) + "\n")
     bc.write_csv(out / "kernels.csv", rows, COLUMNS)
     (out / "kernels_env.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -705,4 +746,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # A time limit (`timeout`, benchmarks/device_check.sh) stops the run with SIGTERM: treat it as Ctrl-C so that
+    # the measured points are written as tables (run() catches KeyboardInterrupt) instead of being lost.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.exit(main())

@@ -231,3 +231,92 @@ def _have(mod):
 def test_harness_budget():
     b = bc.Budget(0)
     assert b.exceeded() and bc.Budget(None).left() == math.inf
+
+
+def test_harness_interrupt_keeps_measured_points(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM from a time limit mid-run: the points measured so far are written, the rest listed."""
+    real, calls = bk.measure_point, []
+
+    def measure(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(bk, "measure_point", measure)
+    out = tmp_path / "k"
+    assert bk.main(["--smoke", "--formats", "lut1", "--m", "1", "--no-plots", "--out", str(out)]) == 130
+    md = (out / "kernels.md").read_text()
+    assert "| interrupted | yes" in md and "## Not run" in md and "PARTIAL" not in md
+    assert len(list(__import__("csv").DictReader(open(out / "kernels.csv")))) == 2
+    assert "## Speedup over fp16 F.linear" in md
+
+
+def test_harness_overview_table():
+    def row(b, f, m, mode, us, sp, status="ok"):
+        return {"shape": "s", "N": 8, "K": 16, "M": m, "mode": mode, "backend": b, "format": f, "us": us,
+                "speedup": sp, "status": status}
+    rows = [row("torch", "fp16", 1, "eager", 10.0, 1.0), row("cuda", "lut1", 1, "eager", 2.0, 5.0),
+            row("cuda", "lut2", 1, "eager", 3.0, 3.3, "WRONG (rel_err > 0.02)"), row("torch", "fp16", 1, "graph", 8.0, 1.0)]
+    lines = bk.overview_table(rows).splitlines()
+    assert lines[0] == "| N x K | M | mode | fp16 µs | cuda lut1 | cuda lut2 |"
+    assert lines[2] == "| 8x16 | 1 | eager | 10.0 | 5.00x (2.0) | WRONG |"
+    assert lines[3] == "| 8x16 | 1 | graph | 8.0 | – | – |"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# device_check.sh (the one-command GPU check of issue 15): its dry run and its refusals, on the CPU
+# ---------------------------------------------------------------------------------------------------------
+
+DEVICE_CHECK = bc.BENCH_DIR / "device_check.sh"
+
+
+def _device_check(env_extra, *args):
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OUT" and not k.startswith("DC_")}
+    env.update(PYTHON=sys.executable, **env_extra)
+    return subprocess.run(["bash", str(DEVICE_CHECK), *args], cwd=bc.REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_device_check_dry_run(tmp_path):
+    out = tmp_path / "dc"
+    r = _device_check({"OUT": str(out)}, "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = r.stdout
+    steps = [line.split("step ")[1].split(":")[0].split(" ")[0] for line in text.splitlines()
+             if "] step " in line]
+    assert steps == ["env", "sass", "build", "tests_cuda", "tests_triton", "bench", "summary"], steps
+    assert "TORCH_CUDA_ARCH_LIST=9.0" in text and "BIVLM_BUILD_CUDA=1" in text and "build_ext --inplace" in text
+    assert "tests/test_cuda.py" in text and "tests/test_triton.py -k gpu_" in text
+    for flag in ("--shapes 28672x8192,8192x8192,4096x11008", "--m 1,16", "--cuda-graph", "--budget-s",
+                 "--dtype float16"):
+        assert flag in text, flag
+    assert "plan: 108 points" in text                     # the bench's own --dry-run, run by the script
+    worst = int(text.split("worst case ends at ")[1].split(" s")[0])
+    assert worst <= 540
+    assert not out.exists()                               # a dry run writes nothing
+
+
+def test_device_check_refuses_without_out(tmp_path):
+    r = _device_check({}, "--dry-run")
+    assert r.returncode == 2 and "$OUT is not set" in r.stderr
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    r = _device_check({"OUT": str(f)}, "--dry-run")
+    assert r.returncode == 2 and "not a directory" in r.stderr
+    assert f.read_text() == "x"
+    r = _device_check({"OUT": str(tmp_path)}, "--bogus")
+    assert r.returncode == 2 and "unknown argument" in r.stderr
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without a GPU")
+def test_device_check_refuses_without_gpu(tmp_path):
+    import shutil
+    if shutil.which("nvidia-smi"):
+        pytest.skip("nvidia-smi is present here")
+    r = _device_check({"OUT": str(tmp_path / "o")})
+    assert r.returncode == 3 and "no GPU here" in r.stderr
+    assert not (tmp_path / "o").exists()
