@@ -230,6 +230,8 @@ def classify_region(body: List[Instr]) -> str:
     """What a block jumped over by a forward branch holds: 'prefetch', 'compute', 'reload' or 'other'."""
     if any(is_weight_load(i) for i in body):
         return "prefetch"
+    if any(i.base == "LDS" for i in body) and any(i.base == "FFMA" for i in body):
+        return "epilogue"     # the tensor-core GEMV's slot-block epilogue (reads S, SQ from shared memory)
     if any(i.base in FMA_OPS for i in body):
         return "compute"
     if any(i.base in ("LDG", "LD", "LDS", "LDC") for i in body):
@@ -247,7 +249,7 @@ def loop_stats(instrs: List[Instr]) -> Optional[dict]:
     lo, hi = loop
     body = instrs[lo:hi + 1]
     index = {ins.addr: i for i, ins in enumerate(instrs)}
-    reload_idx = set()
+    reload_idx, epi_idx = set(), set()
     regions = collections.Counter()
     inner = 0
     for i in range(lo, hi):
@@ -264,9 +266,12 @@ def loop_stats(instrs: List[Instr]) -> Optional[dict]:
         regions[kind] += 1
         if kind == "reload":
             reload_idx.update(range(i + 1, j))
+        if kind == "epilogue":
+            epi_idx.update(range(i + 1, j))
     mix = collections.Counter(i.base for i in body)
     wl = [i for i in body if is_weight_load(i)]
     return {"static": len(body), "reload": len(reload_idx), "reload_regions": regions["reload"],
+            "epilogue": len(epi_idx), "epilogue_regions": regions["epilogue"],
             "regions": dict(regions), "weight_loads": len(wl), "weight_bytes": sum(load_bytes(i) for i in wl),
             "inner_loops": inner, "local_ops": local, "mix": dict(mix.most_common())}
 
@@ -308,6 +313,36 @@ def _run(cmd: List[str], **kw) -> subprocess.CompletedProcess:
 # ---- CUDA ------------------------------------------------------------------------------------------------------------
 _GEMV = re.compile(r"gemv_kernelI(6__half|13__nv_bfloat16|f)Li(\d+)ELi(\d+)ELi(\d+)E")
 _DT = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}
+_TC = re.compile(r"gemv_tc_b1_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)E")
+
+
+def tc_shape(mt: int) -> Tuple[int, int, int]:
+    """(n8 tiles, group slots S, m16 tiles per warp R) of gemv_tc_b1_kernel for bucket MT (gemv_tc.cuh TcShape)."""
+    return (2 if mt > 8 else 1), (1 if mt >= 8 else 8 // mt), (2 if mt > 8 else 4)
+
+
+def tc_rows(name: str, m, instrs, props, arch: int) -> List[dict]:
+    """One row for a tensor-core 1-bit instantiation (g is a template argument). Each iteration of its loop decodes
+    the streaming loads' 128 weights per 16 bytes; the slot-block epilogue (the forward-branch blocks that read
+    S, SQ from shared memory) runs (chunks per iteration) x 256 / (S g) times per iteration, whatever the number
+    of copies the unrolling made; ``static`` counts every copy once."""
+    dt, mt, g = _DT[m.group(1)], int(m.group(2)), int(m.group(3))
+    st = loop_stats(instrs)
+    p = props.get(name, {})
+    nt, slots, r_tiles = tc_shape(mt)
+    wpi = st["weight_bytes"] * 8 if st else 0
+    executed = float("nan")
+    if st and wpi:
+        chunks = wpi / (r_tiles * 128)
+        runs = chunks * 256 / (slots * g) if slots * g >= 256 else 0.0   # below 256: unconditional, no region
+        per_copy = st["epilogue"] / st["epilogue_regions"] if st["epilogue_regions"] else 0.0
+        executed = st["static"] - st["epilogue"] + runs * per_copy
+    return [dict(path="cuda-tc", arch=arch, bits=1, dtype=dt, m=mt, g=g, vec=4, kernel=name,
+                 config=f"tc1<{dt},{mt},{g}> R={r_tiles} S={slots}", weights_per_iter=wpi or float("nan"),
+                 unroll=1, static_ipw=st["static"] / wpi if wpi else float("nan"),
+                 ipw=executed / wpi if wpi else float("nan"), registers=p.get("registers"), stack=p.get("stack", 0),
+                 spill=p.get("spill_stores", 0) + p.get("spill_loads", 0),
+                 local_ops=st["local_ops"] if st else 0, stats=st)]
 
 
 def gemv_weights_per_iter(bits: int, mt: int, vec: int) -> int:
@@ -395,6 +430,10 @@ def measure_cubin(cubin: str, ptxas_log: str, cuobjdump: str, arch: int) -> Tupl
     props = parse_ptxas(ptxas_log)
     funcs = parse_sass(_run([cuobjdump, "-sass", cubin]).stdout)
     for name, instrs in sorted(funcs.items()):
+        tc = _TC.search(name)
+        if tc:
+            rows += tc_rows(name, tc, instrs, props, arch)
+            continue
         m = _GEMV.search(name)
         if not m:
             unmeasured.append(name)
@@ -546,7 +585,7 @@ def table(rows: List[dict], clock: float, sm90: bool) -> List[str]:
 def summary(rows: List[dict], clock: float, dtype: str = "fp16", g: int = 128) -> List[str]:
     """bits x M grid of sm_90 'instr/w (H200 ceiling)' per path, for one dtype and group size."""
     out = []
-    for path in ("cuda", "triton"):
+    for path in ("cuda", "cuda-tc", "triton"):
         sel = {(r["bits"], r["m"]): r for r in rows
                if r["path"] == path and r["arch"] == 90 and r["dtype"] == dtype and r["g"] == g}
         if not sel:
@@ -567,10 +606,18 @@ def summary(rows: List[dict], clock: float, dtype: str = "fp16", g: int = 128) -
     return out
 
 
+def superseded(r: dict, rows: Iterable[dict]) -> bool:
+    """A CUDA-core GEMV row whose configuration the dispatcher sends to the tensor-core kernel instead
+    (csrc/ops.cpp: gemv_tc_supported -> launch_gemv_tc)."""
+    return r["path"] == "cuda" and any(
+        o["path"] == "cuda-tc" and all(o[k] == r[k] for k in ("arch", "bits", "dtype", "m", "g")) for o in rows)
+
+
 def failures(rows: Iterable[dict], clock: float) -> List[str]:
+    rows = list(rows)
     bad = []
     for r in rows:
-        if r["path"] != "cuda":
+        if r["path"] not in ("cuda", "cuda-tc") or superseded(r, rows):
             continue
         tag = f"cuda sm_{r['arch']} bits={r['bits']} {r['dtype']} M={r['m']} g={r['g']}"
         if r["ipw"] != r["ipw"]:
@@ -647,7 +694,7 @@ def main(argv=None) -> int:
         f"{b}-bit g{g} ({bits_per_weight(b, g):g} bpw): H200 {budget(b, g, GPUS['H200'], clock):.2f}, "
         f"H100 {budget(b, g, GPUS['H100'], clock):.2f}" for b in BITS for g in GROUPS))
     lines.append("")
-    order = {"cuda": 0, "triton": 1}
+    order = {"cuda": 0, "cuda-tc": 1, "triton": 2}
     rows.sort(key=lambda r: (order[r["path"]], r["bits"], DTYPES.index(r["dtype"]), r["m"], -r["g"]))
     lines += ["## Summary", ""] + summary(rows, clock)
     for arch in args.arch:

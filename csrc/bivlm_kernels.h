@@ -77,4 +77,36 @@ cudaError_t launch_splitk_reduce(const float* ws, int splits, int64_t mn, void* 
 // rounds to w.dtype (lut: the codebook entry itself; affine: (code - zero) * scale in fp32, rounded once).
 cudaError_t launch_dequantize(const PackedWeight& w, void* out, cudaStream_t stream);
 
+// ---- tensor-core decode path (1-bit lut, load-time "tc1" repack; bivlm_kernels/repack.py draws the layout) ----
+//
+//   qtc    uint4 [tc_tiles(n)][tc_chunks(k)][32 lanes]      16 rows x 256 k of codes per (tile, chunk)
+//   table  dtype [tc_tiles(n) + 1][tc_table_groups(k, g)][8][2][2]   (c0, c1) of rows (g, g + 8) of each tile;
+//                the last tile is zeros (the kernel's zero source for B)
+// Rows past n, k past K and groups past K / g are zero (codes and tables), so they contribute nothing.
+struct TcWeight {
+  const void* qtc = nullptr;
+  const void* table = nullptr;
+  int64_t n = 0;
+  int64_t k = 0;
+  int bits = 1;
+  int group_size = 0;
+  DType dtype = DType::kHalf;
+};
+
+// m16 tiles (a multiple of 4), 256-k chunks, and table groups (a multiple of 8) of the repacked layout.
+inline int64_t tc_tiles(int64_t n) { return ((n + 15) / 16 + 3) / 4 * 4; }
+inline int64_t tc_chunks(int64_t k) { return (k + 255) / 256; }
+inline int64_t tc_table_groups(int64_t k, int g) { return (tc_chunks(k) * 256 / g + 7) / 8 * 8; }
+
+// True when the tensor-core kernel covers this format: bits 1, g 64 or 128, fp16 or bf16.
+bool gemv_tc_supported(int bits, int group_size, DType dtype);
+
+// K splits for the tensor-core GEMV (1 = none; > 1: out_f32 workspace of splits * m * n, then
+// launch_splitk_reduce), deterministic in its arguments as gemv_num_splits.
+int gemv_tc_num_splits(int64_t m, const TcWeight& w, int sm_count);
+
+// y = x W^T (+ bias) for 1 <= m <= kGemvMaxM with the repacked weight; x as for launch_gemv (16-byte aligned rows).
+cudaError_t launch_gemv_tc(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
+                           void* out, float* out_f32, cudaStream_t stream);
+
 }  // namespace bivlm

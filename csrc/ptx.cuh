@@ -55,6 +55,19 @@ BIVLM_PTX uint4 ld_nc_v4(const void* p) {
 #endif
 }
 
+// What: 8 bytes through the read-only path, ld.global.nc.v2.u32. Why: the tensor-core GEMV reads a row pair's
+// (c0, c1) table entries with one load. p must be 8-byte aligned.
+BIVLM_PTX uint2 ld_nc_v2(const void* p) {
+#if defined(BIVLM_HOST_BUILD)
+  check_aligned(p, 8, "ld.global.nc.v2.u32");
+  uint2 v;
+  std::memcpy(&v, p, 8);
+  return v;
+#else
+  return __ldg(reinterpret_cast<const uint2*>(p));
+#endif
+}
+
 // What: the same for four floats, ld.global.nc.v4.f32 (fp32 activations). p must be 16-byte aligned.
 BIVLM_PTX float4 ld_nc_f4(const float* p) {
 #if defined(BIVLM_HOST_BUILD)
@@ -118,6 +131,15 @@ BIVLM_PTX uint32_t lop3(uint32_t a, uint32_t b, uint32_t c) {
   asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(d) : "r"(a), "r"(b), "r"(c), "n"(LUT));
   return d;
 #endif
+}
+
+// What: v, unchanged, through an empty asm the optimizer cannot see into. Why: constant mma operands (the all-ones
+// A fragment of the tensor-core GEMV) are otherwise re-materialized with four MOVs before every mma.
+BIVLM_PTX uint32_t opaque(uint32_t v) {
+#if !defined(BIVLM_HOST_BUILD)
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
 }
 
 // What: prmt.b32 (default mode) -- byte i of the result is byte s_i of the 8-byte value {b, a} (a = bytes 0..3,

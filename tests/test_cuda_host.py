@@ -26,7 +26,7 @@ import subprocess
 import pytest
 import torch
 
-from bivlm_kernels import formats, ops
+from bivlm_kernels import formats, ops, repack
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SRC = pathlib.Path(os.environ.get("BIVLM_CUDA_HOST_SRC", ROOT / "csrc"))
@@ -152,7 +152,7 @@ class Case:
 
     def header(self):
         h = [0] * 16
-        h[0] = {"linear": 1, "dequantize": 2, "reduce": 3}[self.op]
+        h[0] = {"linear": 1, "dequantize": 2, "reduce": 3, "tc": 4}[self.op]
         if self.op == "reduce":
             h[10], h[12], h[15] = DTYPES[self.out_dtype], self.splits, 1
         else:
@@ -162,7 +162,7 @@ class Case:
             h[9] = getattr(self, "sm", 1)
             h[10] = DTYPES[getattr(self, "out_dtype", self.dtype)]
             h[11] = getattr(self, "q_offset", 0)
-            h[15] = 5 if self.op == "linear" else 3
+            h[15] = {"linear": 5, "tc": 4}.get(self.op, 3)
         return struct.pack("<16q", *h)
 
     def payload(self):
@@ -173,12 +173,15 @@ class Case:
             return _blob(self.qweight) + _blob(t0) + _blob(t1)
         # x: exactly the (m - 1) * ldx + k elements the kernel may read.
         x_flat = self.x_full.reshape(-1)[: (self.m - 1) * self.ldx + self.k]
+        if self.op == "tc":
+            qtc, table = repack.repack_tc1(self.qweight, t0, self.k, self.g)
+            return _blob(x_flat) + _blob(qtc) + _blob(table) + _blob(self.bias)
         return _blob(x_flat) + _blob(self.qweight) + _blob(t0) + _blob(t1) + _blob(self.bias)
 
     def describe(self):
         keys = ("fmt", "g", "dtype", "m", "n", "k", "ldx", "sm", "out_dtype", "q_offset", "splits")
         parts = [f"{k}={getattr(self, k)}" for k in keys if hasattr(self, k)]
-        if self.op == "linear":
+        if self.op in ("linear", "tc"):
             parts.append(f"bias={self.bias is not None}")
         return f"{self.op}(" + ", ".join(parts) + ")"
 
@@ -258,6 +261,50 @@ def grid_cases(gen):
     return cases
 
 
+def _tc_case(gen, g, dtype, m, n, k, **kw):
+    c = _linear_case(gen, "lut1", g, dtype, m, n, k, **kw)
+    c.op = "tc"
+    return c
+
+
+def tc_grid_cases(gen):
+    """The tensor-core 1-bit GEMV: dtype x g x MT bucket, paths rotated (direct, split-K, fp32 / other out dtype,
+    strided x), N not a multiple of 16 or 64, K not a multiple of 256 and slot blocks cut by the end of K."""
+    cases, i = [], 0
+    for dtype in (torch.float16, torch.bfloat16):
+        for g in (64, 128):
+            for bucket in MT_BUCKETS:
+                for path in range(4):
+                    m = bucket[i % len(bucket)]
+                    k = (576, 1280, 640, 2304)[i % 4] if g == 64 else (640, 1152, 1536, 2304)[i % 4]
+                    n = (67, 16, 130, 1)[i % 4]
+                    sm = 1
+                    if path == 1:
+                        n, k, sm = 5 + i % 3, 16384 + 2 * g, 132
+                    other = torch.float32 if i % 2 else (torch.bfloat16 if dtype == torch.float16 else torch.float16)
+                    cases.append(_tc_case(gen, g, dtype, m, n, k, ldx_pad=3 if path == 3 else 0, bias=i % 3 != 0,
+                                          sm=sm, out_dtype=other if path == 2 else dtype))
+                    i += 1
+    return cases
+
+
+def tc_fuzz_cases(gen, count):
+    rnd = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    cases = []
+    for _ in range(count):
+        g = rnd.choice((64, 128))
+        dtype = rnd.choice((torch.float16, torch.bfloat16))
+        m = rnd.randint(1, 16)
+        if rnd.random() < 0.2:
+            n, k = rnd.randint(1, 12), g * rnd.randint(4096 // g, 16384 // g)
+        else:
+            n, k = int(2 ** rnd.uniform(0, 8)), g * rnd.randint(1, 2048 // g)
+        od = rnd.choice([dtype, dtype, torch.float32])
+        cases.append(_tc_case(gen, g, dtype, m, n, k, ldx_pad=rnd.choice([0, 0, 1, 5]), bias=rnd.random() < 0.5,
+                              sm=rnd.choice([1, 2, 8, 132]), out_dtype=od))
+    return cases
+
+
 def fuzz_cases(gen, count):
     """Random linear calls (the bulk) with dequantize and reduce calls mixed in."""
     rnd = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
@@ -331,6 +378,21 @@ def _linear_tolerance(c, w, splits):
     return acc
 
 
+def _tc_tolerance(c, splits):
+    """The tensor-core path's fp32 bound: per group it sums 2b x - [Q] x on the tensor cores (one rounding per k16
+    step, the host's model of the mma) and S, SQ the same way, then y += c0 S + h (D + SQ): every term is bounded by
+    (|c0| + |c1 - c0|) |x|, with n = g/16 + 2 + K/g + 8 + splits roundings along the way."""
+    x = c.x_full[:, : c.k].double()
+    cb = c.tables[0].double()
+    mag = (cb[..., 0].abs() + (cb[..., 1] - cb[..., 0]).abs()).repeat_interleave(c.g, dim=1)
+    n_terms = c.g // 16 + 2 + c.k // c.g + 8 + splits
+    u = 2.0 ** -24
+    acc = n_terms * u / (1 - n_terms * u) * (x.abs() @ mag.T)
+    if c.bias is not None:
+        acc += n_terms * u * c.bias.double().abs()
+    return acc
+
+
 def _check(c, res):
     """None when the kernel result is right, else a message."""
     e0, e1, splits, vec4, raw = res
@@ -357,7 +419,7 @@ def _check(c, res):
     if c.bias is not None:
         exact += c.bias.double()
     got = torch.frombuffer(bytearray(raw), dtype=c.out_dtype).reshape(c.m, c.n).double()
-    acc = _linear_tolerance(c, w, splits)
+    acc = _tc_tolerance(c, splits) if c.op == "tc" else _linear_tolerance(c, w, splits)
     tol = U_OUT[c.out_dtype] * (exact.abs() + acc) + acc + TINY[c.out_dtype]
     err = (got - exact).abs()
     bad = ~(err <= tol)   # NaN (an output never written) counts as bad
@@ -378,14 +440,18 @@ def _instantiations():
                     names.add(f"bivlm::detail::gemv_kernel<{t}, {bits}, {mt}, {vec}>")
             names.add(f"bivlm::detail::dequantize_kernel<{t}, {bits}>")
         names.add(f"bivlm::detail::splitk_reduce_kernel<{t}>")
+    for t in ("__half", "__nv_bfloat16"):
+        for mt in (1, 2, 4, 8, 16):
+            for g in (64, 128):
+                names.add(f"bivlm::detail::gemv_tc_b1_kernel<{t}, {mt}, {g}>")
     return names
 
 
 def test_kernels_against_reference(driver, tmp_path):
     """The grid and >= 300 fuzz cases in one sanitized run; every instantiated kernel launched; 0 mismatches."""
     gen = torch.Generator().manual_seed(SEED)
-    grid = grid_cases(gen)
-    fuzz = fuzz_cases(gen, FUZZ_CASES)
+    grid = grid_cases(gen) + tc_grid_cases(gen)
+    fuzz = fuzz_cases(gen, FUZZ_CASES) + tc_fuzz_cases(gen, FUZZ_CASES // 4)
     cases = grid + fuzz
     results, kernels, stdout = _run_cases(driver, cases, tmp_path)
     mismatches = []
@@ -401,11 +467,12 @@ def test_kernels_against_reference(driver, tmp_path):
         declared |= set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)", f.read_text()))
     uncovered = sorted(k for k in declared if not any(f"::{k}<" in n or n.endswith(f"::{k}") for n in launched))
     paths = {"split-K": sum(1 for c, r in zip(cases, results) if c.op == "linear" and r[2] > 1),
+             "tensor-core split-K": sum(1 for c, r in zip(cases, results) if c.op == "tc" and r[2] > 1),
              "4-byte loads": sum(1 for c, r in zip(cases, results) if c.op == "linear" and not r[3]),
              "strided x": sum(1 for c in cases if c.op == "linear" and c.ldx > c.k),
              "bias": sum(1 for c in cases if c.op == "linear" and c.bias is not None),
              "out dtype != x dtype": sum(1 for c in cases if c.op == "linear" and c.out_dtype != c.dtype)}
-    by_op = {op: sum(1 for c in cases if c.op == op) for op in ("linear", "dequantize", "reduce")}
+    by_op = {op: sum(1 for c in cases if c.op == op) for op in ("linear", "tc", "dequantize", "reduce")}
     print(f"\ncuda host build: {len(cases)} cases ({len(grid)} grid + {len(fuzz)} fuzz, seed {SEED}; "
           + ", ".join(f"{k} {v}" for k, v in by_op.items()) + "; linear paths: "
           + ", ".join(f"{k} {v}" for k, v in paths.items()) + f"), {len(launched)} kernel instantiations, "

@@ -10,7 +10,7 @@
 //   h[0] op: 1 linear (the GEMV path exactly as ops.cpp drives it), 2 dequantize, 3 split-K reduce alone
 //   h[1] bits  h[2] group_size  h[3] dtype (bivlm::DType)  h[4] m  h[5] n  h[6] k  h[7] ldx  h[8] has bias
 //   h[9] sm_count (drives the split-K policy)  h[10] out dtype  h[11] qweight base offset in words (0/1)
-//   h[12] splits (op 3)
+//   h[12] splits (op 3); op 4: the tensor-core GEMV on the tc1 repack (blobs x, qtc, table, bias)
 //   blobs: linear x, qweight, table0, table1, bias; dequantize qweight, table0, table1; reduce ws.
 // Every buffer is allocated at exactly its blob's size: the blob is the contract's size (pytest writes x as the
 // (m-1)*ldx + k elements the kernel may touch), so ASan reports any access past it.
@@ -92,6 +92,34 @@ int run_cases(const char* in_path, const char* out_path) {
       const cudaError_t e = bivlm::launch_splitk_reduce(static_cast<const float*>(ws.data()), splits, mn, o.data(),
                                                         od, nullptr);
       write_result(out, e, 0, splits, 0, o);
+    } else if (op == 4) {  // tensor-core GEMV on the tc1 repack: x, qtc, table, bias
+      Buffer x = r.blob();
+      Buffer q = r.blob();
+      Buffer tb = r.blob();
+      Buffer bias = r.blob();
+      bivlm::TcWeight w;
+      w.qtc = q.data();
+      w.table = tb.data();
+      w.n = n;
+      w.k = k;
+      w.bits = static_cast<int>(h[1]);
+      w.group_size = static_cast<int>(h[2]);
+      w.dtype = dtype;
+      const int splits = bivlm::gemv_tc_num_splits(m, w, static_cast<int>(h[9]));
+      const void* b = h[8] ? bias.data() : nullptr;
+      Buffer o(static_cast<size_t>(m * n) * dsize(h[10]));
+      cudaError_t e0 = cudaSuccess, e1 = cudaSuccess;
+      if (splits == 1 && od == dtype) {
+        e0 = bivlm::launch_gemv_tc(x.data(), m, h[7], w, b, 1, o.data(), nullptr, nullptr);
+      } else {
+        Buffer ws(static_cast<size_t>(splits * m * n) * 4);
+        e0 = bivlm::launch_gemv_tc(x.data(), m, h[7], w, b, splits, nullptr, static_cast<float*>(ws.data()),
+                                   nullptr);
+        if (e0 == cudaSuccess)
+          e1 = bivlm::launch_splitk_reduce(static_cast<const float*>(ws.data()), splits, m * n, o.data(), od,
+                                           nullptr);
+      }
+      write_result(out, e0, e1, splits, 1, o);
     } else {
       Buffer x = op == 1 ? r.blob() : Buffer();
       Buffer q = r.blob(static_cast<size_t>(4 * h[11]));

@@ -1,0 +1,335 @@
+// gemv_tc.cuh -- tensor-core decode GEMV for 1-bit lut weights, M = 1 .. 16, on the load-time "tc1" repack.
+//
+// y[i, n] = sum_k x[i, k] w[n, k] (+ bias[n]),  w[n, k] = c0 + (c1 - c0) b[n, k],  b in {0, 1},  (c0, c1) the
+// codebook of (n, k / g). fp32 accumulation on the tensor cores (mma.sync.m16n8k16, fp16 or bf16 operands).
+//
+// Roles: A (16 x 16) = weights of 16 output rows (an "m16 tile"), decoded in registers; B (16 x 8) = activations.
+//
+// Decode (the hot loop; see the repack in bivlm_kernels/repack.py for where each bit sits). A fragment register
+// holds two 16-bit values. With q a 32-bit code word shifted left by 2j, one LOP3 gives two weights:
+//
+//     P register  (q << 2j) & 0x40004000              bit 14 / 30 -> 0x4000 = 2.0 or 0:    v = 2b
+//     Q register  ((q << 2j) & 0x80008000) ^ 0xBC00BC00  bit 15 / 31 -> +1 or -1 (fp16):   v = 2b - 1
+//                 (bf16: ^ 0xBF80BF80)
+//
+// so a word feeds 16 registers with 7 shifts + 16 LOP3 (23 instructions per 32 weights). The P registers are
+// the fragment's columns 0..7 (a0, a1), the Q registers columns 8..15 (a2, a3) -- the same for every row, so
+//
+//     D_g = sum_(k in g) v x = 2 P_g - SQ_g,    P_g = sum_(k in g) b x,   SQ_g = sum over the Q columns of x
+//     2 y = sum_g  2 c0_g S_g + 2 (c1 - c0)_g P_g  =  sum_g  c0_g (2 S_g) + (c1 - c0)_g (D_g + SQ_g)
+//
+// S_g and SQ_g depend on x only: the block computes them for its k range into shared memory first (a prologue of
+// ~3 instructions per activation, shared by the block's 64 R rows). The epilogue (3 FP ops per accumulator) runs once per
+// "slot block": for M <= 4 the 8 columns of B are M rows of x x S = 8/M group slots, column n = m * S + slot
+// holding x only where the group of the k step has that slot, so S groups accumulate side by side and one
+// epilogue serves them all (M = 1: every 8 groups).
+//
+//   B columns (M = 1):   n = 0      1      2    ...   7            slot = group % 8
+//                       x(g0)  x(g1)  x(g2)  ...  x(g7)   then the epilogue, then g8 .. g15 ...
+//
+// Work: grid = (tiles / (4 R), splits); a warp owns R m16 tiles (16 R rows) and the k range of its split; each
+// lane loads one 16-byte word group per tile per 256-k chunk (prefetched one chunk ahead), and one 16-byte load
+// of x per row of x per 32 k (shared by all tiles).
+#pragma once
+
+#include "common.cuh"
+
+namespace bivlm {
+namespace detail {
+
+constexpr int kTcWarps = kGemvThreads / 32;
+
+template <typename T>
+struct TcBits;
+template <>
+struct TcBits<__half> {
+  static constexpr uint32_t kOne2 = 0x3C003C00u, kNegOne2 = 0xBC00BC00u;
+};
+template <>
+struct TcBits<__nv_bfloat16> {
+  static constexpr uint32_t kOne2 = 0x3F803F80u, kNegOne2 = 0xBF80BF80u;
+};
+
+__device__ __forceinline__ void tc_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], __half) {
+  ptx::mma_m16n8k16_f16(d, a, b, d);
+}
+__device__ __forceinline__ void tc_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                       __nv_bfloat16) {
+  ptx::mma_m16n8k16_bf16(d, a, b, d);
+}
+
+// (lo, hi) of a 32-bit pair of T as fp32.
+__device__ __forceinline__ float2 tc_pair(uint32_t v, __half) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&v));
+}
+__device__ __forceinline__ float2 tc_pair(uint32_t v, __nv_bfloat16) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+}
+
+template <typename T>
+struct TcParams {
+  const T* x;              // [m, k], row stride ldx (16-byte aligned rows)
+  int64_t ldx;
+  int m;
+  const uint4* q;          // repacked codes [tiles][chunks][32 lanes] x 16 bytes
+  const T* tab;            // repacked tables [tiles + 1][tgroups][8][2 rows: g, g + 8][2: c0, c1]; tile `tiles`
+                           // is zeros (the B operand of lanes whose group slot is not the step's reads it)
+  int n, k;
+  int tiles, chunks, tgroups;
+  int chunks_per_split;    // a multiple of the slot block's chunks
+  int sgroups;             // groups of one split in shared memory: chunks_per_split * 256 / G, rounded up to S
+  const T* bias;           // [n] or nullptr
+  T* out;                  // [m, n] when out_f32 == nullptr
+  float* out_f32;          // [splits, m, n] partials, or nullptr
+};
+
+// Shape of the B operand for a bucket MT of M: n8 tiles, group slots, m16 tiles per warp.
+template <int MT>
+struct TcShape {
+  static constexpr int NT = MT > 8 ? 2 : 1;
+  static constexpr int S = MT >= 8 ? 1 : 8 / MT;
+  static constexpr int R = MT > 8 ? 2 : 4;
+};
+
+template <typename T, int MT, int G>
+__global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams<T> p) {
+  constexpr int NT = TcShape<MT>::NT, S = TcShape<MT>::S, R = TcShape<MT>::R;
+  constexpr int BK = S * G;  // k covered by one slot block (one epilogue)
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int gid = lane >> 2, t = lane & 3;
+  const int tile0 = (blockIdx.x * kTcWarps + warp) * R;
+  const int c_begin = blockIdx.y * p.chunks_per_split;
+  const int c_end = min(p.chunks, c_begin + p.chunks_per_split);
+
+  // Prologue: S and SQ of every (row of x, group) of this split -> smem sums[0 / 1][m][group - first group].
+  // Each thread sums 8 consecutive activations (one 16-byte load); the G/8 lanes of a group add up by shuffles.
+  BIVLM_DYNAMIC_SMEM(float, sums);
+  {
+    const int total = p.sgroups * (G / 8);            // 8-element pieces per row of x
+    const int k_lim = min(p.k, c_end * 256);
+    for (int mi = 0; mi < MT; ++mi) {
+      for (int e0 = 0; e0 < total; e0 += kGemvThreads) {
+        const int e8 = e0 + static_cast<int>(threadIdx.x);
+        const int kx = c_begin * 256 + e8 * 8;
+        float sv = 0.0f, sq = 0.0f;
+        if (e8 < total && kx < k_lim && mi < p.m) {
+          float f[8];
+          load8(p.x + static_cast<int64_t>(mi) * p.ldx + kx, f);
+          sq = (f[2] + f[3]) + (f[6] + f[7]);
+          sv = ((f[0] + f[1]) + (f[4] + f[5])) + sq;
+        }
+#pragma unroll
+        for (int off = 1; off < G / 8; off <<= 1) {
+          sv += ptx::shfl_xor(sv, off);
+          sq += ptx::shfl_xor(sq, off);
+        }
+        if (e8 < total && e8 % (G / 8) == 0) {
+          sums[mi * p.sgroups + e8 / (G / 8)] = 2.0f * sv;   // 2 S: the epilogue accumulates 2 y
+          sums[(MT + mi) * p.sgroups + e8 / (G / 8)] = sq;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (tile0 >= p.tiles) return;  // whole warp (tiles is a multiple of 4, R divides 4)
+
+  // B column n = gid of each n8 tile: row of x (m) and group slot.
+  const T* xrow[NT];
+  bool xok[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int mi = nt * 8 + (S > 1 ? gid / S : gid);
+    xok[nt] = mi < p.m;
+    xrow[nt] = p.x + (xok[nt] ? static_cast<int64_t>(mi) * p.ldx : 0);
+  }
+  const int my_slot = gid % S;
+  const T* zero_src = p.tab + static_cast<int64_t>(p.tiles) * p.tgroups * 32;  // >= 256 zero elements
+  const int g_begin = c_begin * (256 / G);
+
+  float d[R][NT][4], y[R][NT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) d[r][nt][e] = y[r][nt][e] = 0.0f;
+
+  // Fold the slot block that starts at group gf into y (which holds 2 y: y2 += 2 c0 S + (c1 - c0)(D + SQ), so no
+  // halving per group); reset the block accumulators.
+  auto epilogue = [&](int gf) {
+    float sv[NT][2], sq[NT][2];  // S, SQ of this lane's columns 2t, 2t + 1
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const int col = 2 * t + e2;
+        const int mi = S > 1 ? col / S : nt * 8 + col;
+        const int gl = gf - g_begin + (S > 1 ? col % S : 0);
+        sv[nt][e2] = sums[mi * p.sgroups + gl];
+        sq[nt][e2] = sums[(MT + mi) * p.sgroups + gl];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const T* tb = p.tab + static_cast<int64_t>(tile0 + r) * p.tgroups * 32 + gid * 4;
+      float c0[2][2], h[2][2];  // [column e2 of this lane][row half]: c0 and c1 - c0
+#pragma unroll
+      for (int e2 = 0; e2 < (S > 1 ? 2 : 1); ++e2) {
+        const int grp = S > 1 ? gf + (2 * t + e2) % S : gf;
+        const uint2 v = ptx::ld_nc_v2(tb + static_cast<int64_t>(grp) * 32);
+        const float2 lo = tc_pair(v.x, T()), hi = tc_pair(v.y, T());   // rows gid, gid + 8: (c0, c1)
+        c0[e2][0] = lo.x, h[e2][0] = lo.y - lo.x;
+        c0[e2][1] = hi.x, h[e2][1] = hi.y - hi.x;
+      }
+      if (S == 1) c0[1][0] = c0[0][0], c0[1][1] = c0[0][1], h[1][0] = h[0][0], h[1][1] = h[0][1];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int e2 = e & 1, rh = e >> 1;
+          y[r][nt][e] = fmaf(h[e2][rh], d[r][nt][e] + sq[nt][e2], fmaf(c0[e2][rh], sv[nt][e2], y[r][nt][e]));
+          d[r][nt][e] = 0.0f;
+        }
+      }
+    }
+  };
+
+  const uint4* qbase = p.q + static_cast<int64_t>(tile0) * p.chunks * 32 + lane;
+  uint4 qa[R], qb[R];  // code words of the current chunk / the next one (the roles swap every chunk)
+#pragma unroll
+  for (int r = 0; r < R; ++r) qa[r] = qb[r] = make_uint4(0u, 0u, 0u, 0u);
+  if (c_begin < c_end) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) qa[r] = ptx::ld_cs_v4(qbase + (static_cast<int64_t>(r) * p.chunks + c_begin) * 32);
+  }
+
+  // One 256-k chunk with codes cq; prefetches chunk c + 1 into nq.
+  auto chunk = [&](int c, const uint4 (&cq)[R], uint4 (&nq)[R]) {
+    if (c + 1 < c_end) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) nq[r] = ptx::ld_cs_v4(qbase + (static_cast<int64_t>(r) * p.chunks + c + 1) * 32);
+    }
+    // Group gi of the chunk feeds this lane's B column when k < K and its slot is the lane's:
+    // (c 256 / G + gi) % S == my_slot. Otherwise the lane reads zeros: the zero tile after the tables.
+    const T* xg[NT][256 / G];
+#pragma unroll
+    for (int gi = 0; gi < 256 / G; ++gi) {
+      const bool in_k = c * 256 + gi * G < p.k;
+      const bool slot_ok = S == 1 || (static_cast<unsigned>(c * (256 / G) + gi) % S) == static_cast<unsigned>(my_slot);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        xg[nt][gi] = (xok[nt] && slot_ok && in_k) ? xrow[nt] + c * 256 + gi * G + 8 * t : zero_src + 8 * t;
+    }
+#pragma unroll
+    for (int pp = 0; pp < 8; ++pp) {
+      uint4 bx[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) bx[nt] = ptx::ld_nc_v4(xg[nt][pp * 32 / G] + (pp * 32) % G);
+#pragma unroll
+      for (int hs = 0; hs < 2; ++hs) {
+        const int s = pp * 2 + hs, w = s >> 2, i = s & 3;
+        uint32_t b[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          b[nt][0] = hs ? bx[nt].z : bx[nt].x;
+          b[nt][1] = hs ? bx[nt].w : bx[nt].y;
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint32_t q = w == 0 ? cq[r].x : w == 1 ? cq[r].y : w == 2 ? cq[r].z : cq[r].w;
+          const uint32_t q0 = q << (4 * i), q1 = q << (4 * i + 2);
+          const uint32_t a[4] = {q0 & 0x40004000u, q1 & 0x40004000u,
+                                 ptx::lop3<0x6A>(q0, 0x80008000u, TcBits<T>::kNegOne2),
+                                 ptx::lop3<0x6A>(q1, 0x80008000u, TcBits<T>::kNegOne2)};
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) tc_mma(d[r][nt], a, b[nt], T());
+        }
+        if constexpr (BK < 256) {
+          if (((s + 1) * 16) % BK == 0) epilogue((c * 256 + (s + 1) * 16 - BK) / G);
+        }
+      }
+    }
+    if constexpr (BK >= 256) {
+      if (((c + 1) * 256) % BK == 0) epilogue(((c + 1) * 256 - BK) / G);
+    }
+  };
+
+  for (int c = c_begin; c < c_end; c += 2) {
+    chunk(c, qa, qb);
+    if (c + 1 < c_end) chunk(c + 1, qb, qa);
+  }
+  if constexpr (BK > 256) {  // a split that ends inside a slot block (the last one): fold the partial block
+    if (c_begin < c_end && (c_end * 256) % BK != 0) epilogue((c_end * 256 / BK) * BK / G);
+  }
+
+  // Output: sum the slots of each row of x (columns 2t, 2t+1 of this lane, then lanes xor 1, 2), write.
+  const bool add_bias = p.bias != nullptr && blockIdx.y == 0;
+  auto write = [&](int mi, int row, float v2) {
+    float v = 0.5f * v2;  // exact
+    if (add_bias) v += to_float(p.bias[row]);
+    if (p.out_f32 != nullptr) {
+      p.out_f32[(static_cast<int64_t>(blockIdx.y) * p.m + mi) * p.n + row] = v;
+    } else {
+      p.out[static_cast<int64_t>(mi) * p.n + row] = from_float<T>(v);
+    }
+  };
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row0 = (tile0 + r) * 16 + gid;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if constexpr (S > 1) {
+        float v[2] = {y[r][nt][0] + y[r][nt][1], y[r][nt][2] + y[r][nt][3]};
+#pragma unroll
+        for (int rh = 0; rh < 2; ++rh) {
+#pragma unroll
+          for (int off = 1; off < S / 2; off <<= 1) v[rh] += ptx::shfl_xor(v[rh], off);
+        }
+        const int mi = (2 * t) / S;
+        if (t % (S / 2) == 0 && mi < p.m) {
+#pragma unroll
+          for (int rh = 0; rh < 2; ++rh)
+            if (row0 + 8 * rh < p.n) write(mi, row0 + 8 * rh, v[rh]);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int mi = nt * 8 + 2 * t + (e & 1), row = row0 + 8 * (e >> 1);
+          if (mi < p.m && row < p.n) write(mi, row, y[r][nt][e]);
+        }
+      }
+    }
+  }
+}
+
+// Launch one instantiation (grid from the repacked sizes).
+template <typename T, int MT, int G>
+cudaError_t launch_tc_config(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
+                             int chunks_per_split, void* out, float* out_f32, cudaStream_t stream) {
+  TcParams<T> p;
+  p.x = static_cast<const T*>(x);
+  p.ldx = ldx;
+  p.m = static_cast<int>(m);
+  p.q = static_cast<const uint4*>(w.qtc);
+  p.tab = static_cast<const T*>(w.table);
+  p.n = static_cast<int>(w.n);
+  p.k = static_cast<int>(w.k);
+  p.tiles = static_cast<int>(tc_tiles(w.n));
+  p.chunks = static_cast<int>(tc_chunks(w.k));
+  p.tgroups = static_cast<int>(tc_table_groups(w.k, w.group_size));
+  p.chunks_per_split = chunks_per_split;
+  constexpr int S = TcShape<MT>::S;
+  p.sgroups = (chunks_per_split * (256 / G) + S - 1) / S * S;
+  p.bias = static_cast<const T*>(bias);
+  p.out = static_cast<T*>(out);
+  p.out_f32 = out_f32;
+  constexpr int tiles_per_block = kTcWarps * TcShape<MT>::R;
+  const dim3 grid(static_cast<unsigned>((p.tiles + tiles_per_block - 1) / tiles_per_block),
+                  static_cast<unsigned>(splits));
+  const size_t smem = 2u * MT * static_cast<size_t>(p.sgroups) * sizeof(float);
+  BIVLM_LAUNCH(grid, kGemvThreads, smem, stream, gemv_tc_b1_kernel<T, MT, G>)(p);
+  return cudaGetLastError();
+}
+
+}  // namespace detail
+}  // namespace bivlm

@@ -1,0 +1,104 @@
+// gemv_tc_b1.cu -- host side of the tensor-core 1-bit GEMV (gemv_tc.cuh): format check, split-K policy, dispatch
+// over dtype x M bucket x group size.
+#include <cstdint>
+
+#include "gemv_tc.cuh"
+
+namespace bivlm {
+
+namespace {
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// M bucket of the kernel (as the CUDA-core GEMV's: 1, 2, 4, 8, 16).
+int tc_mt(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
+
+// Chunks of one slot block: a split must start on one.
+int64_t block_chunks(int mt, int g) {
+  const int s = mt >= 8 ? 1 : 8 / mt;
+  return cdiv(static_cast<int64_t>(s) * g, 256);
+}
+
+int tiles_per_block(int mt) { return detail::kTcWarps * (mt > 8 ? 2 : 4); }
+
+// The block keeps S and SQ of its split's groups in shared memory (8 MT bytes per group): at most 32 KiB, so a
+// split spans at most 16 G / MT chunks (a multiple of block_chunks for every bucket).
+int64_t max_chunks_per_split(int mt, int g) { return 16 * static_cast<int64_t>(g) / mt; }
+
+int64_t chunks_per_split(int64_t m, const TcWeight& w, int splits) {
+  const int mt = tc_mt(m);
+  const int64_t bc = block_chunks(mt, w.group_size);
+  return cdiv(cdiv(tc_chunks(w.k), splits), bc) * bc;
+}
+
+}  // namespace
+
+bool gemv_tc_supported(int bits, int group_size, DType dtype) {
+  return bits == 1 && (group_size == 64 || group_size == 128) && (dtype == DType::kHalf || dtype == DType::kBFloat16);
+}
+
+// Split-K policy (NOT MEASURED, as gemv_num_splits): >= 4 blocks per SM; splits start on slot blocks; <= 32.
+int gemv_tc_num_splits(int64_t m, const TcWeight& w, int sm_count) {
+  const int mt = tc_mt(m);
+  const int64_t row_blocks = cdiv(tc_tiles(w.n), tiles_per_block(mt));
+  const int64_t target = 4 * static_cast<int64_t>(sm_count > 0 ? sm_count : 1);
+  int64_t splits = cdiv(target, row_blocks);
+  const int64_t max_splits = cdiv(tc_chunks(w.k), block_chunks(mt, w.group_size));
+  const int64_t min_splits = cdiv(tc_chunks(w.k), max_chunks_per_split(mt, w.group_size));
+  if (splits > max_splits) splits = max_splits;
+  if (splits > 32) splits = 32;
+  if (splits < min_splits) splits = min_splits;  // may exceed 32 for K > 32 * 16 G / MT: correct, rare
+  if (splits < 1) splits = 1;
+  splits = cdiv(tc_chunks(w.k), chunks_per_split(m, w, static_cast<int>(splits)));
+  return static_cast<int>(splits < 1 ? 1 : splits);
+}
+
+namespace {
+
+template <typename T, int G>
+cudaError_t launch_tc_g(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
+                        int cps, void* out, float* out_f32, cudaStream_t stream) {
+  switch (tc_mt(m)) {
+    case 1:
+      return detail::launch_tc_config<T, 1, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+    case 2:
+      return detail::launch_tc_config<T, 2, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+    case 4:
+      return detail::launch_tc_config<T, 4, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+    case 8:
+      return detail::launch_tc_config<T, 8, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+    default:
+      return detail::launch_tc_config<T, 16, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+  }
+}
+
+template <typename T>
+cudaError_t launch_tc_t(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
+                        int cps, void* out, float* out_f32, cudaStream_t stream) {
+  return w.group_size == 64 ? launch_tc_g<T, 64>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream)
+                            : launch_tc_g<T, 128>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+}
+
+bool aligned(const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
+
+}  // namespace
+
+cudaError_t launch_gemv_tc(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
+                           void* out, float* out_f32, cudaStream_t stream) {
+  if (!gemv_tc_supported(w.bits, w.group_size, w.dtype) || m < 1 || m > kGemvMaxM || w.n < 1 ||
+      w.k < w.group_size || w.k % w.group_size != 0 || w.n > INT32_MAX / 2 || w.k > INT32_MAX / 2 || splits < 1 ||
+      (splits > 1 && out_f32 == nullptr) || (out == nullptr && out_f32 == nullptr) || w.qtc == nullptr ||
+      w.table == nullptr || !aligned(w.qtc, 16) || !aligned(w.table, 8)) {
+    return cudaErrorInvalidValue;
+  }
+  // x is read 16 bytes at a time at columns that are multiples of 8.
+  if (x == nullptr || !aligned(x, 16) || (ldx * 2) % 16 != 0 || ldx < w.k) return cudaErrorInvalidValue;
+  const int64_t cps = chunks_per_split(m, w, splits);
+  if (cdiv(tc_chunks(w.k), cps) != splits || cps > max_chunks_per_split(tc_mt(m), w.group_size))
+    return cudaErrorInvalidValue;  // not what gemv_tc_num_splits gave
+  return w.dtype == DType::kHalf
+             ? launch_tc_t<__half>(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream)
+             : launch_tc_t<__nv_bfloat16>(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);
+}
+
+}  // namespace bivlm
