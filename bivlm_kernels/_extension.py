@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from . import ops
+from . import ops, tc_dispatch
 
 log = logging.getLogger(__name__)
 
@@ -20,3 +20,6 @@ except ImportError as e:
 for _name in ops.OP_NAMES:
     if hasattr(torch.ops.bivlm_cuda, _name):
         ops.register_backend_kernel(_name, "cuda", getattr(torch.ops.bivlm_cuda, _name))
+if hasattr(torch.ops.bivlm_cuda, "tc_lut_linear"):   # 1-bit g64/g128 at M <= 16: the tensor-core kernel
+    ops.register_backend_kernel("lut_linear", "cuda", tc_dispatch.routed_lut_linear(
+        torch.ops.bivlm_cuda.tc_lut_linear, torch.ops.bivlm_cuda.lut_linear))

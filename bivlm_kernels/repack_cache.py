@@ -15,6 +15,7 @@ call (correct, slow) instead of cached.
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from typing import Any, Callable, Dict, Sequence, Tuple
 
@@ -22,6 +23,7 @@ import torch
 
 _lock = threading.Lock()
 _entries: Dict[Tuple, Tuple[Tuple, Any]] = {}
+_warned: set = set()
 
 
 def _fingerprint(t: torch.Tensor):
@@ -37,6 +39,12 @@ def get(tag: str, tensors: Sequence[torch.Tensor], build: Callable[[], Any]) -> 
     """The cached ``build()`` for these source tensors (built now when missing or stale)."""
     prints = tuple(_fingerprint(t) for t in tensors)
     if any(p is None for p in prints):
+        if tag not in _warned:
+            _warned.add(tag)
+            warnings.warn(f"repack_cache: the weight buffers are inference tensors (created under "
+                          f"torch.inference_mode()), whose in-place writes cannot be tracked: the {tag!r} repack is "
+                          f"rebuilt on every call. Create or load the model outside inference_mode to cache it.",
+                          RuntimeWarning, stacklevel=3)
         return build()
     key = (tag,) + tuple(id(t) for t in tensors)
     with _lock:

@@ -16,6 +16,7 @@
 //
 // Linear ops dispatch by M = x.numel() / K:
 //   M <= kGemvMaxM : decode GEMV kernel (split-K with an fp32 workspace when N is small), fp32 accumulation;
+//                    tc_lut_linear: the tensor-core 1-bit GEMV on the repacked layout (same split-K scheme);
 //   M >  kGemvMaxM : dequantize into a temporary [N, K] in x's dtype, then cuBLAS (at::mm / at::addmm).
 #include <Python.h>
 
@@ -126,21 +127,30 @@ void check_launch(cudaError_t err, const char* op, const char* what, int64_t m, 
               "): ", cudaGetErrorString(err));
 }
 
-// y = x @ W^T (+ bias) for one packed weight; shared by lut_linear and affine_linear.
-at::Tensor linear_impl(const char* op, const at::Tensor& x, const at::Tensor& table, const PackedWeight& w,
-                       const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
-  const int64_t n = w.n, k = w.k;
+// x as the decode kernels read it: [m, k] with unit column stride, a 16-byte aligned base and a row stride that keeps
+// rows 16-byte aligned (8 activations per 16-byte load), plus the checked bias and the output shape and dtype.
+struct XView {
+  at::Tensor x2;
+  int64_t m = 0, ldx = 0;
+  std::vector<int64_t> out_shape;
+  at::ScalarType od;
+  const void* bias_ptr = nullptr;
+};
+
+XView prepare_x(const char* op, const at::Tensor& x, const at::Tensor& table, int64_t n, int64_t k,
+                const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(x.is_cuda() && x.device() == table.device(), "bivlm_cuda.", op, ": x is on ", x.device(),
               " but the weight is on ", table.device(), " (n=", n, ", k=", k, ")");
   TORCH_CHECK(x.scalar_type() == table.scalar_type(), "bivlm_cuda.", op, ": x has dtype ", x.scalar_type(),
               " but the weight tables have ", table.scalar_type(), " (n=", n, ", k=", k, ")");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "bivlm_cuda.", op, ": x's last dimension must be in_features k=", k,
               ", got shape ", x.sizes(), " (n=", n, ")");
-  const int64_t m = x.numel() / k;
-  const at::ScalarType od = out_dtype.value_or(x.scalar_type());
-  TORCH_CHECK(is_float_type(od), "bivlm_cuda.", op, ": out_dtype must be float16, bfloat16 or float32, got ", od,
+  XView v;
+  v.m = x.numel() / k;
+  const int64_t m = v.m;
+  v.od = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(is_float_type(v.od), "bivlm_cuda.", op, ": out_dtype must be float16, bfloat16 or float32, got ", v.od,
               " (m=", m, ", n=", n, ", k=", k, ")");
-  const void* bias_ptr = nullptr;
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& b = *bias;
     TORCH_CHECK(b.device() == x.device() && b.scalar_type() == x.scalar_type() && b.dim() == 1 && b.size(0) == n,
@@ -148,57 +158,104 @@ at::Tensor linear_impl(const char* op, const at::Tensor& x, const at::Tensor& ta
                 x.device(), ", got ", b.sizes(), " ", b.scalar_type(), " ", b.device(), " (m=", m, ", n=", n,
                 ", k=", k, ")");
     TORCH_CHECK(b.is_contiguous(), "bivlm_cuda.", op, ": bias must be contiguous (m=", m, ", n=", n, ", k=", k, ")");
-    bias_ptr = b.data_ptr();
+    v.bias_ptr = b.data_ptr();
   }
-
-  const c10::cuda::CUDAGuard guard(x.device());
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
-  out_shape.push_back(n);
-  if (m == 0) return at::empty(out_shape, x.options().dtype(od));
-
-  // x as [m, k] with unit column stride, a 16-byte aligned base and a row stride that keeps rows 16-byte aligned
-  // (the GEMV reads 8 activations per 16-byte load). Views such as x[..., k0:k1] of a mixed-segment layer pass
-  // without a copy; anything else is copied once.
-  at::Tensor x2 = x.reshape({m, k});
-  const int64_t es = static_cast<int64_t>(x2.element_size());
-  int64_t ldx = m == 1 ? k : x2.stride(0);
-  const bool x_ok = x2.stride(1) == 1 && ldx >= k && (ldx * es) % 16 == 0 &&
-                    reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 == 0;
+  v.out_shape.assign(x.sizes().begin(), x.sizes().end() - 1);
+  v.out_shape.push_back(n);
+  if (m == 0) return v;
+  // Views such as x[..., k0:k1] of a mixed-segment layer pass without a copy; anything else is copied once.
+  v.x2 = x.reshape({m, k});
+  const int64_t es = static_cast<int64_t>(v.x2.element_size());
+  v.ldx = m == 1 ? k : v.x2.stride(0);
+  const bool x_ok = v.x2.stride(1) == 1 && v.ldx >= k && (v.ldx * es) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(v.x2.data_ptr()) % 16 == 0;
   if (!x_ok) {
-    x2 = at::empty({m, k}, x.options()).copy_(x2);  // fresh allocation: contiguous and aligned
-    ldx = k;
+    v.x2 = at::empty({m, k}, x.options()).copy_(v.x2);  // fresh allocation: contiguous and aligned
+    v.ldx = k;
   }
+  return v;
+}
+
+// Runs a decode kernel launch(splits, out, out_f32) for M <= kGemvMaxM: one pass writing x's dtype or fp32, or
+// fp32 partials (split-K, or another out dtype) and the deterministic reduction.
+template <class Launch>
+at::Tensor run_decode(const char* op, const at::Tensor& x, const XView& v, int64_t n, int64_t k, int splits,
+                      Launch launch) {
+  const int64_t m = v.m;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-  if (m > kGemvMaxM) {
-    // Large-M path (first step): dequantize into a temporary, then cuBLAS in x's dtype.
-    at::Tensor wd = at::empty({n, k}, x.options());
-    check_launch(launch_dequantize(w, wd.data_ptr(), stream), op, "dequantize kernel", m, n, k);
-    at::Tensor y = bias_ptr != nullptr ? at::addmm(*bias, x2, wd.t()) : at::mm(x2, wd.t());
-    if (od != x.scalar_type()) y = y.to(od);
-    return y.view(out_shape);
-  }
-
-  at::Tensor out = at::empty({m, n}, x.options().dtype(od));
-  const int sms = sm_count(x.get_device());
-  const int splits = gemv_num_splits(m, w, sms);
-  if (splits == 1 && od == x.scalar_type()) {
-    // One pass, the kernel writes x's dtype directly (bias included).
-    check_launch(launch_gemv(x2.data_ptr(), m, ldx, w, bias_ptr, 1, out.data_ptr(), nullptr, stream), op,
-                 "gemv kernel", m, n, k);
-  } else if (splits == 1 && od == at::kFloat) {
-    // One pass, fp32 output (mixed-segment accumulation): the kernel writes its fp32 sums directly.
-    check_launch(launch_gemv(x2.data_ptr(), m, ldx, w, bias_ptr, 1, nullptr, out.data_ptr<float>(), stream), op,
-                 "gemv kernel", m, n, k);
+  at::Tensor out = at::empty({m, n}, x.options().dtype(v.od));
+  if (splits == 1 && v.od == x.scalar_type()) {
+    check_launch(launch(1, out.data_ptr(), nullptr, stream), op, "gemv kernel", m, n, k);
+  } else if (splits == 1 && v.od == at::kFloat) {
+    check_launch(launch(1, nullptr, out.data_ptr<float>(), stream), op, "gemv kernel", m, n, k);
   } else {
-    // split-K (or an out dtype other than x's and fp32): fp32 partials, then a deterministic reduction.
     at::Tensor ws = at::empty({splits, m, n}, x.options().dtype(at::kFloat));
-    check_launch(launch_gemv(x2.data_ptr(), m, ldx, w, bias_ptr, splits, nullptr, ws.data_ptr<float>(), stream),
-                 op, "gemv kernel", m, n, k);
-    check_launch(launch_splitk_reduce(ws.data_ptr<float>(), splits, m * n, out.data_ptr(), to_dtype(od), stream),
+    check_launch(launch(splits, nullptr, ws.data_ptr<float>(), stream), op, "gemv kernel", m, n, k);
+    check_launch(launch_splitk_reduce(ws.data_ptr<float>(), splits, m * n, out.data_ptr(), to_dtype(v.od), stream),
                  op, "split-K reduce kernel", m, n, k);
   }
-  return out.view(out_shape);
+  return out.view(v.out_shape);
+}
+
+// y = x @ W^T (+ bias) for one packed weight; shared by lut_linear and affine_linear.
+at::Tensor linear_impl(const char* op, const at::Tensor& x, const at::Tensor& table, const PackedWeight& w,
+                       const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
+  const int64_t n = w.n, k = w.k;
+  const XView v = prepare_x(op, x, table, n, k, bias, out_dtype);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (v.m == 0) return at::empty(v.out_shape, x.options().dtype(v.od));
+  if (v.m > kGemvMaxM) {
+    // Large-M path (first step): dequantize into a temporary, then cuBLAS in x's dtype.
+    at::Tensor wd = at::empty({n, k}, x.options());
+    check_launch(launch_dequantize(w, wd.data_ptr(), c10::cuda::getCurrentCUDAStream()), op, "dequantize kernel",
+                 v.m, n, k);
+    at::Tensor y = v.bias_ptr != nullptr ? at::addmm(*bias, v.x2, wd.t()) : at::mm(v.x2, wd.t());
+    if (v.od != x.scalar_type()) y = y.to(v.od);
+    return y.view(v.out_shape);
+  }
+  const int splits = gemv_num_splits(v.m, w, sm_count(x.get_device()));
+  return run_decode(op, x, v, n, k, splits, [&](int s, void* out, float* out_f32, cudaStream_t stream) {
+    return launch_gemv(v.x2.data_ptr(), v.m, v.ldx, w, v.bias_ptr, s, out, out_f32, stream);
+  });
+}
+
+// The tensor-core 1-bit GEMV on the tc1 repack (bivlm_kernels/repack.py), M <= kGemvMaxM.
+at::Tensor tc_lut_linear(const at::Tensor& x, const at::Tensor& qtc, const at::Tensor& table, int64_t n, int64_t k,
+                         int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias,
+                         std::optional<at::ScalarType> out_dtype) {
+  const char* op = "tc_lut_linear";
+  TORCH_CHECK(n >= 1 && k >= 1 && n <= INT32_MAX / 2 && k <= INT32_MAX / 2, "bivlm_cuda.", op,
+              ": n and k must be in [1, 2^30), got n=", n, ", k=", k);
+  TORCH_CHECK(gemv_tc_supported(static_cast<int>(bits), static_cast<int>(group_size), to_dtype(table.scalar_type())) &&
+                  table.scalar_type() != at::kFloat && k % group_size == 0,
+              "bivlm_cuda.", op, ": covers bits=1, group_size 64 or 128 (dividing k), float16 or bfloat16 tables; got "
+              "bits=", bits, ", group_size=", group_size, ", k=", k, ", ", table.scalar_type());
+  const int64_t tiles = tc_tiles(n), chunks = tc_chunks(k), tg = tc_table_groups(k, static_cast<int>(group_size));
+  TORCH_CHECK(qtc.is_cuda() && qtc.scalar_type() == at::kInt && qtc.is_contiguous() &&
+                  qtc.sizes() == at::IntArrayRef({tiles, chunks, 32, 4}),
+              "bivlm_cuda.", op, ": qtc must be a contiguous CUDA int32 [", tiles, ", ", chunks, ", 32, 4] for n=", n,
+              ", k=", k, "; got ", qtc.sizes(), " ", qtc.scalar_type(), " ", qtc.device());
+  TORCH_CHECK(table.device() == qtc.device() && table.is_contiguous() &&
+                  table.sizes() == at::IntArrayRef({tiles + 1, tg, 8, 2, 2}),
+              "bivlm_cuda.", op, ": table must be contiguous [", tiles + 1, ", ", tg, ", 8, 2, 2] on qtc's device for n=",
+              n, ", k=", k, ", group_size=", group_size, "; got ", table.sizes(), " on ", table.device());
+  const XView v = prepare_x(op, x, table, n, k, bias, out_dtype);
+  TORCH_CHECK(v.m <= kGemvMaxM, "bivlm_cuda.", op, ": covers m <= ", kGemvMaxM, " rows of x, got m=", v.m,
+              " (lut_linear handles larger m)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (v.m == 0) return at::empty(v.out_shape, x.options().dtype(v.od));
+  TcWeight w;
+  w.qtc = qtc.data_ptr();
+  w.table = table.data_ptr();
+  w.n = n;
+  w.k = k;
+  w.bits = static_cast<int>(bits);
+  w.group_size = static_cast<int>(group_size);
+  w.dtype = to_dtype(table.scalar_type());
+  const int splits = gemv_tc_num_splits(v.m, w, sm_count(x.get_device()));
+  return run_decode(op, x, v, n, k, splits, [&](int s, void* out, float* out_f32, cudaStream_t stream) {
+    return launch_gemv_tc(v.x2.data_ptr(), v.m, v.ldx, w, v.bias_ptr, s, out, out_f32, stream);
+  });
 }
 
 at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& codebook, int64_t bits,
@@ -245,6 +302,10 @@ TORCH_LIBRARY(bivlm_cuda, m) {
         "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
   m.def("dequantize_lut(Tensor qweight, Tensor codebook, int bits, int group_size) -> Tensor");
   m.def("dequantize_affine(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor");
+  // The tensor-core 1-bit path on a load-time repack (bivlm_kernels/repack.py); the cuda backend's lut_linear
+  // routes eligible calls here (bivlm_kernels/_extension.py).
+  m.def("tc_lut_linear(Tensor x, Tensor qtc, Tensor table, int n, int k, int bits, int group_size, "
+        "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bivlm_cuda, CUDA, m) {
@@ -252,6 +313,7 @@ TORCH_LIBRARY_IMPL(bivlm_cuda, CUDA, m) {
   m.impl("affine_linear", &bivlm::affine_linear);
   m.impl("dequantize_lut", &bivlm::dequantize_lut);
   m.impl("dequantize_affine", &bivlm::dequantize_affine);
+  m.impl("tc_lut_linear", &bivlm::tc_lut_linear);
 }
 
 // A Python module `_C` with no methods: importing it loads this library, whose static initializers above register

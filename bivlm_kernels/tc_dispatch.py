@@ -1,0 +1,48 @@
+"""Routing of the CUDA backend's ``lut_linear`` to the tensor-core 1-bit kernel (``bivlm_cuda::tc_lut_linear``).
+
+A call goes to the tensor-core kernel when the format is one it covers (1 bit, g = 64 or 128, fp16 / bf16 tables),
+1 <= M <= 16 rows of x, and ``BIVLM_CUDA_TC`` is not ``0``. Its operands are the load-time "tc1" repack of the
+layer's v1 buffers (:mod:`bivlm_kernels.repack`), built on the first call and cached while those buffers are
+unchanged (:mod:`bivlm_kernels.repack_cache`): about the size of the packed weight once more, on the GPU.
+
+Importable without the compiled extension (the routing and the repack are pure PyTorch), so CPU tests exercise
+everything but the kernel: :func:`reference_tc_lut_linear` is the op's meaning on the repacked operands.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import ops, repack, repack_cache
+
+MAX_M = 16          # csrc/bivlm_kernels.h kGemvMaxM
+enabled = os.environ.get("BIVLM_CUDA_TC", "1") != "0"
+
+
+def tc_operands(x: torch.Tensor, qweight: torch.Tensor, codebook: torch.Tensor, bits: int, group_size: int):
+    """(qtc, table) when this call goes to the tensor-core kernel, else None. Arguments already checked."""
+    k = x.shape[-1]
+    if not enabled or not repack.tc_supported(bits, group_size, codebook.dtype) or k == 0:
+        return None
+    if not 1 <= x.numel() // k <= MAX_M:
+        return None
+    return repack_cache.get("tc1", (qweight, codebook),
+                            lambda: repack.repack_tc1(qweight, codebook, k, group_size))
+
+
+def reference_tc_lut_linear(x, qtc, table, n, k, bits, group_size, bias=None, out_dtype=None):
+    """What ``tc_lut_linear`` computes: the reference ``lut_linear`` of the un-repacked weight."""
+    qweight, codebook = repack.unrepack_tc1(qtc, table, n, k, group_size)
+    return ops.reference_lut_linear(x, qweight, codebook, bits, group_size, bias, out_dtype)
+
+
+def routed_lut_linear(tc_kernel, lut_kernel):
+    """The cuda backend's lut_linear: ``tc_kernel`` (the tc_lut_linear signature) where it applies, else
+    ``lut_kernel`` (the lut_linear signature)."""
+    def lut_linear(x, qweight, codebook, bits, group_size, bias=None, out_dtype=None):
+        rep = tc_operands(x, qweight, codebook, bits, group_size)
+        if rep is None:
+            return lut_kernel(x, qweight, codebook, bits, group_size, bias, out_dtype)
+        return tc_kernel(x, rep[0], rep[1], qweight.shape[0], x.shape[-1], bits, group_size, bias, out_dtype)
+    return lut_linear

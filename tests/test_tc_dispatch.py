@@ -1,0 +1,89 @@
+"""The CUDA backend's routing of 1-bit lut_linear to the tensor-core kernel, on the CPU: which calls go there, the
+load-time repack (round trip, cache, invalidation) and the result of the whole path with the reference in place of
+the kernel. The kernel itself runs in the host build (tests/test_cuda_host.py) and on a GPU (tests/test_cuda.py)."""
+import pytest
+import torch
+
+from bivlm_kernels import formats, ops, repack, repack_cache, tc_dispatch
+
+
+def _weight(n, k, g, dtype, bits=1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = formats.pack(torch.randint(0, 1 << bits, (n, k), generator=gen), bits)
+    cb = torch.randn(n, k // g, 1 << bits, generator=gen).to(dtype)
+    return q, cb
+
+
+@pytest.mark.parametrize("n,k,g", [(1, 64, 64), (67, 576, 64), (16, 256, 128), (130, 1152, 128), (300, 4096, 64)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_repack_round_trip(n, k, g, dtype):
+    q, cb = _weight(n, k, g, dtype)
+    qtc, table = repack.repack_tc1(q, cb, k, g)
+    assert qtc.shape == (repack.tc_tiles(n), repack.tc_chunks(k), 32, 4) and qtc.dtype == torch.int32
+    assert table.shape == (repack.tc_tiles(n) + 1, repack.tc_table_groups(k, g), 8, 2, 2)
+    assert not table[-1].any()                                   # the zero tile the kernel reads for idle slots
+    q2, cb2 = repack.unrepack_tc1(qtc, table, n, k, g)
+    assert torch.equal(q2, q) and torch.equal(cb2, cb)
+
+
+def test_bit_map_is_a_bijection_with_the_documented_positions():
+    row, col = repack._bit_map()
+    pairs = set(zip(row.flatten().tolist(), col.flatten().tolist()))
+    assert len(pairs) == 16 * 256                                # every (row, column) of a tile x chunk once
+    # lane 5 = (gid 1, t 1), word 1, bit 14 (j = 0: step 4, row gid, column kbase + 0): kbase = 32*2 + 8 + 0
+    assert (int(row[5, 1, 14]), int(col[5, 1, 14])) == (1, 72)
+    assert (int(row[5, 1, 31]), int(col[5, 1, 31])) == (1, 75)   # bit 31 - 2j (j = 0): kbase + 3
+    assert (int(row[5, 1, 12]), int(col[5, 1, 12])) == (9, 72)   # j = 1: row gid + 8
+
+
+def _spy():
+    calls = []
+
+    def tc(x, qtc, table, n, k, bits, g, bias, od):
+        calls.append("tc")
+        return tc_dispatch.reference_tc_lut_linear(x, qtc, table, n, k, bits, g, bias, od)
+
+    def lut(*args):
+        calls.append("lut")
+        return ops.reference_lut_linear(*args)
+    return calls, tc_dispatch.routed_lut_linear(tc, lut)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 17])
+@pytest.mark.parametrize("g,dtype,bits", [(64, torch.float16, 1), (128, torch.bfloat16, 1), (32, torch.float16, 1),
+                                          (128, torch.float32, 1), (128, torch.float16, 2)])
+def test_routing_and_result(m, g, dtype, bits):
+    repack_cache.clear()
+    n, k = 37, 4 * g
+    q, cb = _weight(n, k, g, dtype, bits, seed=m)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    calls, fn = _spy()
+    got = fn(x, q, cb, bits, g, bias, None)
+    want = ops.reference_lut_linear(x, q, cb, bits, g, bias, None)
+    goes_tc = bits == 1 and g in (64, 128) and dtype != torch.float32 and m <= 16
+    assert calls == ["tc" if goes_tc else "lut"]
+    assert torch.equal(got, want)                                # same math on the round-tripped weight
+
+
+def test_repack_is_cached_and_rebuilt_after_an_in_place_write():
+    repack_cache.clear()
+    q, cb = _weight(40, 256, 128, torch.float16)
+    x = torch.randn(1, 256).half()
+    calls, fn = _spy()
+    y0 = fn(x, q, cb, 1, 128, None, None)
+    assert repack_cache.size() == 1
+    fn(x, q, cb, 1, 128, None, None)
+    assert repack_cache.size() == 1
+    cb.mul_(2)                                                   # e.g. load_state_dict into the same buffers
+    y1 = fn(x, q, cb, 1, 128, None, None)
+    assert torch.equal(y1, ops.reference_lut_linear(x, q, cb, 1, 128, None, None))
+    assert not torch.equal(y0, y1)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setattr(tc_dispatch, "enabled", False)
+    q, cb = _weight(8, 128, 64, torch.float16)
+    calls, fn = _spy()
+    fn(torch.randn(1, 128).half(), q, cb, 1, 64, None, None)
+    assert calls == ["lut"]
