@@ -3,12 +3,21 @@
 Imported lazily by ``ops`` the first time a CPU tensor meets a ``bivlm`` op (never by ``import bivlm_kernels``);
 raises ImportError (which ops treats as "no CPU kernels") when the extension was not built. The CPU features
 (AVX2 or the scalar fallback) are asked by the extension on its first kernel call, not here.
+
+Two kernel families sit behind each linear op (``csrc/cpu/README.md``):
+
+* the table-lookup kernels (``tmac_linear``, T-MAC style in exact fp32) for M up to ``tmac_max_m[bits]``: they
+  read a row-interleaved repack of the codes, built from the layer's packed buffers on its first call and kept in
+  :mod:`bivlm_kernels.repack_cache` (valid while the buffers are unchanged; inference tensors, which the cache
+  cannot track, are not repacked and take the other family);
+* the direct kernels (``lut_linear`` / ``affine_linear`` / ``segmented_lut_linear`` of ``_C_cpu``: decode GEMV on
+  the neutral layout, dequantized tiles + ``at::mm`` for large M) for everything else.
 """
 import logging
 
 import torch
 
-from . import ops
+from . import ops, repack_cache
 
 log = logging.getLogger(__name__)
 
@@ -18,17 +27,70 @@ except ImportError as e:
     log.info("bivlm_kernels._C_cpu not available (%s); CPU tensors use the reference kernels", e)
     raise
 
+_C = torch.ops.bivlm_cpu
+
+# Largest M per bit width run by the table-lookup kernels (their cost grows with M; above, the direct kernels).
+# Measured crossovers on the 2-core AMD EPYC (Zen 3) of benchmarks/results/cpu_kernels*.md.
+_TMAC_MAX_M = {1: 16, 2: 0, 4: 0}
+
+
+def _tracked(*tensors) -> bool:
+    """Whether the repack cache can track these tensors (it cannot see in-place writes to inference tensors)."""
+    return not any(t.is_inference() for t in tensors)
+
+
+def _repacked(tag, qweight, tables, bits, group_size):
+    t1 = tables[1] if len(tables) > 1 else None
+    return repack_cache.get(tag, (qweight, *tables),
+                            lambda: tuple(_C.tmac_repack(qweight, tables[0], t1, bits, group_size)))
+
+
+def _m(x) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def lut_linear(x, qweight, codebook, bits, group_size, bias=None, out_dtype=None):
+    if _m(x) > _TMAC_MAX_M[bits] or not _tracked(qweight, codebook):
+        return _C.lut_linear(x, qweight, codebook, bits, group_size, bias, out_dtype)
+    codes, coefs = _repacked("cpu-tmac", qweight, (codebook,), bits, group_size)
+    return _C.tmac_linear(x, None, [codes], [coefs], [bits], qweight.shape[0], group_size, bias, out_dtype)
+
+
+def affine_linear(x, qweight, scales, zeros, bits, group_size, bias=None, out_dtype=None):
+    if _m(x) > _TMAC_MAX_M[bits] or not _tracked(qweight, scales, zeros):
+        return _C.affine_linear(x, qweight, scales, zeros, bits, group_size, bias, out_dtype)
+    codes, coefs = _repacked("cpu-tmac", qweight, (scales, zeros), bits, group_size)
+    return _C.tmac_linear(x, None, [codes], [coefs], [bits], qweight.shape[0], group_size, bias, out_dtype)
+
+
+def segmented_lut_linear(x, perm, qweights, codebooks, bits, group_size, bias=None, out_dtype=None):
+    m = _m(x)
+    if m > min(_TMAC_MAX_M[b] for b in bits) or not _tracked(*qweights, *codebooks):
+        return _C.segmented_lut_linear(x, perm, qweights, codebooks, bits, group_size, bias, out_dtype)
+    reps = [_repacked("cpu-tmac", q, (c,), b, group_size) for q, c, b in zip(qweights, codebooks, bits)]
+    return _C.tmac_linear(x, perm, [r[0] for r in reps], [r[1] for r in reps], list(bits), qweights[0].shape[0],
+                          group_size, bias, out_dtype)
+
+
+_WRAPPED = {"lut_linear": lut_linear, "affine_linear": affine_linear, "segmented_lut_linear": segmented_lut_linear}
 for _name in ops.ALL_OP_NAMES:
-    if hasattr(torch.ops.bivlm_cpu, _name):
-        ops.register_backend_kernel(_name, "cpu", getattr(torch.ops.bivlm_cpu, _name))
+    if hasattr(_C, _name):
+        ops.register_backend_kernel(_name, "cpu", _WRAPPED.get(_name, getattr(_C, _name)))
 
 
-def configure(gemv_max_m: int = -1, tile_bytes: int = -1, force_scalar: int = -1) -> dict:
-    """Dispatch knobs of the CPU kernels (tests and benchmarks); a negative value keeps a setting.
+def configure(gemv_max_m: int = -1, tile_bytes: int = -1, force_scalar: int = -1, tmac_max_m=None) -> dict:
+    """Dispatch knobs of the CPU kernels (tests and benchmarks); a negative value / None keeps a setting.
 
-    ``gemv_max_m``: largest M run by the decode GEMV (above: dequantized fp32 tiles + ``at::mm``);
-    ``tile_bytes``: size of that tile; ``force_scalar``: 1 runs the portable scalar kernels instead of AVX2.
-    Returns the settings now in force and the instruction set in use.
+    ``tmac_max_m``: {bits: largest M} for the table-lookup kernels (0: never); ``gemv_max_m``: largest M run by
+    the direct decode GEMV (above: dequantized fp32 tiles + ``at::mm``); ``tile_bytes``: size of that tile (and
+    the bound on the lookup tables built at once); ``force_scalar``: 1 runs the portable scalar kernels instead of
+    AVX2. Returns the settings now in force and the instruction set in use.
     """
-    m, tb, fs, avx2 = torch.ops.bivlm_cpu.configure(gemv_max_m, tile_bytes, force_scalar)
-    return {"gemv_max_m": m, "tile_bytes": tb, "force_scalar": bool(fs), "isa": "avx2" if avx2 else "scalar"}
+    if tmac_max_m is not None:
+        bad = set(tmac_max_m) - set(_TMAC_MAX_M)
+        if bad:
+            raise ValueError(f"tmac_max_m keys must be bit widths {sorted(_TMAC_MAX_M)}, got {sorted(bad)}")
+        _TMAC_MAX_M.update({b: int(v) for b, v in tmac_max_m.items()})
+    m, tb, fs, avx2 = _C.configure(gemv_max_m, tile_bytes, force_scalar)
+    return {"gemv_max_m": m, "tile_bytes": tb, "force_scalar": bool(fs), "isa": "avx2" if avx2 else "scalar",
+            "tmac_max_m": dict(_TMAC_MAX_M)}

@@ -46,6 +46,10 @@ struct Activations {
   // group sums [m, seg.k/g] of this segment's columns (group_sums): needed by affine segments; for 1-bit lut
   // segments at m = 1 it selects the mask kernel (nullptr: the decode kernel).
   const float* xsum = nullptr;
+  // optional, for affine segments with g % 64 == 0: x with every 64-column chunk stored transposed as 8 x 8
+  // (xt[64c + 8j + l] = x[64c + 8l + j], same ldx and col; transpose64): lets the 4-bit kernel decode 8 words of
+  // a row at once with immediate shifts instead of broadcasting one word (kernels_avx2.cpp)
+  const float* xt = nullptr;
 };
 
 // y[m, n] (+)= sum_k x[m, col + k] * w[n, k] (+ bias[n]) for n in [n0, n1), fp32 accumulation.
@@ -60,10 +64,15 @@ void dequantize(const Segment& seg, float* out, int64_t ldo, int64_t n0, int64_t
 // xsum[i, j] = sum of x[i, col + j*g .. col + (j+1)*g) for i < m, j < k/g (needed by affine segments).
 void group_sums(const float* x, int64_t m, int64_t ldx, int64_t col, int64_t k, int group_size, float* xsum);
 
+// xt[i, 64c + 8j + l] = x[i, 64c + 8l + j] for i < m and the k columns of each row (k % 64 == 0); ld ldx.
+void transpose64(const float* x, int64_t m, int64_t ldx, int64_t k, float* xt);
+
 // Which kernel set runs: "avx2" (AVX2 + FMA + F16C present at run time) or "scalar". Asked once, then cached.
 const char* isa();
 // Force the scalar kernels (tests of the fallback); returns the previous setting.
 bool force_scalar(bool on);
+// Whether the AVX2 kernels run now (CPU has AVX2 + FMA + F16C and the scalar kernels are not forced).
+bool use_avx2();
 
 // Scalar fallback and AVX2 implementations, selected by gemv/dequantize above.
 namespace scalar {

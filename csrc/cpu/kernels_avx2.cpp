@@ -221,12 +221,75 @@ void block(const Segment& s, const Activations& a, int64_t n, int64_t i0, float*
   }
 }
 
+// 4 bit with the transposed activations (Activations::xt, g % 64 == 0): per 64 columns, one load of 8 consecutive
+// words of a row; (v >> 4j) & 15 puts the code of column 8l + j in lane l, which meets xt[8j .. 8j + 8): per 8
+// weights an immediate shift, an AND, a convert and the FMAs -- no word broadcast, no variable shift.
+template <int R, int MT>
+void block4t(const Segment& s, const Activations& a, int64_t n, int64_t i0, float* y, int64_t ldy,
+             const float* bias, bool accumulate) {
+  const int64_t wpr = s.k / 8, groups = s.k / s.group_size, cpg = s.group_size / 64;
+  const uint32_t* q[R];
+  for (int r = 0; r < R; ++r) q[r] = reinterpret_cast<const uint32_t*>(s.qweight) + (n + r) * wpr;
+  const float* xr[MT];
+  for (int t = 0; t < MT; ++t) xr[t] = a.xt + (i0 + t) * a.ldx + a.col;
+  const __m256i m15 = _mm256_set1_epi32(15);
+  __m256 acc[R][MT];
+  float zacc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) acc[r][t] = _mm256_setzero_ps(), zacc[r][t] = 0.f;
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    __m256 gacc[R][MT];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < MT; ++t) gacc[r][t] = _mm256_setzero_ps();
+    for (int64_t c = gi * cpg; c < (gi + 1) * cpg; ++c) {
+      __m256i v[R];
+      for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + 8 * c));
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        __m256 xv[MT];
+        for (int t = 0; t < MT; ++t) xv[t] = _mm256_loadu_ps(xr[t] + 64 * c + 8 * j);
+        for (int r = 0; r < R; ++r) {
+          const __m256i sh = _mm256_srli_epi32(v[r], 4 * j);
+          const __m256 wv = _mm256_cvtepi32_ps(j == 7 ? sh : _mm256_and_si256(sh, m15));
+          for (int t = 0; t < MT; ++t) gacc[r][t] = _mm256_fmadd_ps(wv, xv[t], gacc[r][t]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {   // finish the group: scale * (sum c x - zero * sum x)
+      const int64_t ti = (n + r) * groups + gi;
+      const float sc = table_at(s.table0, s.dtype, ti), ze = table_at(s.table1, s.dtype, ti);
+      const __m256 scv = _mm256_set1_ps(sc);
+      for (int t = 0; t < MT; ++t) {
+        acc[r][t] = _mm256_fmadd_ps(scv, gacc[r][t], acc[r][t]);
+        zacc[r][t] += sc * ze * a.xsum[(i0 + t) * groups + gi];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < MT; ++t) {
+      const float v = hsum(acc[r][t]) - zacc[r][t] + (bias ? bias[n + r] : 0.f);
+      float* o = y + (i0 + t) * ldy + n + r;
+      *o = accumulate ? *o + v : v;
+    }
+  }
+}
+
 // All rows of x for output rows [n, n + R), x taken MT_MAX rows at a time (the weights stay in L1 meanwhile).
 template <int BITS, int R>
 void rows(const Segment& s, const Activations& a, int64_t n, float* y, int64_t ldy, const float* bias,
           bool accumulate) {
   constexpr int MT_MAX = R >= 4 ? 1 : 4;   // R = 4 is the M = 1 block
   int64_t i = 0;
+  if (BITS == 4 && a.xt != nullptr && s.group_size % 64 == 0) {
+    for (; i + MT_MAX <= a.m; i += MT_MAX) block4t<R, MT_MAX>(s, a, n, i, y, ldy, bias, accumulate);
+    switch (a.m - i) {
+      case 3: block4t<R, 3>(s, a, n, i, y, ldy, bias, accumulate); break;
+      case 2: block4t<R, 2>(s, a, n, i, y, ldy, bias, accumulate); break;
+      case 1: block4t<R, 1>(s, a, n, i, y, ldy, bias, accumulate); break;
+      default: break;
+    }
+    return;
+  }
   for (; i + MT_MAX <= a.m; i += MT_MAX) block<BITS, R, MT_MAX>(s, a, n, i, y, ldy, bias, accumulate);
   switch (a.m - i) {
     case 3: block<BITS, R, 3>(s, a, n, i, y, ldy, bias, accumulate); break;

@@ -91,6 +91,13 @@ void group_sums(const float* x, int64_t m, int64_t ldx, int64_t col, int64_t k, 
   }
 }
 
+void transpose64(const float* x, int64_t m, int64_t ldx, int64_t k, float* xt) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = 0; c < k; c += 64)
+      for (int j = 0; j < 8; ++j)
+        for (int l = 0; l < 8; ++l) xt[i * ldx + c + 8 * j + l] = x[i * ldx + c + 8 * l + j];
+}
+
 namespace {
 bool g_force_scalar = false;
 
@@ -108,7 +115,9 @@ bool has_avx2() {
 }
 }  // namespace
 
-const char* isa() { return (!g_force_scalar && has_avx2()) ? "avx2" : "scalar"; }
+bool use_avx2() { return !g_force_scalar && has_avx2(); }
+
+const char* isa() { return use_avx2() ? "avx2" : "scalar"; }
 
 bool force_scalar(bool on) {
   const bool old = g_force_scalar;

@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include "kernels.h"
+#include "tmac.h"
 
 namespace {
 
@@ -115,9 +116,17 @@ at::Tensor linear_core(const char* op, const at::Tensor& x2, const std::vector<P
   if (m <= g_gemv_max_m) {
     std::vector<bivlm_cpu::Activations> acts(segs.size());
     std::vector<at::Tensor> sums;
+    at::Tensor xt;   // 4 bit, g % 64 == 0: x in 8x8-transposed 64-column chunks (kernels.h: Activations::xt)
     for (size_t j = 0; j < segs.size(); ++j) {
       const Segment& s = segs[j].seg;
       acts[j] = {x, m, k, cols[j], nullptr};
+      if (s.affine() && s.group_size % 64 == 0 && cols[j] % 64 == 0) {
+        if (!xt.defined()) {
+          xt = at::empty({m, k}, f32);   // row stride k, like x
+          bivlm_cpu::transpose64(x, m, k, k - k % 64, xt.data_ptr<float>());
+        }
+        acts[j].xt = xt.data_ptr<float>();
+      }
       if (s.affine() || (s.bits == 1 && m == 1)) {   // affine: zero term; 1 bit, m = 1: the mask kernel
         sums.push_back(at::empty({m, s.k / s.group_size}, f32));
         bivlm_cpu::group_sums(x, m, k, cols[j], s.k, s.group_size, sums.back().data_ptr<float>());
@@ -239,6 +248,107 @@ at::Tensor dequantize_affine(const at::Tensor& qweight, const at::Tensor& scales
                          scales);
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// table-lookup path (tmac.h): repack once per layer (bivlm_kernels/_cpu_extension.py caches it), then
+// tmac_linear per call
+// ------------------------------------------------------------------------------------------------------------
+
+// (codes, coefs) of tmac.h from one neutral segment: lut (bits 1, 2; table1 absent) or affine (bits 4).
+std::vector<at::Tensor> tmac_repack(const at::Tensor& qweight, const at::Tensor& table0,
+                                    const std::optional<at::Tensor>& table1, int64_t bits, int64_t group_size) {
+  const bool affine = table1.has_value() && table1->defined();
+  const at::Tensor t1 = affine ? *table1 : at::Tensor();
+  const Packed p = check_segment("tmac_repack", affine, qweight, table0, affine ? &t1 : nullptr, bits, group_size);
+  const Segment& s = p.seg;
+  const int64_t nb = (s.n + 7) / 8;
+  const at::TensorOptions o = qweight.options();
+  at::Tensor codes = at::zeros({nb, s.k / 32, bivlm_cpu::tmac_planes(s.bits), 8}, o.dtype(at::kInt));
+  at::Tensor coefs = at::zeros({nb, s.k / s.group_size, bivlm_cpu::tmac_coefs(s.bits), 8}, o.dtype(at::kFloat));
+  int32_t* cp = codes.data_ptr<int32_t>();
+  float* fp = coefs.data_ptr<float>();
+  at::parallel_for(0, nb, 8, [&](int64_t b, int64_t e) {   // blocks [b, e): disjoint rows of both buffers
+    bivlm_cpu::tmac_repack(s, cp, fp, 8 * b, std::min(s.n, 8 * e));
+  });
+  return {codes, coefs};
+}
+
+// y = x[..., perm] @ W^T + bias, W = the repacked segments side by side along K (one for lut_linear /
+// affine_linear). Tables are built for at most tile_bytes of x rows at a time (extra memory O(M*N + tile)).
+at::Tensor tmac_linear(const at::Tensor& x, const std::optional<at::Tensor>& perm, at::TensorList codes,
+                       at::TensorList coefs, at::IntArrayRef bits, int64_t n, int64_t group_size,
+                       const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
+  const char* op = "tmac_linear";
+  TORCH_CHECK(!codes.empty() && codes.size() == coefs.size() && codes.size() == bits.size(), "bivlm_cpu.", op,
+              ": codes, coefs and bits must be non-empty lists of one length, got ", codes.size(), ", ",
+              coefs.size(), ", ", bits.size());
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256, "bivlm_cpu.", op,
+              ": group_size must be one of 32, 64, 128, 256, got ", group_size);
+  std::vector<bivlm_cpu::TmacSegment> segs;
+  std::vector<int64_t> cols;
+  int64_t k = 0;
+  for (size_t j = 0; j < codes.size(); ++j) {
+    const at::Tensor &c = codes[j], &f = coefs[j];
+    const int b = static_cast<int>(bits[j]);
+    TORCH_CHECK(b == 1 || b == 2 || b == 4, "bivlm_cpu.", op, ": bits must be 1, 2 or 4, got ", b);
+    const int64_t nb = (n + 7) / 8;
+    TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == at::kInt && c.is_contiguous() && c.dim() == 4 &&
+                    c.size(0) == nb && c.size(2) == bivlm_cpu::tmac_planes(b) && c.size(3) == 8,
+                "bivlm_cpu.", op, ": codes[", j, "] must be contiguous int32 [", nb, ", K/32, ",
+                bivlm_cpu::tmac_planes(b), ", 8] for n=", n, ", bits=", b, " (tmac_repack), got ", c.sizes());
+    const int64_t kj = c.size(1) * 32;
+    TORCH_CHECK(kj % group_size == 0 && f.device().is_cpu() && f.scalar_type() == at::kFloat && f.is_contiguous() &&
+                    f.dim() == 4 && f.size(0) == nb && f.size(1) == kj / group_size &&
+                    f.size(2) == bivlm_cpu::tmac_coefs(b) && f.size(3) == 8,
+                "bivlm_cpu.", op, ": coefs[", j, "] must be contiguous fp32 [", nb, ", ", kj / group_size, ", ",
+                bivlm_cpu::tmac_coefs(b), ", 8] for k=", kj, ", group_size=", group_size, ", got ", f.sizes());
+    bivlm_cpu::TmacSegment s;
+    s.codes = c.data_ptr<int32_t>();
+    s.coefs = f.data_ptr<float>();
+    s.n = n, s.k = kj, s.bits = b, s.group_size = static_cast<int>(group_size);
+    segs.push_back(s);
+    cols.push_back(k);
+    k += kj;
+  }
+  TORCH_CHECK(x.device().is_cpu() && is_float_type(x.scalar_type()) && x.dim() >= 1 && x.size(-1) == k,
+              "bivlm_cpu.", op, ": x must be a float CPU tensor [..., ", k, "], got ", x.scalar_type(), " ",
+              x.sizes(), " (n=", n, ")");
+  const at::ScalarType od = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(is_float_type(od), "bivlm_cpu.", op, ": out_dtype must be float16, bfloat16 or float32, got ", od);
+  if (x.numel() == 0) return at::empty(out_shape(x, n), x.options().dtype(od));
+  const at::Tensor x2 = as_fp32_rows(x, k, perm);
+  const int64_t m = x2.size(0);
+  at::Tensor b32;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->device().is_cpu(), "bivlm_cpu.", op,
+                ": bias must be a CPU tensor [", n, "], got ", bias->sizes(), " (m=", m, ", n=", n, ", k=", k, ")");
+    b32 = bias->to(at::kFloat).contiguous();
+  }
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  const at::TensorOptions f32 = x2.options().dtype(at::kFloat);
+  const int64_t mc = std::clamp<int64_t>(g_tile_bytes / (4 * k * bivlm_cpu::kTmacTableFloats / 32), 1, m);
+  std::vector<at::Tensor> tabs, sums;
+  for (const auto& s : segs) {
+    tabs.push_back(at::empty({mc, s.k / 32 * bivlm_cpu::kTmacTableFloats}, f32));
+    sums.push_back(at::empty({mc, s.k / s.group_size}, f32));
+  }
+  at::Tensor y = at::empty({m, n}, f32);
+  const float* xp = x2.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t nb = (n + 7) / 8;
+  for (int64_t i0 = 0; i0 < m; i0 += mc) {
+    const int64_t rows = std::min(mc, m - i0);
+    for (size_t j = 0; j < segs.size(); ++j)
+      bivlm_cpu::tmac_tables(xp + i0 * k, rows, k, cols[j], segs[j].k, segs[j].group_size,
+                             tabs[j].data_ptr<float>(), sums[j].data_ptr<float>());
+    at::parallel_for(0, nb, kRowsPerTask / 8, [&](int64_t b, int64_t e) {
+      for (size_t j = 0; j < segs.size(); ++j)
+        bivlm_cpu::tmac_gemv(segs[j], tabs[j].data_ptr<float>(), sums[j].data_ptr<float>(), rows, yp + i0 * n, n,
+                             j == 0 ? bp : nullptr, j > 0, b, e);
+    });
+  }
+  return (od == at::kFloat ? y : y.to(od)).view(out_shape(x, n));
+}
+
 // Knobs: a value < 0 leaves a setting as it is. Returns [gemv_max_m, tile_bytes, force_scalar, isa_is_avx2].
 std::vector<int64_t> configure(int64_t gemv_max_m, int64_t tile_bytes, int64_t force_scalar) {
   if (gemv_max_m >= 0) g_gemv_max_m = gemv_max_m;
@@ -261,6 +371,10 @@ TORCH_LIBRARY(bivlm_cpu, m) {
   m.def("dequantize_affine(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor");
   m.def("segmented_lut_linear(Tensor x, Tensor? perm, Tensor[] qweights, Tensor[] codebooks, int[] bits, "
         "int group_size, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
+  // The table-lookup path (tmac.h); not bivlm ops: _cpu_extension.py calls them behind the ops above.
+  m.def("tmac_repack(Tensor qweight, Tensor table0, Tensor? table1, int bits, int group_size) -> Tensor[]");
+  m.def("tmac_linear(Tensor x, Tensor? perm, Tensor[] codes, Tensor[] coefs, int[] bits, int n, int group_size, "
+        "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
   // No tensor arguments, so a catch-all kernel (nothing to dispatch on).
   m.def("configure(int gemv_max_m=-1, int tile_bytes=-1, int force_scalar=-1) -> int[]", &configure);
 }
@@ -271,6 +385,8 @@ TORCH_LIBRARY_IMPL(bivlm_cpu, CPU, m) {
   m.impl("dequantize_lut", &dequantize_lut);
   m.impl("dequantize_affine", &dequantize_affine);
   m.impl("segmented_lut_linear", &segmented_lut_linear);
+  m.impl("tmac_repack", &tmac_repack);
+  m.impl("tmac_linear", &tmac_linear);
 }
 
 // A Python module `_C_cpu` with no methods: importing it loads this library, whose static initializers above

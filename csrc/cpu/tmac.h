@@ -1,0 +1,83 @@
+// tmac.h -- plain C++ API of the table-lookup decode kernels (T-MAC style, exact fp32; no torch headers).
+//
+// Idea (T-MAC, Wei et al. 2024, without its int8 activation quantization): a weight whose code has p bit planes
+// is sum_j coef_j(row, group) * bit_j, so sum_k w_k x_k splits per group into plane sums
+// P_j = sum over the columns whose plane-j bit is 1 of x_k. P_j of three consecutive columns is one of the 8
+// subset sums of their activations: built once per call (per row of x) as one 8-lane fp32 table, it is read by
+// `vpermps`, whose index is the 3 plane bits of 8 different output rows -- so one shift + one vpermps + one add
+// covers 8 rows x 3 weights. The codes are repacked once per layer (row-interleaved, below) so that one 32-bit
+// lane holds one row's bits.
+//
+// Repacked layout ("tmac v1", built by tmac_repack from the neutral bivlm-packed v1 layout; never saved):
+//
+//   codes  int32 [NB, K/32, PL, 8]   NB = ceil(N/8) blocks of 8 output rows (rows past N: code 0),
+//                                    lane r of [b, w, p] = plane p of row 8b + r, columns 32w .. 32w+31,
+//                                    bit i = column 32w + i (the 1-bit neutral word order):
+//
+//          bit 31 30 | 29 28 27 | ...... | 5 4 3 | 2 1 0
+//              pair  | triple 9 | ...... |  t 1  |  t 0      triple t = columns 3t, 3t+1, 3t+2 (bit 0 first),
+//                                                            pair = columns 30, 31
+//
+//          So every 32-column word is 10 triples + 1 pair: no padding for any group size (g is a multiple of 32).
+//          The pair is looked up with the same vpermps: its index (word >> 30) is below 4.
+//   coefs  fp32 [NB, K/g, NC, 8]     lane r = row 8b + r (rows past N: 0), per group:
+//          1 bit  lut (c0, c1):           {c1 - c0, c0}                              PL = 1, NC = 2
+//          2 bit  lut (c0, c1, c2, c3):   {c1 - c0, c2 - c0, c3 - c2 - c1 + c0, c0}  PL = 2, NC = 4
+//                 (planes b0, b1 stored; the third plane b0 & b1 is one AND per word in the kernel)
+//          4 bit  affine (scale, zero):   {scale, scale * zero}                      PL = 4, NC = 2
+//                 (sum_k code_k x_k = sum_j 2^j P_j; y = scale * that - scale * zero * S_g)
+//
+//   With S_g the group sum of x:  lut y = sum_g [ c0 S_g + sum_j coef_j P_j ],  affine as above.
+//
+// Tables of one row of x (tmac_tables): fp32 [K/32, 11, 8]; entry [w, t, i] = sum of x[32w + 3t + j] over the
+// bits j of i (t < 10), entry [w, 10, i] = the same for the pair (i < 4; lanes 4..7 are 0).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace bivlm_cpu {
+
+inline int tmac_planes(int bits) { return bits == 1 ? 1 : (bits == 2 ? 2 : 4); }
+inline int tmac_coefs(int bits) { return bits == 2 ? 4 : 2; }
+constexpr int kTmacSteps = 16;                       // lookups per 32 columns (16 pairs)
+constexpr int64_t kTmacTableFloats = kTmacSteps * 4;  // floats of table per 32 columns (4 per pair)
+
+// One repacked segment (a whole layer, or one column range of a mixed-bit layer).
+struct TmacSegment {
+  const int32_t* codes = nullptr;  // [NB, K/32, PL, 8]
+  const float* coefs = nullptr;    // [NB, K/g, NC, 8]
+  int64_t n = 0, k = 0;            // output rows, columns of this segment
+  int bits = 1;                    // 1, 2 (lut) or 4 (affine)
+  int group_size = 128;
+};
+
+// The tables of mc rows of x, for a segment's columns: x row i at x + i*ldx + col, k columns (k % 32 == 0);
+// out [mc, k/32, 11, 8] and xsum [mc, k/g] (group sums S_g).
+void tmac_tables(const float* x, int64_t mc, int64_t ldx, int64_t col, int64_t k, int group_size, float* out,
+                 float* xsum);
+
+// y[i, n] (+)= sum_k x[i, k] w[n, k] (+ bias[n]) for the mc rows of x whose tables / group sums are given and the
+// output rows of blocks [b0, b1) (rows 8*b0 .. min(8*b1, n)); accumulate: add to y (later segments).
+void tmac_gemv(const TmacSegment& s, const float* tables, const float* xsum, int64_t mc, float* y, int64_t ldy,
+               const float* bias, bool accumulate, int64_t b0, int64_t b1);
+
+// Repack rows [n0, n1) of a neutral segment (kernels.h: Segment) into the layout above; n0, n1 multiples of 8
+// or n1 = n. codes / coefs point at the start of the whole repacked buffers.
+void tmac_repack(const Segment& s, int32_t* codes, float* coefs, int64_t n0, int64_t n1);
+
+namespace scalar {
+void tmac_tables(const float* x, int64_t mc, int64_t ldx, int64_t col, int64_t k, int group_size, float* out,
+                 float* xsum);
+void tmac_gemv(const TmacSegment& s, const float* tables, const float* xsum, int64_t mc, float* y, int64_t ldy,
+               const float* bias, bool accumulate, int64_t b0, int64_t b1);
+}  // namespace scalar
+namespace avx2 {
+void tmac_tables(const float* x, int64_t mc, int64_t ldx, int64_t col, int64_t k, int group_size, float* out,
+                 float* xsum);
+void tmac_gemv(const TmacSegment& s, const float* tables, const float* xsum, int64_t mc, float* y, int64_t ldy,
+               const float* bias, bool accumulate, int64_t b0, int64_t b1);
+}  // namespace avx2
+
+}  // namespace bivlm_cpu
