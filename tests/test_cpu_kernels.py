@@ -292,3 +292,181 @@ def test_seeded_fuzz():
         od = rng.choice([None, torch.float32])
         y, ref = run_both(x, qweight, tables, bits, g, bias, od)
         assert_within_bound(y, ref, x, w, g, od or dtype)
+
+
+# ------------------------------------------------------------------------------------------------ table lookup
+# The table-lookup kernels (csrc/cpu/tmac.h) behind lut_linear / affine_linear / segmented_lut_linear: by default
+# for 1 bit at small M; here forced for every bit width and M (configure(tmac_max_m=...)), so the same grid runs
+# through the repack, the per-call tables and the lookup kernels.
+
+@pytest.fixture
+def tmac_everywhere():
+    ext = cpu_ext()
+    old = ext.configure()["tmac_max_m"]
+    ext.configure(tmac_max_m={1: 10 ** 6, 2: 10 ** 6, 4: 10 ** 6})
+    yield ext
+    ext.configure(tmac_max_m=old)
+
+
+def tmac_counting(monkeypatch):
+    """Count tmac_linear / tmac_repack calls made through the CPU backend wrappers."""
+    ext = cpu_ext()
+    calls = {"linear": 0, "repack": 0}
+
+    class Counting:
+        def __getattr__(self, name):
+            real = getattr(torch.ops.bivlm_cpu, name)
+            if name in ("tmac_linear", "tmac_repack"):
+                def fn(*a):
+                    calls[name[5:]] += 1
+                    return real(*a)
+                return fn
+            return real
+
+    monkeypatch.setattr(ext, "_C", Counting())
+    return calls
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("g", GROUPS)
+def test_tmac_repack_layout(bits, g):
+    """The repack against the neutral layout: every plane bit of every (row, column), every coefficient."""
+    n, k = 21, 2 * g                                   # 21 rows: 3 blocks of 8, the last one padded
+    qweight, tables = make_weight(n, k, bits, g, torch.bfloat16)
+    codes, coefs = torch.ops.bivlm_cpu.tmac_repack(qweight, tables[0], tables[1] if bits == 4 else None, bits, g)
+    nb, planes = 3, {1: 1, 2: 2, 4: 4}[bits]
+    assert codes.shape == (nb, k // 32, planes, 8) and coefs.shape == (nb, k // g, 4 if bits == 2 else 2, 8)
+    want_codes = formats.unpack(qweight, bits, k)
+    for p in range(planes):
+        rows = codes[:, :, p, :].permute(0, 2, 1).reshape(nb * 8, k // 32)
+        assert torch.equal(formats.unpack(rows[:n].contiguous(), 1, k), (want_codes >> p) & 1)
+        assert not rows[n:].any()
+    cf = coefs.permute(0, 3, 1, 2).reshape(nb * 8, k // g, -1)
+    t = [x.float() for x in tables]
+    if bits == 4:
+        want = torch.stack([t[0], t[0] * t[1]], -1)
+    elif bits == 1:
+        c0, c1 = t[0].unbind(-1)
+        want = torch.stack([c1 - c0, c0], -1)
+    else:
+        c0, c1, c2, c3 = t[0].unbind(-1)
+        want = torch.stack([c1 - c0, c2 - c0, ((c3 - c2) - c1) + c0, c0], -1)
+    assert torch.equal(cf[:n], want) and not cf[n:].any()
+
+
+@pytest.mark.parametrize("scalar", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g", GROUPS)
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_tmac_linear_grid(bits, g, dtype, scalar, tmac_everywhere, monkeypatch):
+    calls = tmac_counting(monkeypatch)
+    n, k = 37, 3 * g                     # odd N: 5 blocks of 8 rows, the last with 5; K = 3 groups
+    qweight, tables = make_weight(n, k, bits, g, dtype)
+    w = dense(qweight, tables, bits, g)
+    bias = torch.randn(n).to(dtype)
+    try:
+        tmac_everywhere.configure(force_scalar=scalar)
+        ms = (1, 3, 16, 64, 300) if not scalar else (1, 3, 16)
+        for m in ms:
+            x = torch.randn(m, k).to(dtype)
+            for b, od in ((bias, None), (None, torch.float32)):
+                y, ref = run_both(x, qweight, tables, bits, g, b, od)
+                assert_within_bound(y, ref, x, w, g, od or dtype)
+    finally:
+        tmac_everywhere.configure(force_scalar=0)
+    assert calls["linear"] == 2 * len(ms) and calls["repack"] == 1       # repacked once, then cached
+
+
+def test_tmac_large_m_in_table_chunks(tmac_everywhere):
+    """Tables for a few rows of x at a time (tile_bytes bounds them): M = 300 over several chunks."""
+    old = tmac_everywhere.configure()["tile_bytes"]
+    n, k, g = 29, 256, 64
+    try:
+        tmac_everywhere.configure(tile_bytes=7 * k * 2 * 4)        # 7 rows of tables per chunk
+        for bits in (1, 2, 4):
+            qweight, tables = make_weight(n, k, bits, g, torch.float32)
+            x = torch.randn(300, k)
+            y, ref = run_both(x, qweight, tables, bits, g)
+            assert_within_bound(y, ref, x, dense(qweight, tables, bits, g), g, torch.float32)
+    finally:
+        tmac_everywhere.configure(tile_bytes=old)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_tmac_strided_and_batched_x(bits, tmac_everywhere):
+    n, k, g = 19, 256, 64
+    qweight, tables = make_weight(n, k, bits, g, torch.float32)
+    w = dense(qweight, tables, bits, g)
+    big = torch.randn(3, 5, 2 * k)
+    for x in [big[..., ::2], big[..., 7:7 + k], big[:1, :1, :k], big[:, 1, k:], big.transpose(0, 1)[..., :k]]:
+        y, ref = run_both(x, qweight, tables, bits, g)
+        assert y.shape == (*x.shape[:-1], n)
+        assert_within_bound(y, ref, x, w, g, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("perm", [True, False])
+def test_tmac_segmented(dtype, perm, tmac_everywhere, monkeypatch):
+    calls = tmac_counting(monkeypatch)
+    g = 64
+    p, qws, cbs, bits, w = make_segmented(29, [(128, 2), (320, 1)], g, dtype, perm)
+    bias = torch.randn(29).to(dtype)
+    for m in (1, 3, 16, 64, 300):
+        x = torch.randn(m, 448).to(dtype)
+        args = (x, p, qws, cbs, bits, g, bias, None)
+        with ops.use_backend("cpu"):
+            y = ops.segmented_lut_linear(*args)
+        ref = ops.reference_segmented_lut_linear(*args)
+        xp = x if p is None else x.index_select(-1, p)
+        assert_within_bound(y, ref, xp, w, g, dtype)
+    assert calls["linear"] == 5 and calls["repack"] == 2
+
+
+def test_tmac_default_dispatch_cache_and_in_place_writes(monkeypatch):
+    """By default 1-bit M = 1 runs the lookup kernels on a repack built once; an in-place write to the packed
+    buffers (load_state_dict, copy_) rebuilds it; inference tensors, which the cache cannot track, take the
+    direct kernels; 1-bit at M above tmac_max_m and 4 bit at M = 1 take the direct kernels too."""
+    calls = tmac_counting(monkeypatch)
+    ext = cpu_ext()
+    n, k, g = 24, 128, 32
+    qweight, (cb,) = make_weight(n, k, 1, g, torch.float32)
+    x = torch.randn(1, k)
+    for _ in range(3):
+        y, ref = run_both(x, qweight, (cb,), 1, g)
+        assert_within_bound(y, ref, x, dense(qweight, (cb,), 1, g), g, torch.float32)
+    assert calls == {"linear": 3, "repack": 1}
+    q2, (cb2,) = make_weight(n, k, 1, g, torch.float32)
+    qweight.copy_(q2)
+    cb.copy_(cb2)
+    y, ref = run_both(x, qweight, (cb,), 1, g)
+    assert_within_bound(y, ref, x, dense(qweight, (cb,), 1, g), g, torch.float32)
+    assert calls == {"linear": 4, "repack": 2}
+    big = ext.configure()["tmac_max_m"][1] + 1
+    run_both(torch.randn(big, k), qweight, (cb,), 1, g)
+    q4, t4 = make_weight(n, k, 4, g, torch.float32)
+    run_both(x, q4, t4, 4, g)
+    with torch.inference_mode():
+        qi, ci = qweight.clone(), cb.clone()
+    y, ref = run_both(x, qi, (ci,), 1, g)
+    assert_within_bound(y, ref, x, dense(qi, (ci,), 1, g), g, torch.float32)
+    assert calls == {"linear": 4, "repack": 2}
+
+
+def test_tmac_configure_rejects_unknown_bits():
+    with pytest.raises(ValueError, match="tmac_max_m keys"):
+        cpu_ext().configure(tmac_max_m={3: 4})
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_tmac_seeded_fuzz(bits, tmac_everywhere):
+    rng = random.Random(17 + bits)
+    gen = torch.Generator().manual_seed(17 + bits)
+    for _ in range(20):
+        g, dtype = rng.choice(GROUPS), rng.choice(DTYPES)
+        n, k = rng.randint(1, 70), g * rng.randint(1, 4)
+        m = rng.choice([1, 1, 2, 3, 5, 8, 16, 17, 33, 64])
+        qweight, tables = make_weight(n, k, bits, g, dtype, gen)
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        bias = torch.randn(n, generator=gen).to(dtype) if rng.random() < 0.5 else None
+        y, ref = run_both(x, qweight, tables, bits, g, bias, None)
+        assert_within_bound(y, ref, x, dense(qweight, tables, bits, g), g, dtype)
