@@ -63,9 +63,21 @@ def affine_linear(x, qweight, scales, zeros, bits, group_size, bias=None, out_dt
     return _C.tmac_linear(x, None, [codes], [coefs], [bits], qweight.shape[0], group_size, bias, out_dtype)
 
 
+def _segmented_use_tmac(m, codebooks, bits, group_size) -> bool:
+    """The sub-2-bit layout through the lookup kernels when each of its segments would take them, or when at least
+    60 % of its columns are 1-bit (the usual salient-2-bit + 1-bit split): the lookups cost about 0.55x of the
+    direct 1-bit kernel per 1-bit weight and 1.6x of the direct 2-bit kernel per 2-bit weight (M = 1, measured),
+    so from that share on one lookup pass beats the direct kernels."""
+    if m <= min(_TMAC_MAX_M[b] for b in bits):
+        return True
+    ks = [c.shape[1] * group_size for c in codebooks]
+    one = sum(k for k, b in zip(ks, bits) if b == 1)
+    return m <= _TMAC_MAX_M[1] and 10 * one >= 6 * sum(ks)
+
+
 def segmented_lut_linear(x, perm, qweights, codebooks, bits, group_size, bias=None, out_dtype=None):
     m = _m(x)
-    if m > min(_TMAC_MAX_M[b] for b in bits) or not _tracked(*qweights, *codebooks):
+    if not _segmented_use_tmac(m, codebooks, bits, group_size) or not _tracked(*qweights, *codebooks):
         return _C.segmented_lut_linear(x, perm, qweights, codebooks, bits, group_size, bias, out_dtype)
     reps = [_repacked("cpu-tmac", q, (c,), b, group_size) for q, c, b in zip(qweights, codebooks, bits)]
     return _C.tmac_linear(x, perm, [r[0] for r in reps], [r[1] for r in reps], list(bits), qweights[0].shape[0],

@@ -470,3 +470,23 @@ def test_tmac_seeded_fuzz(bits, tmac_everywhere):
         bias = torch.randn(n, generator=gen).to(dtype) if rng.random() < 0.5 else None
         y, ref = run_both(x, qweight, tables, bits, g, bias, None)
         assert_within_bound(y, ref, x, dense(qweight, tables, bits, g), g, dtype)
+
+
+def test_direct_segmented_transposed_x_at_column_offsets():
+    """The direct kernels on the sub-2-bit layout at g = 128, lookups off: 2-bit segments at column offsets 0 and
+    640 read the 8-word-transposed x (Activations::xt) from their own columns."""
+    ext = cpu_ext()
+    old = ext.configure()["tmac_max_m"]
+    g = 128
+    p, qws, cbs, bits, w = make_segmented(13, [(256, 2), (384, 1), (128, 2)], g, torch.bfloat16)
+    try:
+        ext.configure(tmac_max_m={1: 0, 2: 0, 4: 0})
+        for m in (1, 2, 5, 16):
+            x = torch.randn(m, 768).to(torch.bfloat16)
+            args = (x, p, qws, cbs, bits, g, None, torch.float32)
+            with ops.use_backend("cpu"):
+                y = ops.segmented_lut_linear(*args)
+            ref = ops.reference_segmented_lut_linear(*args)
+            assert_within_bound(y, ref, x.index_select(-1, p), w, g, torch.float32)
+    finally:
+        ext.configure(tmac_max_m=old)

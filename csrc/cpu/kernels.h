@@ -46,9 +46,9 @@ struct Activations {
   // group sums [m, seg.k/g] of this segment's columns (group_sums): needed by affine segments; for 1-bit lut
   // segments at m = 1 it selects the mask kernel (nullptr: the decode kernel).
   const float* xsum = nullptr;
-  // optional, for affine segments with g % 64 == 0: x with every 64-column chunk stored transposed as 8 x 8
-  // (xt[64c + 8j + l] = x[64c + 8l + j], same ldx and col; transpose64): lets the 4-bit kernel decode 8 words of
-  // a row at once with immediate shifts instead of broadcasting one word (kernels_avx2.cpp)
+  // optional, for 2-bit (g % 128 == 0) and 4-bit (g % 64 == 0) segments: x with every chunk of 8 words' columns
+  // (CH = 8 * 32/b) stored transposed (transpose_words), same ldx and col: lets those kernels decode 8 words of a
+  // row at once with immediate shifts instead of broadcasting one word (kernels_avx2.cpp: block_t)
   const float* xt = nullptr;
 };
 
@@ -64,8 +64,9 @@ void dequantize(const Segment& seg, float* out, int64_t ldo, int64_t n0, int64_t
 // xsum[i, j] = sum of x[i, col + j*g .. col + (j+1)*g) for i < m, j < k/g (needed by affine segments).
 void group_sums(const float* x, int64_t m, int64_t ldx, int64_t col, int64_t k, int group_size, float* xsum);
 
-// xt[i, 64c + 8j + l] = x[i, 64c + 8l + j] for i < m and the k columns of each row (k % 64 == 0); ld ldx.
-void transpose64(const float* x, int64_t m, int64_t ldx, int64_t k, float* xt);
+// xt[i, CH c + 8j + l] = x[i, CH c + per_word l + j] (CH = 8 per_word; j < per_word, l < 8) for i < m and the
+// k columns of each row (k % CH == 0); both with row stride ldx.
+void transpose_words(const float* x, int64_t m, int64_t ldx, int64_t k, int per_word, float* xt);
 
 // Which kernel set runs: "avx2" (AVX2 + FMA + F16C present at run time) or "scalar". Asked once, then cached.
 const char* isa();

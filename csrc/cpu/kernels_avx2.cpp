@@ -221,47 +221,58 @@ void block(const Segment& s, const Activations& a, int64_t n, int64_t i0, float*
   }
 }
 
-// 4 bit with the transposed activations (Activations::xt, g % 64 == 0): per 64 columns, one load of 8 consecutive
-// words of a row; (v >> 4j) & 15 puts the code of column 8l + j in lane l, which meets xt[8j .. 8j + 8): per 8
-// weights an immediate shift, an AND, a convert and the FMAs -- no word broadcast, no variable shift.
-template <int R, int MT>
-void block4t(const Segment& s, const Activations& a, int64_t n, int64_t i0, float* y, int64_t ldy,
+// 2 and 4 bit with the transposed activations (Activations::xt; g a multiple of the chunk): per chunk of 8 words
+// (CH = 8 * 32/b columns: 128 at 2 bits, 64 at 4 bits), one load of 8 consecutive words of a row; the shift by
+// b*j puts the code of column (32/b) l + j in lane l, which meets xt[8j .. 8j + 8) of the chunk. Per 8 weights:
+// an immediate shift + vpermilps (2 bit) or shift + AND + convert (4 bit), then the FMAs -- no word broadcast and
+// no variable shift as in block().
+template <int BITS, int R, int MT>
+void block_t(const Segment& s, const Activations& a, int64_t n, int64_t i0, float* y, int64_t ldy,
              const float* bias, bool accumulate) {
-  const int64_t wpr = s.k / 8, groups = s.k / s.group_size, cpg = s.group_size / 64;
+  constexpr int PER_WORD = 32 / BITS, CH = 8 * PER_WORD;
+  constexpr bool AFF = BITS == 4;
+  const int64_t wpr = s.k * BITS / 32, groups = s.k / s.group_size, cpg = s.group_size / CH;
   const uint32_t* q[R];
   for (int r = 0; r < R; ++r) q[r] = reinterpret_cast<const uint32_t*>(s.qweight) + (n + r) * wpr;
   const float* xr[MT];
   for (int t = 0; t < MT; ++t) xr[t] = a.xt + (i0 + t) * a.ldx + a.col;
   const __m256i m15 = _mm256_set1_epi32(15);
-  __m256 acc[R][MT];
+  __m256 acc[R][MT], gacc[R][MT];
   float zacc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < MT; ++t) acc[r][t] = _mm256_setzero_ps(), zacc[r][t] = 0.f;
   for (int64_t gi = 0; gi < groups; ++gi) {
-    __m256 gacc[R][MT];
-    for (int r = 0; r < R; ++r)
+    __m256 cb[R];
+    for (int r = 0; r < R; ++r) {
+      cb[r] = AFF ? _mm256_setzero_ps() : load_codebook<BITS == 4 ? 2 : BITS>(s, (n + r) * groups + gi);
       for (int t = 0; t < MT; ++t) gacc[r][t] = _mm256_setzero_ps();
+    }
     for (int64_t c = gi * cpg; c < (gi + 1) * cpg; ++c) {
       __m256i v[R];
       for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + 8 * c));
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) {
+#pragma GCC unroll 16
+      for (int j = 0; j < PER_WORD; ++j) {
         __m256 xv[MT];
-        for (int t = 0; t < MT; ++t) xv[t] = _mm256_loadu_ps(xr[t] + 64 * c + 8 * j);
+        for (int t = 0; t < MT; ++t) xv[t] = _mm256_loadu_ps(xr[t] + CH * c + 8 * j);
         for (int r = 0; r < R; ++r) {
-          const __m256i sh = _mm256_srli_epi32(v[r], 4 * j);
-          const __m256 wv = _mm256_cvtepi32_ps(j == 7 ? sh : _mm256_and_si256(sh, m15));
+          const __m256i sh = _mm256_srli_epi32(v[r], BITS * j);
+          const __m256 wv = AFF ? _mm256_cvtepi32_ps(j == PER_WORD - 1 ? sh : _mm256_and_si256(sh, m15))
+                                : _mm256_permutevar_ps(cb[r], sh);
           for (int t = 0; t < MT; ++t) gacc[r][t] = _mm256_fmadd_ps(wv, xv[t], gacc[r][t]);
         }
       }
     }
-    for (int r = 0; r < R; ++r) {   // finish the group: scale * (sum c x - zero * sum x)
-      const int64_t ti = (n + r) * groups + gi;
-      const float sc = table_at(s.table0, s.dtype, ti), ze = table_at(s.table1, s.dtype, ti);
-      const __m256 scv = _mm256_set1_ps(sc);
-      for (int t = 0; t < MT; ++t) {
-        acc[r][t] = _mm256_fmadd_ps(scv, gacc[r][t], acc[r][t]);
-        zacc[r][t] += sc * ze * a.xsum[(i0 + t) * groups + gi];
+    for (int r = 0; r < R; ++r) {
+      if (AFF) {   // finish the group: scale * (sum c x - zero * sum x)
+        const int64_t ti = (n + r) * groups + gi;
+        const float sc = table_at(s.table0, s.dtype, ti), ze = table_at(s.table1, s.dtype, ti);
+        const __m256 scv = _mm256_set1_ps(sc);
+        for (int t = 0; t < MT; ++t) {
+          acc[r][t] = _mm256_fmadd_ps(scv, gacc[r][t], acc[r][t]);
+          zacc[r][t] += sc * ze * a.xsum[(i0 + t) * groups + gi];
+        }
+      } else {
+        for (int t = 0; t < MT; ++t) acc[r][t] = _mm256_add_ps(acc[r][t], gacc[r][t]);
       }
     }
   }
@@ -280,12 +291,12 @@ void rows(const Segment& s, const Activations& a, int64_t n, float* y, int64_t l
           bool accumulate) {
   constexpr int MT_MAX = R >= 4 ? 1 : 4;   // R = 4 is the M = 1 block
   int64_t i = 0;
-  if (BITS == 4 && a.xt != nullptr && s.group_size % 64 == 0) {
-    for (; i + MT_MAX <= a.m; i += MT_MAX) block4t<R, MT_MAX>(s, a, n, i, y, ldy, bias, accumulate);
+  if (BITS >= 2 && a.xt != nullptr && s.group_size % (256 / BITS) == 0) {
+    for (; i + MT_MAX <= a.m; i += MT_MAX) block_t<BITS, R, MT_MAX>(s, a, n, i, y, ldy, bias, accumulate);
     switch (a.m - i) {
-      case 3: block4t<R, 3>(s, a, n, i, y, ldy, bias, accumulate); break;
-      case 2: block4t<R, 2>(s, a, n, i, y, ldy, bias, accumulate); break;
-      case 1: block4t<R, 1>(s, a, n, i, y, ldy, bias, accumulate); break;
+      case 3: block_t<BITS, R, 3>(s, a, n, i, y, ldy, bias, accumulate); break;
+      case 2: block_t<BITS, R, 2>(s, a, n, i, y, ldy, bias, accumulate); break;
+      case 1: block_t<BITS, R, 1>(s, a, n, i, y, ldy, bias, accumulate); break;
       default: break;
     }
     return;

@@ -91,11 +91,12 @@ void group_sums(const float* x, int64_t m, int64_t ldx, int64_t col, int64_t k, 
   }
 }
 
-void transpose64(const float* x, int64_t m, int64_t ldx, int64_t k, float* xt) {
+void transpose_words(const float* x, int64_t m, int64_t ldx, int64_t k, int per_word, float* xt) {
+  const int64_t ch = 8 * per_word;
   for (int64_t i = 0; i < m; ++i)
-    for (int64_t c = 0; c < k; c += 64)
-      for (int j = 0; j < 8; ++j)
-        for (int l = 0; l < 8; ++l) xt[i * ldx + c + 8 * j + l] = x[i * ldx + c + 8 * l + j];
+    for (int64_t c = 0; c < k; c += ch)
+      for (int j = 0; j < per_word; ++j)
+        for (int l = 0; l < 8; ++l) xt[i * ldx + c + 8 * j + l] = x[i * ldx + c + per_word * l + j];
 }
 
 namespace {

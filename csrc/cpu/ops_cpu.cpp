@@ -116,16 +116,18 @@ at::Tensor linear_core(const char* op, const at::Tensor& x2, const std::vector<P
   if (m <= g_gemv_max_m) {
     std::vector<bivlm_cpu::Activations> acts(segs.size());
     std::vector<at::Tensor> sums;
-    at::Tensor xt;   // 4 bit, g % 64 == 0: x in 8x8-transposed 64-column chunks (kernels.h: Activations::xt)
+    at::Tensor xt[2];   // 2 / 4 bit: x in transposed 8-word chunks (kernels.h: Activations::xt), per width
     for (size_t j = 0; j < segs.size(); ++j) {
       const Segment& s = segs[j].seg;
       acts[j] = {x, m, k, cols[j], nullptr};
-      if (s.affine() && s.group_size % 64 == 0 && cols[j] % 64 == 0) {
-        if (!xt.defined()) {
-          xt = at::empty({m, k}, f32);   // row stride k, like x
-          bivlm_cpu::transpose64(x, m, k, k - k % 64, xt.data_ptr<float>());
+      const int64_t ch = 256 / s.bits;    // columns of 8 words
+      if (s.bits >= 2 && s.group_size % ch == 0 && cols[j] % ch == 0) {
+        at::Tensor& t = xt[s.bits == 4];
+        if (!t.defined()) {
+          t = at::empty({m, k}, f32);   // row stride k, like x
+          bivlm_cpu::transpose_words(x, m, k, k - k % ch, 32 / s.bits, t.data_ptr<float>());
         }
-        acts[j].xt = xt.data_ptr<float>();
+        acts[j].xt = t.data_ptr<float>();
       }
       if (s.affine() || (s.bits == 1 && m == 1)) {   // affine: zero term; 1 bit, m = 1: the mask kernel
         sums.push_back(at::empty({m, s.k / s.group_size}, f32));
