@@ -103,6 +103,18 @@ def allocated_bytes(fn) -> int:
     return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events() if e.name != "[memory]")
 
 
+def repack_bytes(layer: QuantLinear, m: int) -> int:
+    """Bytes of the table-lookup repack this layer keeps cached (once per layer, not per call) when a call with M
+    rows takes that path; 0 otherwise."""
+    from bivlm_kernels import _cpu_extension
+    seg = layer.segments[0]
+    if m > _cpu_extension.configure()["tmac_max_m"][seg.bits]:
+        return 0
+    tables = (seg.scales, seg.zeros) if seg.bits == 4 else (seg.codebook, None)
+    reps = torch.ops.bivlm_cpu.tmac_repack(seg.qweight, tables[0], tables[1], seg.bits, seg.group_size)
+    return sum(t.numel() * t.element_size() for t in reps)
+
+
 def bench_shape(n, k, ms, threads_list, block_s, rows, mem_rows):
     torch.manual_seed(0)
     lin = torch.nn.Linear(k, n, bias=False)
@@ -156,15 +168,15 @@ def bench_shape(n, k, ms, threads_list, block_s, rows, mem_rows):
             with torch.no_grad():
                 peak = allocated_bytes(lambda: q[b](x32))
             mem_rows.append({"shape": f"{n}x{k}", "M": m, "bits": b, "peak": peak,
-                             "out": m * n * 4, "weight": n * k * 4})
+                             "out": m * n * 4, "weight": n * k * 4, "repack": repack_bytes(q[b], m)})
 
 
 def write_md(path: Path, rows, mem_rows, info, args, load0, load1, seconds):
     from bivlm_kernels import _cpu_extension
     cfg = _cpu_extension.configure()
     env = (f"- CPU: {info['model']}, {info['cores']} cores; flags: {info['flags']}\n"
-           f"- kernels: bivlm_kernels._C_cpu, ISA {cfg['isa']}, decode GEMV for M <= {cfg['gemv_max_m']}, "
-           f"tile {cfg['tile_bytes'] >> 10} KiB above\n"
+           f"- kernels: bivlm_kernels._C_cpu, ISA {cfg['isa']}; table lookup for M <= {cfg['tmac_max_m']} "
+           f"(by bits), else decode GEMV for M <= {cfg['gemv_max_m']}, tile {cfg['tile_bytes'] >> 10} KiB above\n"
            f"- torch {torch.__version__} ({torch.backends.mkldnn.is_available() and 'oneDNN' or ''} "
            f"{'MKL' if torch.backends.mkl.is_available() else ''}), Python {platform.python_version()}\n"
            f"- git: {info['git']['git_commit'][:12]} (dirty: {info['git']['git_dirty']})\n"
@@ -183,7 +195,8 @@ def write_md(path: Path, rows, mem_rows, info, args, load0, load1, seconds):
     mem_cols = [("shape N×K", "shape"), ("M", "M"), ("bits", "bits"),
                 ("allocated in the call (≥ peak)", lambda r: f"{r['peak'] / 2 ** 20:.2f} MiB"),
                 ("of which output M·N·4", lambda r: f"{r['out'] / 2 ** 20:.2f} MiB"),
-                ("dense fp32 weight (for scale)", lambda r: f"{r['weight'] / 2 ** 20:.0f} MiB")]
+                ("dense fp32 weight (for scale)", lambda r: f"{r['weight'] / 2 ** 20:.0f} MiB"),
+                ("lookup repack, cached once per layer", lambda r: f"{r['repack'] / 2 ** 20:.2f} MiB")]
     text = ("# CPU kernels: QuantLinear vs dense F.linear and torch int4 (weight-only)\n\n" + env +
             "\nMedians over 5 interleaved rounds of torch.utils.benchmark blocks (µs per call; at M < 64 weights "
             "cycled over ≥ 64 MiB of copies); "
