@@ -1,4 +1,5 @@
-"""Load-time repack of 1-bit lut weights for the tensor-core GEMV (``csrc/gemv_tc.cuh``): layout "tc1".
+"""Load-time repacks of lut weights for the tensor-core GEMVs: "tc1" (1 bit, ``csrc/gemv_tc.cuh``) and "tc2"
+(2 bits, ``csrc/gemv_tc2.cuh``, at the end of this file).
 
 Checkpoints keep the neutral ``bivlm-packed`` v1 layout (:mod:`bivlm_kernels.formats`); the CUDA backend builds
 this repack on the first call (cached by :mod:`bivlm_kernels.repack_cache`). Pure PyTorch, any device.
@@ -63,8 +64,17 @@ def tc_table_groups(k: int, g: int) -> int:
 
 
 def tc_supported(bits: int, group_size: int, dtype: torch.dtype) -> bool:
-    """The formats the tensor-core kernel covers (the C ABI's gemv_tc_supported)."""
-    return bits == 1 and group_size in TC_GROUP_SIZES and dtype in TC_DTYPES
+    """The formats the tensor-core kernels cover (the C ABI's gemv_tc_supported): lut 1 and 2 bits."""
+    return bits in (1, 2) and group_size in TC_GROUP_SIZES and dtype in TC_DTYPES
+
+
+def repack_tc(qweight, codebook, k: int, group_size: int):
+    """The tensor-core repack of a 1- or 2-bit lut weight (by the codebook's entries)."""
+    return (repack_tc1 if codebook.shape[-1] == 2 else repack_tc2)(qweight, codebook, k, group_size)
+
+
+def unrepack_tc(qtc, table, n: int, k: int, group_size: int):
+    return (unrepack_tc1 if table.shape[-1] == 2 else unrepack_tc2)(qtc, table, n, k, group_size)
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,3 +141,92 @@ def unrepack_tc1(qtc: torch.Tensor, table: torch.Tensor, n: int, k: int, group_s
     codes = codes.permute(0, 2, 1, 3).reshape(tiles * 16, chunks * 256)[:n, :k]
     codebook = table.permute(0, 3, 2, 1, 4).reshape(tiles * 16, table.shape[1], 2)[:n, : k // group_size]
     return formats.pack(codes, 1), codebook.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# "tc2": 2-bit lut, any 4-entry codebook (csrc/gemv_tc2.cuh)
+# ---------------------------------------------------------------------------------------------------------
+#
+# Codes: 16 rows x 128 k per (tile, chunk), 16 bytes per lane:  qtc2 int32 [tiles, chunks2 = ceil(K / 128), 32, 4].
+# Word w of a lane feeds k16 steps 2w, 2w + 1 (the 32-k pair p = w: columns 128 chunk + 32 w + 8 t + 0..7 of x).
+# The kernel rotates the word right by 2j (j = 0..3: step 2w + (j >> 1), row gid + 8 (j & 1)) and masks
+# 0x06060606, so before the rotation the 2-bit code of column kbase + b (b = 0..3, kbase = 128 chunk + 32 w + 8 t +
+# 4 (j >> 1)) sits at bits 8b + 2j + 1 .. 8b + 2j + 2 (mod 32), low bit first:
+#
+#   word:  byte 3           byte 2           byte 1           byte 0
+#          |0 3 3 2 2 1 1 0|0 3 3 2 2 1 1 0|0 3 3 2 2 1 1 0|0 3 3 2 2 1 1 0|   j of each bit pair (bit 0 of the
+#                                                                               word is the high bit of j = 3, b = 3)
+# Then t * 0x11 + 0x1010 (and the same of the high half) is the PRMT selector of two fp16 / bf16 codebook entries:
+# nibbles 2c, 2c + 1 pick entry c's two bytes out of the row's 8-byte codebook.
+#
+# Tables: [tiles + 1, tgroups2, 8, 2, 4] (the codebook dtype): [tile, group, gid, r, e] = codebook[16 tile + gid +
+# 8 r, group, e]; one 16-byte load gives a lane its rows gid, gid + 8. tgroups2 = ceil(K / 128) * 128 / g rounded
+# up to 8; tile `tiles` is zeros (the zero source of x past K).
+
+
+def tc2_chunks(k: int) -> int:
+    return -(-k // 128)
+
+
+def tc2_table_groups(k: int, g: int) -> int:
+    return (tc2_chunks(k) * 128 // g + 7) // 8 * 8
+
+
+@functools.lru_cache(maxsize=None)
+def _bit_map2() -> Tuple[torch.Tensor, torch.Tensor]:
+    """(row in tile, column in chunk) of every (lane, word, bit) of a tc2 (tile, chunk), and the code bit it holds:
+    three int64 [32, 4, 32]."""
+    row = torch.empty(32, 4, 32, dtype=torch.int64)
+    col = torch.empty(32, 4, 32, dtype=torch.int64)
+    cbit = torch.empty(32, 4, 32, dtype=torch.int64)
+    for lane in range(32):
+        gid, t = lane >> 2, lane & 3
+        for w in range(4):
+            for j in range(4):
+                kbase = 32 * w + 8 * t + 4 * (j >> 1)
+                for b in range(4):
+                    for e in range(2):
+                        bit = (8 * b + 2 * j + 1 + e) % 32
+                        row[lane, w, bit] = gid + 8 * (j & 1)
+                        col[lane, w, bit] = kbase + b
+                        cbit[lane, w, bit] = e
+    return row, col, cbit
+
+
+def repack_tc2(qweight: torch.Tensor, codebook: torch.Tensor, k: int, group_size: int):
+    """(qtc2 int32 [tiles, chunks2, 32, 4], table [tiles + 1, tgroups2, 8, 2, 4]) of a 2-bit lut weight."""
+    n = qweight.shape[0]
+    if codebook.dim() != 3 or codebook.shape[0] != n or codebook.shape[2] != 4 or k % group_size:
+        raise ValueError(f"repack_tc2 needs a 2-bit codebook [N, K/g, 4] with K % g == 0; got codebook "
+                         f"{tuple(codebook.shape)}, N={n}, K={k}, g={group_size}")
+    tiles, chunks, tg = tc_tiles(n), tc2_chunks(k), tc2_table_groups(k, group_size)
+    row, col, cbit = (t.to(qweight.device) for t in _bit_map2())
+    qtc = torch.empty(tiles, chunks, 32, 4, dtype=torch.int32, device=qweight.device)
+    for r0 in range(0, tiles * 16, _ROWS_PER_PASS):
+        r1 = min(r0 + _ROWS_PER_PASS, tiles * 16)
+        rows = formats.unpack(qweight[r0:min(r1, n)], 2, k) if r0 < n else qweight.new_zeros(0, k)
+        codes = torch.zeros(r1 - r0, chunks * 128, dtype=torch.uint8, device=qweight.device)
+        codes[: rows.shape[0], :k] = rows
+        codes = codes.view((r1 - r0) // 16, 16, chunks, 128).permute(0, 2, 1, 3)      # [T, C, 16, 128]
+        words = torch.zeros(codes.shape[0], chunks, 32, 4, dtype=torch.int64, device=qweight.device)
+        for b in range(32):
+            c = codes[:, :, row[..., b], col[..., b]].to(torch.int64)
+            words |= ((c >> cbit[..., b]) & 1) << b
+        qtc[r0 // 16:r1 // 16] = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    table = torch.zeros((tiles + 1) * 16, tg, 4, dtype=codebook.dtype, device=codebook.device)
+    table[:n, : codebook.shape[1]] = codebook
+    table = table.view(tiles + 1, 2, 8, tg, 4).permute(0, 3, 2, 1, 4).contiguous()
+    return qtc, table
+
+
+def unrepack_tc2(qtc: torch.Tensor, table: torch.Tensor, n: int, k: int, group_size: int):
+    """The v1 (qweight, codebook) of a tc2 repack (the inverse of :func:`repack_tc2`)."""
+    tiles, chunks = qtc.shape[0], qtc.shape[1]
+    row, col, cbit = (t.to(qtc.device) for t in _bit_map2())
+    words = qtc.to(torch.int64) & 0xFFFFFFFF
+    bits = (words.unsqueeze(-1) >> torch.arange(32, device=qtc.device)) & 1                 # [T, C, 32, 4, 32]
+    codes = torch.zeros(16, 128, tiles, chunks, dtype=torch.int64, device=qtc.device)
+    codes.index_put_((row, col), (bits << cbit).permute(2, 3, 4, 0, 1), accumulate=True)   # disjoint bits: sum
+    codes = codes.permute(2, 0, 3, 1).reshape(tiles * 16, chunks * 128)[:n, :k]
+    cb = table[:tiles].permute(0, 3, 2, 1, 4).reshape(tiles * 16, table.shape[1], 4)[:n, : k // group_size]
+    return formats.pack(codes, 2), cb.contiguous()

@@ -1,7 +1,7 @@
-"""Routing of the CUDA backend's ``lut_linear`` to the tensor-core 1-bit kernel (``bivlm_cuda::tc_lut_linear``).
+"""Routing of the CUDA backend's ``lut_linear`` to the tensor-core kernels (``bivlm_cuda::tc_lut_linear``).
 
-A call goes to the tensor-core kernel when the format is one it covers (1 bit, g = 64 or 128, fp16 / bf16 tables),
-1 <= M <= 16 rows of x, and ``BIVLM_CUDA_TC`` is not ``0``. Its operands are the load-time "tc1" repack of the
+A call goes to a tensor-core kernel when the format is one they cover (lut 1 or 2 bits, g = 64 or 128, fp16 / bf16
+tables), 1 <= M <= 16 rows of x, and ``BIVLM_CUDA_TC`` is not ``0``. Its operands are the load-time "tc1" / "tc2" repack of the
 layer's v1 buffers (:mod:`bivlm_kernels.repack`), built on the first call and cached while those buffers are
 unchanged (:mod:`bivlm_kernels.repack_cache`): about the size of the packed weight once more, on the GPU.
 
@@ -27,13 +27,13 @@ def tc_operands(x: torch.Tensor, qweight: torch.Tensor, codebook: torch.Tensor, 
         return None
     if not 1 <= x.numel() // k <= MAX_M:
         return None
-    return repack_cache.get("tc1", (qweight, codebook),
-                            lambda: repack.repack_tc1(qweight, codebook, k, group_size))
+    return repack_cache.get(f"tc{bits}", (qweight, codebook),
+                            lambda: repack.repack_tc(qweight, codebook, k, group_size))
 
 
 def reference_tc_lut_linear(x, qtc, table, n, k, bits, group_size, bias=None, out_dtype=None):
     """What ``tc_lut_linear`` computes: the reference ``lut_linear`` of the un-repacked weight."""
-    qweight, codebook = repack.unrepack_tc1(qtc, table, n, k, group_size)
+    qweight, codebook = repack.unrepack_tc(qtc, table, n, k, group_size)
     return ops.reference_lut_linear(x, qweight, codebook, bits, group_size, bias, out_dtype)
 
 

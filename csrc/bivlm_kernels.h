@@ -77,11 +77,14 @@ cudaError_t launch_splitk_reduce(const float* ws, int splits, int64_t mn, void* 
 // rounds to w.dtype (lut: the codebook entry itself; affine: (code - zero) * scale in fp32, rounded once).
 cudaError_t launch_dequantize(const PackedWeight& w, void* out, cudaStream_t stream);
 
-// ---- tensor-core decode path (1-bit lut, load-time "tc1" repack; bivlm_kernels/repack.py draws the layout) ----
+// ---- tensor-core decode path (lut 1 / 2 bits, load-time "tc1" / "tc2" repacks; bivlm_kernels/repack.py draws
+// the layouts) ----
 //
-//   qtc    uint4 [tc_tiles(n)][tc_chunks(k)][32 lanes]      16 rows x 256 k of codes per (tile, chunk)
-//   table  dtype [tc_tiles(n) + 1][tc_table_groups(k, g)][8][2][2]   (c0, c1) of rows (g, g + 8) of each tile;
-//                the last tile is zeros (the kernel's zero source for B)
+//   1 bit:  qtc    uint4 [tc_tiles(n)][tc_chunks(k)][32 lanes]      16 rows x 256 k of codes per (tile, chunk)
+//           table  dtype [tc_tiles(n) + 1][tc_table_groups(k, g)][8][2][2]  (c0, c1) of rows (g, g + 8)
+//   2 bits: qtc    uint4 [tc_tiles(n)][tc2_chunks(k)][32 lanes]     16 rows x 128 k
+//           table  dtype [tc_tiles(n) + 1][tc2_table_groups(k, g)][8][2][4]  the 4 entries of rows (g, g + 8)
+//   The last tile of a table is zeros (the kernels' zero source for B).
 // Rows past n, k past K and groups past K / g are zero (codes and tables), so they contribute nothing.
 struct TcWeight {
   const void* qtc = nullptr;
@@ -97,8 +100,10 @@ struct TcWeight {
 inline int64_t tc_tiles(int64_t n) { return ((n + 15) / 16 + 3) / 4 * 4; }
 inline int64_t tc_chunks(int64_t k) { return (k + 255) / 256; }
 inline int64_t tc_table_groups(int64_t k, int g) { return (tc_chunks(k) * 256 / g + 7) / 8 * 8; }
+inline int64_t tc2_chunks(int64_t k) { return (k + 127) / 128; }
+inline int64_t tc2_table_groups(int64_t k, int g) { return (tc2_chunks(k) * 128 / g + 7) / 8 * 8; }
 
-// True when the tensor-core kernel covers this format: bits 1, g 64 or 128, fp16 or bf16.
+// True when a tensor-core kernel covers this format: lut bits 1 or 2, g 64 or 128, fp16 or bf16.
 bool gemv_tc_supported(int bits, int group_size, DType dtype);
 
 // K splits for the tensor-core GEMV (1 = none; > 1: out_f32 workspace of splits * m * n, then

@@ -331,5 +331,9 @@ cudaError_t launch_tc_config(const void* x, int64_t m, int64_t ldx, const TcWeig
   return cudaGetLastError();
 }
 
+// The 2-bit tensor-core GEMV's dispatch over dtype x M bucket x g (gemv_tc_b2.cu; kernel in gemv_tc2.cuh).
+cudaError_t launch_tc2(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
+                       int chunks_per_split, void* out, float* out_f32, cudaStream_t stream);
+
 }  // namespace detail
 }  // namespace bivlm

@@ -1,5 +1,5 @@
-// gemv_tc_b1.cu -- host side of the tensor-core 1-bit GEMV (gemv_tc.cuh): format check, split-K policy, dispatch
-// over dtype x M bucket x group size.
+// gemv_tc_b1.cu -- host side of the tensor-core GEMVs: format check, split-K policy, dispatch; and the
+// instantiations of the 1-bit kernel (gemv_tc.cuh) over dtype x M bucket x group size (2 bits: gemv_tc_b2.cu).
 #include <cstdint>
 
 #include "gemv_tc.cuh"
@@ -13,43 +13,49 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // M bucket of the kernel (as the CUDA-core GEMV's: 1, 2, 4, 8, 16).
 int tc_mt(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
 
-// Chunks of one slot block: a split must start on one.
-int64_t block_chunks(int mt, int g) {
+// Chunks of one slot block (1 bit): a split must start on one. The 2-bit kernel has no slot blocks.
+int64_t block_chunks(int bits, int mt, int g) {
+  if (bits == 2) return 1;
   const int s = mt >= 8 ? 1 : 8 / mt;
   return cdiv(static_cast<int64_t>(s) * g, 256);
 }
 
-int tiles_per_block(int mt) { return detail::kTcWarps * (mt > 8 ? 2 : 4); }
+int64_t chunks_of(const TcWeight& w) { return w.bits == 2 ? tc2_chunks(w.k) : tc_chunks(w.k); }
+
+int tiles_per_block(int bits, int mt) { return detail::kTcWarps * (bits == 2 || mt <= 8 ? 4 : 2); }
 
 // The block keeps S and SQ of its split's groups in shared memory (8 MT bytes per group): at most 32 KiB, so a
 // split spans at most 16 G / MT chunks (a multiple of block_chunks for every bucket).
-int64_t max_chunks_per_split(int mt, int g) { return 16 * static_cast<int64_t>(g) / mt; }
+int64_t max_chunks_per_split(int bits, int mt, int g) {
+  return bits == 2 ? INT32_MAX : 16 * static_cast<int64_t>(g) / mt;
+}
 
 int64_t chunks_per_split(int64_t m, const TcWeight& w, int splits) {
   const int mt = tc_mt(m);
-  const int64_t bc = block_chunks(mt, w.group_size);
-  return cdiv(cdiv(tc_chunks(w.k), splits), bc) * bc;
+  const int64_t bc = block_chunks(w.bits, mt, w.group_size);
+  return cdiv(cdiv(chunks_of(w), splits), bc) * bc;
 }
 
 }  // namespace
 
 bool gemv_tc_supported(int bits, int group_size, DType dtype) {
-  return bits == 1 && (group_size == 64 || group_size == 128) && (dtype == DType::kHalf || dtype == DType::kBFloat16);
+  return (bits == 1 || bits == 2) && (group_size == 64 || group_size == 128) &&
+         (dtype == DType::kHalf || dtype == DType::kBFloat16);
 }
 
 // Split-K policy (NOT MEASURED, as gemv_num_splits): >= 4 blocks per SM; splits start on slot blocks; <= 32.
 int gemv_tc_num_splits(int64_t m, const TcWeight& w, int sm_count) {
   const int mt = tc_mt(m);
-  const int64_t row_blocks = cdiv(tc_tiles(w.n), tiles_per_block(mt));
+  const int64_t row_blocks = cdiv(tc_tiles(w.n), tiles_per_block(w.bits, mt));
   const int64_t target = 4 * static_cast<int64_t>(sm_count > 0 ? sm_count : 1);
   int64_t splits = cdiv(target, row_blocks);
-  const int64_t max_splits = cdiv(tc_chunks(w.k), block_chunks(mt, w.group_size));
-  const int64_t min_splits = cdiv(tc_chunks(w.k), max_chunks_per_split(mt, w.group_size));
+  const int64_t max_splits = cdiv(chunks_of(w), block_chunks(w.bits, mt, w.group_size));
+  const int64_t min_splits = cdiv(chunks_of(w), max_chunks_per_split(w.bits, mt, w.group_size));
   if (splits > max_splits) splits = max_splits;
   if (splits > 32) splits = 32;
   if (splits < min_splits) splits = min_splits;  // may exceed 32 for K > 32 * 16 G / MT: correct, rare
   if (splits < 1) splits = 1;
-  splits = cdiv(tc_chunks(w.k), chunks_per_split(m, w, static_cast<int>(splits)));
+  splits = cdiv(chunks_of(w), chunks_per_split(m, w, static_cast<int>(splits)));
   return static_cast<int>(splits < 1 ? 1 : splits);
 }
 
@@ -88,14 +94,15 @@ cudaError_t launch_gemv_tc(const void* x, int64_t m, int64_t ldx, const TcWeight
   if (!gemv_tc_supported(w.bits, w.group_size, w.dtype) || m < 1 || m > kGemvMaxM || w.n < 1 ||
       w.k < w.group_size || w.k % w.group_size != 0 || w.n > INT32_MAX / 2 || w.k > INT32_MAX / 2 || splits < 1 ||
       (splits > 1 && out_f32 == nullptr) || (out == nullptr && out_f32 == nullptr) || w.qtc == nullptr ||
-      w.table == nullptr || !aligned(w.qtc, 16) || !aligned(w.table, 8)) {
+      w.table == nullptr || !aligned(w.qtc, 16) || !aligned(w.table, w.bits == 2 ? 16 : 8)) {
     return cudaErrorInvalidValue;
   }
   // x is read 16 bytes at a time at columns that are multiples of 8.
   if (x == nullptr || !aligned(x, 16) || (ldx * 2) % 16 != 0 || ldx < w.k) return cudaErrorInvalidValue;
   const int64_t cps = chunks_per_split(m, w, splits);
-  if (cdiv(tc_chunks(w.k), cps) != splits || cps > max_chunks_per_split(tc_mt(m), w.group_size))
+  if (cdiv(chunks_of(w), cps) != splits || cps > max_chunks_per_split(w.bits, tc_mt(m), w.group_size))
     return cudaErrorInvalidValue;  // not what gemv_tc_num_splits gave
+  if (w.bits == 2) return detail::launch_tc2(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);
   return w.dtype == DType::kHalf
              ? launch_tc_t<__half>(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream)
              : launch_tc_t<__nv_bfloat16>(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);

@@ -16,7 +16,7 @@
 //
 // Linear ops dispatch by M = x.numel() / K:
 //   M <= kGemvMaxM : decode GEMV kernel (split-K with an fp32 workspace when N is small), fp32 accumulation;
-//                    tc_lut_linear: the tensor-core 1-bit GEMV on the repacked layout (same split-K scheme);
+//                    tc_lut_linear: the tensor-core 1/2-bit GEMVs on the repacked layouts (same split-K scheme);
 //   M >  kGemvMaxM : dequantize into a temporary [N, K] in x's dtype, then cuBLAS (at::mm / at::addmm).
 #include <Python.h>
 
@@ -219,7 +219,7 @@ at::Tensor linear_impl(const char* op, const at::Tensor& x, const at::Tensor& ta
   });
 }
 
-// The tensor-core 1-bit GEMV on the tc1 repack (bivlm_kernels/repack.py), M <= kGemvMaxM.
+// The tensor-core GEMVs on the tc1 / tc2 repacks (bivlm_kernels/repack.py), lut 1 or 2 bits, M <= kGemvMaxM.
 at::Tensor tc_lut_linear(const at::Tensor& x, const at::Tensor& qtc, const at::Tensor& table, int64_t n, int64_t k,
                          int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias,
                          std::optional<at::ScalarType> out_dtype) {
@@ -228,17 +228,20 @@ at::Tensor tc_lut_linear(const at::Tensor& x, const at::Tensor& qtc, const at::T
               ": n and k must be in [1, 2^30), got n=", n, ", k=", k);
   TORCH_CHECK(gemv_tc_supported(static_cast<int>(bits), static_cast<int>(group_size), to_dtype(table.scalar_type())) &&
                   table.scalar_type() != at::kFloat && k % group_size == 0,
-              "bivlm_cuda.", op, ": covers bits=1, group_size 64 or 128 (dividing k), float16 or bfloat16 tables; got "
+              "bivlm_cuda.", op, ": covers bits 1 or 2, group_size 64 or 128 (dividing k), float16 or bfloat16 tables; got "
               "bits=", bits, ", group_size=", group_size, ", k=", k, ", ", table.scalar_type());
-  const int64_t tiles = tc_tiles(n), chunks = tc_chunks(k), tg = tc_table_groups(k, static_cast<int>(group_size));
+  const int g = static_cast<int>(group_size);
+  const int64_t tiles = tc_tiles(n), chunks = bits == 2 ? tc2_chunks(k) : tc_chunks(k);
+  const int64_t tg = bits == 2 ? tc2_table_groups(k, g) : tc_table_groups(k, g), entries = int64_t{1} << bits;
   TORCH_CHECK(qtc.is_cuda() && qtc.scalar_type() == at::kInt && qtc.is_contiguous() &&
                   qtc.sizes() == at::IntArrayRef({tiles, chunks, 32, 4}),
               "bivlm_cuda.", op, ": qtc must be a contiguous CUDA int32 [", tiles, ", ", chunks, ", 32, 4] for n=", n,
-              ", k=", k, "; got ", qtc.sizes(), " ", qtc.scalar_type(), " ", qtc.device());
+              ", k=", k, ", bits=", bits, "; got ", qtc.sizes(), " ", qtc.scalar_type(), " ", qtc.device());
   TORCH_CHECK(table.device() == qtc.device() && table.is_contiguous() &&
-                  table.sizes() == at::IntArrayRef({tiles + 1, tg, 8, 2, 2}),
-              "bivlm_cuda.", op, ": table must be contiguous [", tiles + 1, ", ", tg, ", 8, 2, 2] on qtc's device for n=",
-              n, ", k=", k, ", group_size=", group_size, "; got ", table.sizes(), " on ", table.device());
+                  table.sizes() == at::IntArrayRef({tiles + 1, tg, 8, 2, entries}),
+              "bivlm_cuda.", op, ": table must be contiguous [", tiles + 1, ", ", tg, ", 8, 2, ", entries,
+              "] on qtc's device for n=", n, ", k=", k, ", bits=", bits, ", group_size=", group_size, "; got ",
+              table.sizes(), " on ", table.device());
   const XView v = prepare_x(op, x, table, n, k, bias, out_dtype);
   TORCH_CHECK(v.m <= kGemvMaxM, "bivlm_cuda.", op, ": covers m <= ", kGemvMaxM, " rows of x, got m=", v.m,
               " (lut_linear handles larger m)");
@@ -302,7 +305,7 @@ TORCH_LIBRARY(bivlm_cuda, m) {
         "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
   m.def("dequantize_lut(Tensor qweight, Tensor codebook, int bits, int group_size) -> Tensor");
   m.def("dequantize_affine(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor");
-  // The tensor-core 1-bit path on a load-time repack (bivlm_kernels/repack.py); the cuda backend's lut_linear
+  // The tensor-core 1/2-bit paths on a load-time repack (bivlm_kernels/repack.py); the cuda backend's lut_linear
   // routes eligible calls here (bivlm_kernels/_extension.py).
   m.def("tc_lut_linear(Tensor x, Tensor qtc, Tensor table, int n, int k, int bits, int group_size, "
         "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");

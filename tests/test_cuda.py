@@ -123,24 +123,25 @@ def test_linear_matches_reference(fmt, g, dtype, n, k):
     assert not failures, f"{fmt} g={g} {dtype} n={n} k={k}: " + "; ".join(failures)
 
 
+@pytest.mark.parametrize("fmt", ("lut1", "lut2"))
 @pytest.mark.parametrize("g", (64, 128))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
-def test_tensor_core_path_against_cuda_core_and_reference(g, dtype):
-    """1-bit lut at M <= 16 goes to the tensor-core kernel (tc_lut_linear on the cached repack): its error is that
+def test_tensor_core_path_against_cuda_core_and_reference(fmt, g, dtype):
+    """1/2-bit lut at M <= 16 goes to the tensor-core kernels (tc_lut_linear on the cached repack): the error is that
     of the CUDA-core GEMV (BIVLM_CUDA_TC=0's path) within 2x, both against the fp32 oracle; the repack is built once."""
     from bivlm_kernels import repack_cache, tc_dispatch
     repack_cache.clear()
     n, k = 3001, 4352                      # N not a multiple of 64, K not a multiple of 256
-    qweight, tables = _weight("lut1", n, k, g, dtype, seed=3)
+    qweight, tables = _weight(fmt, n, k, g, dtype, seed=3)
     bias = torch.randn(n, device="cuda").to(dtype)
     for m in (1, 2, 3, 5, 8, 13, 16):
         x = torch.randn(m, k, device="cuda").to(dtype)
-        ref = _reference("lut1", x, qweight, tables, g, bias)
+        ref = _reference(fmt, x, qweight, tables, g, bias)
         with ops.use_backend("cuda"):
-            y_tc = _linear("lut1", x, qweight, tables, g, bias)
+            y_tc = _linear(fmt, x, qweight, tables, g, bias)
             tc_dispatch.enabled = False
             try:
-                y_cc = _linear("lut1", x, qweight, tables, g, bias)
+                y_cc = _linear(fmt, x, qweight, tables, g, bias)
             finally:
                 tc_dispatch.enabled = True
         assert torch.isfinite(y_tc).all()

@@ -15,6 +15,7 @@ the README's test command does not run it a second time. Environment: ``CXX`` (d
 ``BIVLM_CUDA_HOST_SRC`` / ``BIVLM_CUDA_HOST_BUILD`` (a mutated copy of csrc/ and its build directory, used by
 ``python/mutate_cuda_host.py``), ``BIVLM_FUZZ_CASES`` (default 320).
 """
+import itertools
 import os
 import pathlib
 import random
@@ -174,7 +175,7 @@ class Case:
         # x: exactly the (m - 1) * ldx + k elements the kernel may read.
         x_flat = self.x_full.reshape(-1)[: (self.m - 1) * self.ldx + self.k]
         if self.op == "tc":
-            qtc, table = repack.repack_tc1(self.qweight, t0, self.k, self.g)
+            qtc, table = repack.repack_tc(self.qweight, t0, self.k, self.g)
             return _blob(x_flat) + _blob(qtc) + _blob(table) + _blob(self.bias)
         return _blob(x_flat) + _blob(self.qweight) + _blob(t0) + _blob(t1) + _blob(self.bias)
 
@@ -261,17 +262,18 @@ def grid_cases(gen):
     return cases
 
 
-def _tc_case(gen, g, dtype, m, n, k, **kw):
-    c = _linear_case(gen, "lut1", g, dtype, m, n, k, **kw)
+def _tc_case(gen, g, dtype, m, n, k, fmt="lut1", **kw):
+    c = _linear_case(gen, fmt, g, dtype, m, n, k, **kw)
     c.op = "tc"
     return c
 
 
 def tc_grid_cases(gen):
-    """The tensor-core 1-bit GEMV: dtype x g x MT bucket, paths rotated (direct, split-K, fp32 / other out dtype,
-    strided x), N not a multiple of 16 or 64, K not a multiple of 256 and slot blocks cut by the end of K."""
+    """The tensor-core GEMVs (1 and 2 bits): dtype x g x MT bucket, paths rotated (direct, split-K, fp32 / other
+    out dtype, strided x), N not a multiple of 16 or 64, K not a multiple of the chunk and (1 bit) slot blocks cut
+    by the end of K."""
     cases, i = [], 0
-    for dtype in (torch.float16, torch.bfloat16):
+    for fmt, dtype in itertools.product(("lut1", "lut2"), (torch.float16, torch.bfloat16)):
         for g in (64, 128):
             for bucket in MT_BUCKETS:
                 for path in range(4):
@@ -282,8 +284,8 @@ def tc_grid_cases(gen):
                     if path == 1:
                         n, k, sm = 5 + i % 3, 16384 + 2 * g, 132
                     other = torch.float32 if i % 2 else (torch.bfloat16 if dtype == torch.float16 else torch.float16)
-                    cases.append(_tc_case(gen, g, dtype, m, n, k, ldx_pad=3 if path == 3 else 0, bias=i % 3 != 0,
-                                          sm=sm, out_dtype=other if path == 2 else dtype))
+                    cases.append(_tc_case(gen, g, dtype, m, n, k, fmt, ldx_pad=3 if path == 3 else 0,
+                                          bias=i % 3 != 0, sm=sm, out_dtype=other if path == 2 else dtype))
                     i += 1
     return cases
 
@@ -300,7 +302,7 @@ def tc_fuzz_cases(gen, count):
         else:
             n, k = int(2 ** rnd.uniform(0, 8)), g * rnd.randint(1, 2048 // g)
         od = rnd.choice([dtype, dtype, torch.float32])
-        cases.append(_tc_case(gen, g, dtype, m, n, k, ldx_pad=rnd.choice([0, 0, 1, 5]), bias=rnd.random() < 0.5,
+        cases.append(_tc_case(gen, g, dtype, m, n, k, rnd.choice(("lut1", "lut2")), ldx_pad=rnd.choice([0, 0, 1, 5]), bias=rnd.random() < 0.5,
                               sm=rnd.choice([1, 2, 8, 132]), out_dtype=od))
     return cases
 
@@ -419,7 +421,7 @@ def _check(c, res):
     if c.bias is not None:
         exact += c.bias.double()
     got = torch.frombuffer(bytearray(raw), dtype=c.out_dtype).reshape(c.m, c.n).double()
-    acc = _tc_tolerance(c, splits) if c.op == "tc" else _linear_tolerance(c, w, splits)
+    acc = _tc_tolerance(c, splits) if c.op == "tc" and c.fmt == "lut1" else _linear_tolerance(c, w, splits)
     tol = U_OUT[c.out_dtype] * (exact.abs() + acc) + acc + TINY[c.out_dtype]
     err = (got - exact).abs()
     bad = ~(err <= tol)   # NaN (an output never written) counts as bad
@@ -444,6 +446,7 @@ def _instantiations():
         for mt in (1, 2, 4, 8, 16):
             for g in (64, 128):
                 names.add(f"bivlm::detail::gemv_tc_b1_kernel<{t}, {mt}, {g}>")
+                names.add(f"bivlm::detail::gemv_tc_b2_kernel<{t}, {mt}, {g}>")
     return names
 
 

@@ -26,6 +26,27 @@ def test_repack_round_trip(n, k, g, dtype):
     assert torch.equal(q2, q) and torch.equal(cb2, cb)
 
 
+@pytest.mark.parametrize("n,k,g", [(1, 64, 64), (67, 576, 64), (16, 128, 128), (130, 1152, 128)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_repack_tc2_round_trip(n, k, g, dtype):
+    q, cb = _weight(n, k, g, dtype, bits=2)
+    qtc, table = repack.repack_tc2(q, cb, k, g)
+    assert qtc.shape == (repack.tc_tiles(n), repack.tc2_chunks(k), 32, 4)
+    assert table.shape == (repack.tc_tiles(n) + 1, repack.tc2_table_groups(k, g), 8, 2, 4)
+    assert not table[-1].any()
+    q2, cb2 = repack.unrepack_tc2(qtc, table, n, k, g)
+    assert torch.equal(q2, q) and torch.equal(cb2, cb)
+
+
+def test_tc2_bit_map_documented_positions():
+    row, col, cbit = repack._bit_map2()
+    assert len(set(zip(row.flatten().tolist(), col.flatten().tolist(), cbit.flatten().tolist()))) == 16 * 128 * 2
+    # lane 6 = (gid 1, t 2), word 3, j = 0 (step 6, row gid): code of column 32*3 + 8*2 + 0 + b at bits 8b+1, 8b+2
+    assert [(int(row[6, 3, 8 * b + 1 + e]), int(col[6, 3, 8 * b + 1 + e]), int(cbit[6, 3, 8 * b + 1 + e]))
+            for b in range(4) for e in range(2)] == [(1, 112 + b, e) for b in range(4) for e in range(2)]
+    assert (int(row[6, 3, 0]), int(col[6, 3, 0]), int(cbit[6, 3, 0])) == (9, 116 + 3, 1)   # j = 3, b = 3: wraps
+
+
 def test_bit_map_is_a_bijection_with_the_documented_positions():
     row, col = repack._bit_map()
     pairs = set(zip(row.flatten().tolist(), col.flatten().tolist()))
@@ -51,7 +72,8 @@ def _spy():
 
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 17])
 @pytest.mark.parametrize("g,dtype,bits", [(64, torch.float16, 1), (128, torch.bfloat16, 1), (32, torch.float16, 1),
-                                          (128, torch.float32, 1), (128, torch.float16, 2)])
+                                          (128, torch.float32, 1), (128, torch.float16, 2), (64, torch.bfloat16, 2),
+                                          (256, torch.float16, 2)])
 def test_routing_and_result(m, g, dtype, bits):
     repack_cache.clear()
     n, k = 37, 4 * g
@@ -61,7 +83,7 @@ def test_routing_and_result(m, g, dtype, bits):
     calls, fn = _spy()
     got = fn(x, q, cb, bits, g, bias, None)
     want = ops.reference_lut_linear(x, q, cb, bits, g, bias, None)
-    goes_tc = bits == 1 and g in (64, 128) and dtype != torch.float32 and m <= 16
+    goes_tc = g in (64, 128) and dtype != torch.float32 and m <= 16
     assert calls == ["tc" if goes_tc else "lut"]
     assert torch.equal(got, want)                                # same math on the round-tripped weight
 
