@@ -62,6 +62,9 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const Tc2Param
     xrow[nt] = p.x + (xok[nt] ? static_cast<int64_t>(mi) * p.ldx : 0);
   }
   const T* zero_src = p.tab + static_cast<int64_t>(p.tiles) * p.tgroups * 64 + 8 * t;  // >= 512 zero elements
+  const T* xb[NT];  // this lane's 8 activations of pair 0 (or the zero source for rows of x past m)
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) xb[nt] = xok[nt] ? xrow[nt] + 8 * t : zero_src;
 
   float y[R][NT][4];
 #pragma unroll
@@ -89,13 +92,13 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const Tc2Param
   // One 128-k chunk with codes cq and tables ct; prefetches chunk c + 1 into (nq, nt_).
   auto chunk = [&](int c, const uint4 (&cq)[R], const uint4 (&ct)[R][GPC], uint4 (&nq)[R], uint4 (&ntb)[R][GPC]) {
     if (c + 1 < c_end) load(c + 1, nq, ntb);
+    const int krem = p.k - c * 128;  // K is a multiple of 64: only a split's last chunk can be cut
 #pragma unroll
     for (int w = 0; w < 4; ++w) {  // word w: the 32-k pair w of the chunk, steps 2w and 2w + 1
-      const int kk = c * 128 + w * 32;
       uint4 bx[NT];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
-        bx[nt] = ptx::ld_nc_v4((xok[nt] && kk < p.k) ? xrow[nt] + kk + 8 * t : zero_src);
+        bx[nt] = ptx::ld_nc_v4(w * 32 < krem ? xb[nt] + c * 128 + w * 32 : zero_src);
 #pragma unroll
       for (int hs = 0; hs < 2; ++hs) {
         uint32_t b[NT][2];
