@@ -312,18 +312,13 @@ def tmac_counting(monkeypatch):
     """Count tmac_linear / tmac_repack calls made through the CPU backend wrappers."""
     ext = cpu_ext()
     calls = {"linear": 0, "repack": 0}
+    for attr, name in (("_tmac_linear", "linear"), ("_tmac_linear1", "linear"), ("_tmac_repack", "repack")):
+        real = getattr(ext, attr)
 
-    class Counting:
-        def __getattr__(self, name):
-            real = getattr(torch.ops.bivlm_cpu, name)
-            if name in ("tmac_linear", "tmac_repack"):
-                def fn(*a):
-                    calls[name[5:]] += 1
-                    return real(*a)
-                return fn
-            return real
-
-    monkeypatch.setattr(ext, "_C", Counting())
+        def fn(*a, real=real, name=name):
+            calls[name] += 1
+            return real(*a)
+        monkeypatch.setattr(ext, attr, fn)
     return calls
 
 

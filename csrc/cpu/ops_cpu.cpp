@@ -351,6 +351,16 @@ at::Tensor tmac_linear(const at::Tensor& x, const std::optional<at::Tensor>& per
   return (od == at::kFloat ? y : y.to(od)).view(out_shape(x, n));
 }
 
+// One segment without perm (lut_linear / affine_linear): the same, without the list arguments, whose conversion
+// from Python costs ~6 us per call.
+at::Tensor tmac_linear1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& coefs, int64_t bits,
+                        int64_t n, int64_t group_size, const std::optional<at::Tensor>& bias,
+                        std::optional<at::ScalarType> out_dtype) {
+  const std::vector<at::Tensor> c{codes}, f{coefs};
+  const std::vector<int64_t> b{bits};
+  return tmac_linear(x, std::nullopt, c, f, b, n, group_size, bias, out_dtype);
+}
+
 // Knobs: a value < 0 leaves a setting as it is. Returns [gemv_max_m, tile_bytes, force_scalar, isa_is_avx2].
 std::vector<int64_t> configure(int64_t gemv_max_m, int64_t tile_bytes, int64_t force_scalar) {
   if (gemv_max_m >= 0) g_gemv_max_m = gemv_max_m;
@@ -377,6 +387,8 @@ TORCH_LIBRARY(bivlm_cpu, m) {
   m.def("tmac_repack(Tensor qweight, Tensor table0, Tensor? table1, int bits, int group_size) -> Tensor[]");
   m.def("tmac_linear(Tensor x, Tensor? perm, Tensor[] codes, Tensor[] coefs, int[] bits, int n, int group_size, "
         "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
+  m.def("tmac_linear1(Tensor x, Tensor codes, Tensor coefs, int bits, int n, int group_size, "
+        "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
   // No tensor arguments, so a catch-all kernel (nothing to dispatch on).
   m.def("configure(int gemv_max_m=-1, int tile_bytes=-1, int force_scalar=-1) -> int[]", &configure);
 }
@@ -389,6 +401,7 @@ TORCH_LIBRARY_IMPL(bivlm_cpu, CPU, m) {
   m.impl("segmented_lut_linear", &segmented_lut_linear);
   m.impl("tmac_repack", &tmac_repack);
   m.impl("tmac_linear", &tmac_linear);
+  m.impl("tmac_linear1", &tmac_linear1);
 }
 
 // A Python module `_C_cpu` with no methods: importing it loads this library, whose static initializers above
