@@ -3,6 +3,7 @@ weight-only CPU kernel (``aten._weight_int4pack_mm_for_cpu``, the in-process pee
 
     python benchmarks/bench_cpu.py                 # full grid, writes benchmarks/results/cpu_kernels.md
     python benchmarks/bench_cpu.py --quick         # 4096x4096 and 576x1536, M in {1, 64}, all threads
+    python benchmarks/bench_cpu.py --quick --shapes 4096x4096,11008x4096,576x1536   # the floors' shapes
 
 Per (shape N x K, M, threads): medians in µs per call of ``torch.utils.benchmark`` blocks, all candidates timed
 in turn over 5 rounds (interleaved, so background load hits them alike). At M < 64 every timed statement runs
@@ -213,6 +214,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="4096x4096 and 576x1536, M in {1, 64}, all threads")
     p.add_argument("--threads", default=None, help="comma list (default: 1 and all; --quick: all)")
+    p.add_argument("--shapes", default=None, help="comma list of NxK (default: the grid's, or --quick's)")
     p.add_argument("--block", type=float, default=None, help="seconds per timed block (default 0.1, quick 0.05)")
     p.add_argument("--out", default=None, help="markdown file (default benchmarks/results/cpu_kernels[_quick].md)")
     args = p.parse_args(argv)
@@ -223,6 +225,8 @@ def main(argv=None) -> int:
     threads = [int(t) for t in args.threads.split(",")] if args.threads else \
         ([all_threads] if args.quick else sorted({1, all_threads}))
     shapes, ms = (QUICK_SHAPES, [1, 64]) if args.quick else (SHAPES, MS)
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     block_s = args.block or (0.05 if args.quick else 0.1)
     out = Path(args.out) if args.out else RESULTS_DIR / ("cpu_kernels_quick.md" if args.quick else "cpu_kernels.md")
     info = {**cpu_info(), "git": git_info()}
