@@ -62,9 +62,11 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const Tc2Param
     xrow[nt] = p.x + (xok[nt] ? static_cast<int64_t>(mi) * p.ldx : 0);
   }
   const T* zero_src = p.tab + static_cast<int64_t>(p.tiles) * p.tgroups * 64 + 8 * t;  // >= 512 zero elements
-  const T* xb[NT];  // this lane's 8 activations of pair 0 (or the zero source for rows of x past m)
+  // This lane's 8 activations of pair 0. Lanes of B columns past m read row 0 instead: column n of the mma's
+  // result depends on column n of B only, and those columns are never written.
+  const T* xb[NT];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) xb[nt] = xok[nt] ? xrow[nt] + 8 * t : zero_src;
+  for (int nt = 0; nt < NT; ++nt) xb[nt] = xrow[nt] + 8 * t;
 
   float y[R][NT][4];
 #pragma unroll
@@ -92,7 +94,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const Tc2Param
   // One 128-k chunk with codes cq and tables ct; prefetches chunk c + 1 into (nq, nt_).
   auto chunk = [&](int c, const uint4 (&cq)[R], const uint4 (&ct)[R][GPC], uint4 (&nq)[R], uint4 (&ntb)[R][GPC]) {
     if (c + 1 < c_end) load(c + 1, nq, ntb);
-    const int krem = p.k - c * 128;  // K is a multiple of 64: only a split's last chunk can be cut
+    const int krem = p.k - c * 128;  // K is a multiple of 64: only the last chunk of K can be cut
 #pragma unroll
     for (int w = 0; w < 4; ++w) {  // word w: the 32-k pair w of the chunk, steps 2w and 2w + 1
       uint4 bx[NT];
