@@ -95,19 +95,21 @@ for _name in ops.ALL_OP_NAMES:
         ops.register_backend_kernel(_name, "cpu", _WRAPPED.get(_name, getattr(_C, _name).default))
 
 
-def configure(gemv_max_m: int = -1, tile_bytes: int = -1, force_scalar: int = -1, tmac_max_m=None) -> dict:
+def configure(gemv_max_m: int = -1, tile_bytes: int = -1, force_scalar: int = -1, tmac_max_m=None,
+              min_task_work: int = -1) -> dict:
     """Dispatch knobs of the CPU kernels (tests and benchmarks); a negative value / None keeps a setting.
 
     ``tmac_max_m``: {bits: largest M} for the table-lookup kernels (0: never); ``gemv_max_m``: largest M run by
     the direct decode GEMV (above: dequantized fp32 tiles + ``at::mm``); ``tile_bytes``: size of that tile (and
     the bound on the lookup tables built at once); ``force_scalar``: 1 runs the portable scalar kernels instead of
-    AVX2. Returns the settings now in force and the instruction set in use.
+    AVX2; ``min_task_work``: least weights x rows of x per thread (smaller calls stay on one thread). Returns the
+    settings now in force and the instruction set in use.
     """
     if tmac_max_m is not None:
         bad = set(tmac_max_m) - set(_TMAC_MAX_M)
         if bad:
             raise ValueError(f"tmac_max_m keys must be bit widths {sorted(_TMAC_MAX_M)}, got {sorted(bad)}")
         _TMAC_MAX_M.update({b: int(v) for b, v in tmac_max_m.items()})
-    m, tb, fs, avx2 = _C.configure(gemv_max_m, tile_bytes, force_scalar)
+    m, tb, fs, avx2, mtw = _C.configure(gemv_max_m, tile_bytes, force_scalar, min_task_work)
     return {"gemv_max_m": m, "tile_bytes": tb, "force_scalar": bool(fs), "isa": "avx2" if avx2 else "scalar",
-            "tmac_max_m": dict(_TMAC_MAX_M)}
+            "tmac_max_m": dict(_TMAC_MAX_M), "min_task_work": mtw}

@@ -485,3 +485,27 @@ def test_direct_segmented_transposed_x_at_column_offsets():
             assert_within_bound(y, ref, x.index_select(-1, p), w, g, torch.float32)
     finally:
         ext.configure(tmac_max_m=old)
+
+
+@pytest.mark.parametrize("tmac", [True, False])
+def test_row_split_over_threads(tmac):
+    """Small calls stay on one thread (min_task_work); with it at 1 and 2 threads every call splits its output
+    rows over tasks, whose boundaries (8-row blocks, 4-row blocks, odd tails) must not change a result."""
+    ext = cpu_ext()
+    old, threads = ext.configure(), torch.get_num_threads()
+    try:
+        ext.configure(min_task_work=1, tmac_max_m={1: 10 ** 6 if tmac else 0, 2: 10 ** 6 if tmac else 0,
+                                                   4: 10 ** 6 if tmac else 0})
+        torch.set_num_threads(2)
+        for bits in (1, 2, 4):
+            for n in (37, 61):
+                g = 64
+                qweight, tables = make_weight(n, 4 * g, bits, g, torch.float32)
+                w = dense(qweight, tables, bits, g)
+                for m in (1, 3, 16, 64):
+                    x = torch.randn(m, 4 * g)
+                    y, ref = run_both(x, qweight, tables, bits, g)
+                    assert_within_bound(y, ref, x, w, g, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+        ext.configure(min_task_work=old["min_task_work"], tmac_max_m=old["tmac_max_m"])

@@ -38,6 +38,14 @@ using bivlm_cpu::Segment;
 int64_t g_gemv_max_m = 16;
 int64_t g_tile_bytes = int64_t{2} << 20;
 constexpr int64_t kRowsPerTask = 16;   // output rows per parallel_for task (a multiple of the 4-row block)
+// Least work (weights x rows of x) worth a thread of its own: ~30-60 us here. Smaller calls (the 576x1536 testbed
+// layers at M = 1) run on the calling thread, which saves the wake-up of a second one (measured slower there).
+int64_t g_min_task_work = int64_t{1} << 20;
+
+// parallel_for grain (in tasks of `rows` output rows) for a call of m rows of x over k columns.
+int64_t grain_tasks(int64_t rows, int64_t k, int64_t m) {
+  return std::max<int64_t>(1, (g_min_task_work + rows * k * m - 1) / (rows * k * m));
+}
 
 bivlm_cpu::DType to_dtype(at::ScalarType t) {
   return t == at::kHalf ? bivlm_cpu::DType::kHalf
@@ -137,7 +145,8 @@ at::Tensor linear_core(const char* op, const at::Tensor& x2, const std::vector<P
     }
     at::Tensor y = at::empty({m, n}, f32);
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, (n + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, (n + kRowsPerTask - 1) / kRowsPerTask, grain_tasks(kRowsPerTask, k, m),
+                     [&](int64_t b, int64_t e) {
       const int64_t n0 = b * kRowsPerTask, n1 = std::min(n, e * kRowsPerTask);
       for (size_t j = 0; j < segs.size(); ++j)
         bivlm_cpu::gemv(segs[j].seg, acts[j], yp, n, j == 0 ? bp : nullptr, j > 0, n0, n1);
@@ -342,7 +351,7 @@ at::Tensor tmac_linear(const at::Tensor& x, const std::optional<at::Tensor>& per
     for (size_t j = 0; j < segs.size(); ++j)
       bivlm_cpu::tmac_tables(xp + i0 * k, rows, k, cols[j], segs[j].k, segs[j].group_size,
                              tabs[j].data_ptr<float>(), sums[j].data_ptr<float>());
-    at::parallel_for(0, nb, kRowsPerTask / 8, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, nb, grain_tasks(8, k, rows), [&](int64_t b, int64_t e) {
       for (size_t j = 0; j < segs.size(); ++j)
         bivlm_cpu::tmac_gemv(segs[j], tabs[j].data_ptr<float>(), sums[j].data_ptr<float>(), rows, yp + i0 * n, n,
                              j == 0 ? bp : nullptr, j > 0, b, e);
@@ -361,14 +370,17 @@ at::Tensor tmac_linear1(const at::Tensor& x, const at::Tensor& codes, const at::
   return tmac_linear(x, std::nullopt, c, f, b, n, group_size, bias, out_dtype);
 }
 
-// Knobs: a value < 0 leaves a setting as it is. Returns [gemv_max_m, tile_bytes, force_scalar, isa_is_avx2].
-std::vector<int64_t> configure(int64_t gemv_max_m, int64_t tile_bytes, int64_t force_scalar) {
+// Knobs: a value < 0 leaves a setting as it is.
+// Returns [gemv_max_m, tile_bytes, force_scalar, isa_is_avx2, min_task_work].
+std::vector<int64_t> configure(int64_t gemv_max_m, int64_t tile_bytes, int64_t force_scalar, int64_t min_task_work) {
   if (gemv_max_m >= 0) g_gemv_max_m = gemv_max_m;
   if (tile_bytes > 0) g_tile_bytes = tile_bytes;
   if (force_scalar >= 0) bivlm_cpu::force_scalar(force_scalar != 0);
+  if (min_task_work > 0) g_min_task_work = min_task_work;
   const bool scalar_now = bivlm_cpu::force_scalar(false);
   bivlm_cpu::force_scalar(scalar_now);
-  return {g_gemv_max_m, g_tile_bytes, scalar_now ? 1 : 0, std::string(bivlm_cpu::isa()) == "avx2" ? 1 : 0};
+  return {g_gemv_max_m, g_tile_bytes, scalar_now ? 1 : 0, std::string(bivlm_cpu::isa()) == "avx2" ? 1 : 0,
+          g_min_task_work};
 }
 
 }  // namespace
@@ -390,7 +402,8 @@ TORCH_LIBRARY(bivlm_cpu, m) {
   m.def("tmac_linear1(Tensor x, Tensor codes, Tensor coefs, int bits, int n, int group_size, "
         "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
   // No tensor arguments, so a catch-all kernel (nothing to dispatch on).
-  m.def("configure(int gemv_max_m=-1, int tile_bytes=-1, int force_scalar=-1) -> int[]", &configure);
+  m.def("configure(int gemv_max_m=-1, int tile_bytes=-1, int force_scalar=-1, int min_task_work=-1) -> int[]",
+        &configure);
 }
 
 TORCH_LIBRARY_IMPL(bivlm_cpu, CPU, m) {
