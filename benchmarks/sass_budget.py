@@ -313,7 +313,8 @@ def _run(cmd: List[str], **kw) -> subprocess.CompletedProcess:
 # ---- CUDA ------------------------------------------------------------------------------------------------------------
 _GEMV = re.compile(r"gemv_kernelI(6__half|13__nv_bfloat16|f)Li(\d+)ELi(\d+)ELi(\d+)E")
 _DT = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}
-_TC = re.compile(r"gemv_tc_b1_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)E")
+_TC = re.compile(r"gemv_tc_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)ELi(\d+)E")     # <T, BITS, MT, G>
+_TC2 = re.compile(r"gemv_tc_b2_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)E")           # <T, MT, G>
 
 
 def tc_shape(mt: int) -> Tuple[int, int, int]:
@@ -321,24 +322,32 @@ def tc_shape(mt: int) -> Tuple[int, int, int]:
     return (2 if mt > 8 else 1), (1 if mt >= 8 else 8 // mt), (2 if mt > 8 else 4)
 
 
-def tc_rows(name: str, m, instrs, props, arch: int) -> List[dict]:
-    """One row for a tensor-core 1-bit instantiation (g is a template argument). Each iteration of its loop decodes
-    the streaming loads' 128 weights per 16 bytes; the slot-block epilogue (the forward-branch blocks that read
-    S, SQ from shared memory) runs (chunks per iteration) x 256 / (S g) times per iteration, whatever the number
-    of copies the unrolling made; ``static`` counts every copy once."""
-    dt, mt, g = _DT[m.group(1)], int(m.group(2)), int(m.group(3))
+def tc_rows(name: str, m, instrs, props, arch: int, two_bit: bool = False) -> List[dict]:
+    """One row for a tensor-core instantiation (g is a template argument). Each iteration of its loop decodes the
+    streaming loads' 128 / bits weights per 16 bytes. The 1/4-bit kernel's slot-block epilogue (the forward-branch
+    blocks that read S from shared memory) runs (chunks per iteration) x (256 / bits) / (S g) times per iteration,
+    whatever the number of copies the unrolling made; ``static`` counts every copy once. The 2-bit kernel has no
+    epilogue (executed = static)."""
+    if two_bit:
+        dt, bits, mt, g = _DT[m.group(1)], 2, int(m.group(2)), int(m.group(3))
+    else:
+        dt, bits, mt, g = _DT[m.group(1)], int(m.group(2)), int(m.group(3)), int(m.group(4))
     st = loop_stats(instrs)
     p = props.get(name, {})
     nt, slots, r_tiles = tc_shape(mt)
-    wpi = st["weight_bytes"] * 8 if st else 0
+    if two_bit:
+        r_tiles, slots = 4, 1
+    wpi = st["weight_bytes"] * 8 // bits if st else 0
     executed = float("nan")
     if st and wpi:
-        chunks = wpi / (r_tiles * 128)
-        runs = chunks * 256 / (slots * g) if slots * g >= 256 else 0.0   # below 256: unconditional, no region
+        chunk_k = 256 // bits
+        chunks = wpi / (r_tiles * 128 / bits)
+        runs = chunks * chunk_k / (slots * g) if slots * g >= chunk_k else 0.0   # below: unconditional
         per_copy = st["epilogue"] / st["epilogue_regions"] if st["epilogue_regions"] else 0.0
         executed = st["static"] - st["epilogue"] + runs * per_copy
-    return [dict(path="cuda-tc", arch=arch, bits=1, dtype=dt, m=mt, g=g, vec=4, kernel=name,
-                 config=f"tc1<{dt},{mt},{g}> R={r_tiles} S={slots}", weights_per_iter=wpi or float("nan"),
+    return [dict(path="cuda-tc", arch=arch, bits=bits, dtype=dt, m=mt, g=g, vec=4, kernel=name,
+                 config=f"tc{bits}<{dt},{mt},{g}> R={r_tiles}" + ("" if two_bit else f" S={slots}"),
+                 weights_per_iter=wpi or float("nan"),
                  unroll=1, static_ipw=st["static"] / wpi if wpi else float("nan"),
                  ipw=executed / wpi if wpi else float("nan"), registers=p.get("registers"), stack=p.get("stack", 0),
                  spill=p.get("spill_stores", 0) + p.get("spill_loads", 0),
@@ -433,6 +442,10 @@ def measure_cubin(cubin: str, ptxas_log: str, cuobjdump: str, arch: int) -> Tupl
         tc = _TC.search(name)
         if tc:
             rows += tc_rows(name, tc, instrs, props, arch)
+            continue
+        tc2 = _TC2.search(name)
+        if tc2:
+            rows += tc_rows(name, tc2, instrs, props, arch, two_bit=True)
             continue
         m = _GEMV.search(name)
         if not m:

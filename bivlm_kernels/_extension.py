@@ -20,6 +20,8 @@ except ImportError as e:
 for _name in ops.OP_NAMES:
     if hasattr(torch.ops.bivlm_cuda, _name):
         ops.register_backend_kernel(_name, "cuda", getattr(torch.ops.bivlm_cuda, _name))
-if hasattr(torch.ops.bivlm_cuda, "tc_lut_linear"):   # 1-bit g64/g128 at M <= 16: the tensor-core kernel
+if hasattr(torch.ops.bivlm_cuda, "tc_linear"):   # 1/2/4 bits, g64/g128, M <= 16: the tensor-core kernels
     ops.register_backend_kernel("lut_linear", "cuda", tc_dispatch.routed_lut_linear(
-        torch.ops.bivlm_cuda.tc_lut_linear, torch.ops.bivlm_cuda.lut_linear))
+        torch.ops.bivlm_cuda.tc_linear, torch.ops.bivlm_cuda.lut_linear))
+    ops.register_backend_kernel("affine_linear", "cuda", tc_dispatch.routed_affine_linear(
+        torch.ops.bivlm_cuda.tc_linear, torch.ops.bivlm_cuda.affine_linear))

@@ -64,8 +64,8 @@ def tc_table_groups(k: int, g: int) -> int:
 
 
 def tc_supported(bits: int, group_size: int, dtype: torch.dtype) -> bool:
-    """The formats the tensor-core kernels cover (the C ABI's gemv_tc_supported): lut 1 and 2 bits."""
-    return bits in (1, 2) and group_size in TC_GROUP_SIZES and dtype in TC_DTYPES
+    """The formats the tensor-core kernels cover (the C ABI's gemv_tc_supported): lut 1, 2 and affine 4 bits."""
+    return bits in (1, 2, 4) and group_size in TC_GROUP_SIZES and dtype in TC_DTYPES
 
 
 def repack_tc(qweight, codebook, k: int, group_size: int):
@@ -75,6 +75,13 @@ def repack_tc(qweight, codebook, k: int, group_size: int):
 
 def unrepack_tc(qtc, table, n: int, k: int, group_size: int):
     return (unrepack_tc1 if table.shape[-1] == 2 else unrepack_tc2)(qtc, table, n, k, group_size)
+
+
+def repack_tables(bits: int, qweight, tables, k: int, group_size: int):
+    """The tensor-core repack of a segment by bit width: tables = (codebook,) for lut, (scales, zeros) for affine."""
+    if bits == 4:
+        return repack_tc4(qweight, tables[0], tables[1], k, group_size)
+    return repack_tc(qweight, tables[0], k, group_size)
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,3 +237,86 @@ def unrepack_tc2(qtc: torch.Tensor, table: torch.Tensor, n: int, k: int, group_s
     codes = codes.permute(2, 0, 3, 1).reshape(tiles * 16, chunks * 128)[:n, :k]
     cb = table[:tiles].permute(0, 3, 2, 1, 4).reshape(tiles * 16, table.shape[1], 4)[:n, : k // group_size]
     return formats.pack(codes, 2), cb.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# "tc4": 4-bit affine (csrc/gemv_tc.cuh with BITS = 4)
+# ---------------------------------------------------------------------------------------------------------
+#
+# Codes: 16 rows x 64 k per (tile, chunk), 16 bytes per lane: qtc4 int32 [tiles, chunks4 = ceil(K / 64), 32, 4].
+# Word s of a lane is k16 step s (pair s // 2, half s % 2: columns kbase = 64 chunk + 32 (s // 2) + 8 t + 4 (s % 2)
+# .. + 3). Nibble n (bits 4n .. 4n + 3) feeds A register j = n % 4, half n // 4 (the magic-constant decode):
+#
+#   word:  | n7 | n6 | n5 | n4 | n3 | n2 | n1 | n0 |       n = 4 half + j
+#   j = 0: row gid,     columns kbase + 0 (lo), + 1 (hi)     j = 1: row gid + 8, the same columns
+#   j = 2: row gid,     columns kbase + 2, + 3               j = 3: row gid + 8
+#
+# Tables: (scale, zero) pairs in the tc1 table layout, [tiles + 1, tgroups4, 8, 2, 2], tgroups4 = ceil(K / g)
+# rounded up to 8; tile `tiles` is zeros.
+
+
+def tc4_chunks(k: int) -> int:
+    return -(-k // 64)
+
+
+def tc4_table_groups(k: int, g: int) -> int:
+    return (-(-tc4_chunks(k) * 64 // g) + 7) // 8 * 8
+
+
+@functools.lru_cache(maxsize=None)
+def _nibble_map4() -> Tuple[torch.Tensor, torch.Tensor]:
+    """(row in tile, column in chunk) of every (lane, word, nibble) of a tc4 (tile, chunk): two int64 [32, 4, 8]."""
+    row = torch.empty(32, 4, 8, dtype=torch.int64)
+    col = torch.empty(32, 4, 8, dtype=torch.int64)
+    for lane in range(32):
+        gid, t = lane >> 2, lane & 3
+        for s in range(4):
+            kbase = 32 * (s // 2) + 8 * t + 4 * (s % 2)
+            for n in range(8):
+                j, half = n % 4, n // 4
+                row[lane, s, n] = gid + 8 * (j & 1)
+                col[lane, s, n] = kbase + 2 * (j >> 1) + half
+    return row, col
+
+
+def _pair_table(a: torch.Tensor, b: torch.Tensor, tiles: int, tg: int) -> torch.Tensor:
+    n = a.shape[0]
+    table = torch.zeros((tiles + 1) * 16, tg, 2, dtype=a.dtype, device=a.device)
+    table[:n, : a.shape[1], 0] = a
+    table[:n, : a.shape[1], 1] = b
+    return table.view(tiles + 1, 2, 8, tg, 2).permute(0, 3, 2, 1, 4).contiguous()
+
+
+def repack_tc4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int, group_size: int):
+    """(qtc4 int32 [tiles, chunks4, 32, 4], table [tiles + 1, tgroups4, 8, 2, 2] of (scale, zero))."""
+    n = qweight.shape[0]
+    if scales.shape != zeros.shape or scales.dim() != 2 or scales.shape[0] != n or k % group_size:
+        raise ValueError(f"repack_tc4 needs scales and zeros [N, K/g] with K % g == 0; got {tuple(scales.shape)}, "
+                         f"{tuple(zeros.shape)}, N={n}, K={k}, g={group_size}")
+    tiles, chunks, tg = tc_tiles(n), tc4_chunks(k), tc4_table_groups(k, group_size)
+    row, col = (t.to(qweight.device) for t in _nibble_map4())
+    qtc = torch.empty(tiles, chunks, 32, 4, dtype=torch.int32, device=qweight.device)
+    for r0 in range(0, tiles * 16, _ROWS_PER_PASS):
+        r1 = min(r0 + _ROWS_PER_PASS, tiles * 16)
+        rows = formats.unpack(qweight[r0:min(r1, n)], 4, k) if r0 < n else qweight.new_zeros(0, k)
+        codes = torch.zeros(r1 - r0, chunks * 64, dtype=torch.uint8, device=qweight.device)
+        codes[: rows.shape[0], :k] = rows
+        codes = codes.view((r1 - r0) // 16, 16, chunks, 64).permute(0, 2, 1, 3)        # [T, C, 16, 64]
+        words = torch.zeros(codes.shape[0], chunks, 32, 4, dtype=torch.int64, device=qweight.device)
+        for nb in range(8):
+            words |= codes[:, :, row[..., nb], col[..., nb]].to(torch.int64) << (4 * nb)
+        qtc[r0 // 16:r1 // 16] = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    return qtc, _pair_table(scales, zeros, tiles, tg)
+
+
+def unrepack_tc4(qtc: torch.Tensor, table: torch.Tensor, n: int, k: int, group_size: int):
+    """The v1 (qweight, scales, zeros) of a tc4 repack (the inverse of :func:`repack_tc4`)."""
+    tiles, chunks = qtc.shape[0], qtc.shape[1]
+    row, col = (t.to(qtc.device) for t in _nibble_map4())
+    words = qtc.to(torch.int64) & 0xFFFFFFFF
+    nib = (words.unsqueeze(-1) >> (4 * torch.arange(8, device=qtc.device))) & 15           # [T, C, 32, 4, 8]
+    codes = torch.zeros(16, 64, tiles, chunks, dtype=torch.int64, device=qtc.device)
+    codes[row, col] = nib.permute(2, 3, 4, 0, 1)
+    codes = codes.permute(2, 0, 3, 1).reshape(tiles * 16, chunks * 64)[:n, :k]
+    pairs = table[:tiles].permute(0, 3, 2, 1, 4).reshape(tiles * 16, table.shape[1], 2)[:n, : k // group_size]
+    return formats.pack(codes, 4), pairs[..., 0].contiguous(), pairs[..., 1].contiguous()

@@ -84,6 +84,8 @@ cudaError_t launch_dequantize(const PackedWeight& w, void* out, cudaStream_t str
 //           table  dtype [tc_tiles(n) + 1][tc_table_groups(k, g)][8][2][2]  (c0, c1) of rows (g, g + 8)
 //   2 bits: qtc    uint4 [tc_tiles(n)][tc2_chunks(k)][32 lanes]     16 rows x 128 k
 //           table  dtype [tc_tiles(n) + 1][tc2_table_groups(k, g)][8][2][4]  the 4 entries of rows (g, g + 8)
+//   4 bits: qtc    uint4 [tc_tiles(n)][tc4_chunks(k)][32 lanes]     16 rows x 64 k (affine)
+//           table  dtype [tc_tiles(n) + 1][tc4_table_groups(k, g)][8][2][2]  (scale, zero) of rows (g, g + 8)
 //   The last tile of a table is zeros (the kernels' zero source for B).
 // Rows past n, k past K and groups past K / g are zero (codes and tables), so they contribute nothing.
 struct TcWeight {
@@ -102,8 +104,10 @@ inline int64_t tc_chunks(int64_t k) { return (k + 255) / 256; }
 inline int64_t tc_table_groups(int64_t k, int g) { return (tc_chunks(k) * 256 / g + 7) / 8 * 8; }
 inline int64_t tc2_chunks(int64_t k) { return (k + 127) / 128; }
 inline int64_t tc2_table_groups(int64_t k, int g) { return (tc2_chunks(k) * 128 / g + 7) / 8 * 8; }
+inline int64_t tc4_chunks(int64_t k) { return (k + 63) / 64; }
+inline int64_t tc4_table_groups(int64_t k, int g) { return ((tc4_chunks(k) * 64 + g - 1) / g + 7) / 8 * 8; }
 
-// True when a tensor-core kernel covers this format: lut bits 1 or 2, g 64 or 128, fp16 or bf16.
+// True when a tensor-core kernel covers this format: lut bits 1 or 2, affine 4, g 64 or 128, fp16 or bf16.
 bool gemv_tc_supported(int bits, int group_size, DType dtype);
 
 // K splits for the tensor-core GEMV (1 = none; > 1: out_f32 workspace of splits * m * n, then

@@ -32,6 +32,8 @@
 // of x per row of x per 32 k (shared by all tiles).
 #pragma once
 
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace bivlm {
@@ -83,6 +85,26 @@ struct TcParams {
   float* out_f32;          // [splits, m, n] partials, or nullptr
 };
 
+// 4-bit decode of one code word into an A fragment (codes 0..15 as exact fp16 / bf16 values). Word bits (the tc4
+// repack): [0-3, 16-19] -> a0 (row g, columns kb, kb + 1), [4-7, 20-23] -> a1 (row g + 8), [8-11, 24-27] -> a2
+// (row g, kb + 2, kb + 3), [12-15, 28-31] -> a3 (row g + 8).
+template <bool BF16>
+__device__ __forceinline__ void tc4_decode(uint32_t q, uint32_t (&a)[4]) {
+  if constexpr (!BF16) {
+    // (q & 0x000F000F) | 0x64006400 = (1024 + c, 1024 + c'); the high nibbles give 1024 + 16 c.
+    const uint32_t q8 = q >> 8;
+    a[0] = ptx::hfma2<false>(ptx::lop3<0xEA>(q, 0x000F000Fu, 0x64006400u), 0x3C003C00u, 0xE400E400u);   // x 1 - 1024
+    a[1] = ptx::hfma2<false>(ptx::lop3<0xEA>(q, 0x00F000F0u, 0x64006400u), 0x2C002C00u, 0xD400D400u);   // / 16 - 64
+    a[2] = ptx::hfma2<false>(ptx::lop3<0xEA>(q8, 0x000F000Fu, 0x64006400u), 0x3C003C00u, 0xE400E400u);
+    a[3] = ptx::hfma2<false>(ptx::lop3<0xEA>(q8, 0x00F000F0u, 0x64006400u), 0x2C002C00u, 0xD400D400u);
+  } else {
+    // bf16 has 7 mantissa bits: every nibble is moved to bits 0-3 of its half, 128 + c, minus 128.
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      a[j] = ptx::hfma2<true>(ptx::lop3<0xEA>(q >> (4 * j), 0x000F000Fu, 0x43004300u), 0x3F803F80u, 0xC300C300u);
+  }
+}
+
 // Shape of the B operand for a bucket MT of M: n8 tiles, group slots, m16 tiles per warp.
 template <int MT>
 struct TcShape {
@@ -91,9 +113,15 @@ struct TcShape {
   static constexpr int R = MT > 8 ? 2 : 4;
 };
 
-template <typename T, int MT, int G>
-__global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams<T> p) {
+// BITS = 1: lut (c0, c1), the decode above. BITS = 4: affine (scale, zero) with the same slots and epilogue:
+// LOP3 puts a code into the mantissa of a magic fp16 / bf16 constant (1024 + c, or 1024 + 16 c for the high
+// nibble; bf16: 128 + c) and one HFMA2 leaves c exactly, so D = sum c x and y += s D - s z S per group.
+template <typename T, int BITS, int MT, int G>
+__global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T> p) {
+  static_assert(BITS == 1 || BITS == 4, "the slot-block tensor-core kernel decodes 1-bit lut or 4-bit affine");
   constexpr int NT = TcShape<MT>::NT, S = TcShape<MT>::S, R = TcShape<MT>::R;
+  constexpr int CK = 256 / BITS;       // k of one chunk (16 bytes of codes per lane per m16 tile)
+  constexpr int STEPS = CK / 16;       // k16 steps per chunk (16 or 4)
   constexpr int BK = S * G;  // k covered by one slot block (one epilogue)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int gid = lane >> 2, t = lane & 3;
@@ -106,11 +134,11 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
   BIVLM_DYNAMIC_SMEM(float, sums);
   {
     const int total = p.sgroups * (G / 8);            // 8-element pieces per row of x
-    const int k_lim = min(p.k, c_end * 256);
+    const int k_lim = min(p.k, c_end * CK);
     for (int mi = 0; mi < MT; ++mi) {
       for (int e0 = 0; e0 < total; e0 += kGemvThreads) {
         const int e8 = e0 + static_cast<int>(threadIdx.x);
-        const int kx = c_begin * 256 + e8 * 8;
+        const int kx = c_begin * CK + e8 * 8;
         float sv = 0.0f, sq = 0.0f;
         if (e8 < total && kx < k_lim && mi < p.m) {
           float f[8];
@@ -124,7 +152,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
           sq += ptx::shfl_xor(sq, off);
         }
         if (e8 < total && e8 % (G / 8) == 0) {
-          sums[mi * p.sgroups + e8 / (G / 8)] = 2.0f * sv;   // 2 S: the epilogue accumulates 2 y
+          sums[mi * p.sgroups + e8 / (G / 8)] = BITS == 1 ? 2.0f * sv : sv;   // 1 bit: 2 S (it accumulates 2 y)
           sums[(MT + mi) * p.sgroups + e8 / (G / 8)] = sq;
         }
       }
@@ -144,7 +172,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
   }
   const int my_slot = gid % S;
   const T* zero_src = p.tab + static_cast<int64_t>(p.tiles) * p.tgroups * 32;  // >= 256 zero elements
-  const int g_begin = c_begin * (256 / G);
+  const int g_begin = c_begin * CK / G;
 
   float d[R][NT][4], y[R][NT][4];
 #pragma unroll
@@ -177,9 +205,14 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
       for (int e2 = 0; e2 < (S > 1 ? 2 : 1); ++e2) {
         const int grp = S > 1 ? gf + (2 * t + e2) % S : gf;
         const uint2 v = ptx::ld_nc_v2(tb + static_cast<int64_t>(grp) * 32);
-        const float2 lo = tc_pair(v.x, T()), hi = tc_pair(v.y, T());   // rows gid, gid + 8: (c0, c1)
-        c0[e2][0] = lo.x, h[e2][0] = lo.y - lo.x;
-        c0[e2][1] = hi.x, h[e2][1] = hi.y - hi.x;
+        const float2 lo = tc_pair(v.x, T()), hi = tc_pair(v.y, T());   // rows gid, gid + 8: (c0, c1) / (s, z)
+        if constexpr (BITS == 1) {
+          c0[e2][0] = lo.x, h[e2][0] = lo.y - lo.x;
+          c0[e2][1] = hi.x, h[e2][1] = hi.y - hi.x;
+        } else {                       // y += s D + (-s z) S: "c0" = -s z, "h" = s
+          c0[e2][0] = -lo.x * lo.y, h[e2][0] = lo.x;
+          c0[e2][1] = -hi.x * hi.y, h[e2][1] = hi.x;
+        }
       }
       if (S == 1) c0[1][0] = c0[0][0], c0[1][1] = c0[0][1], h[1][0] = h[0][0], h[1][1] = h[0][1];
 #pragma unroll
@@ -187,7 +220,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int e2 = e & 1, rh = e >> 1;
-          y[r][nt][e] = fmaf(h[e2][rh], d[r][nt][e] + sq[nt][e2], fmaf(c0[e2][rh], sv[nt][e2], y[r][nt][e]));
+          const float dd = BITS == 1 ? d[r][nt][e] + sq[nt][e2] : d[r][nt][e];
+          y[r][nt][e] = fmaf(h[e2][rh], dd, fmaf(c0[e2][rh], sv[nt][e2], y[r][nt][e]));
           d[r][nt][e] = 0.0f;
         }
       }
@@ -203,7 +237,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
     for (int r = 0; r < R; ++r) qa[r] = ptx::ld_cs_v4(qbase + (static_cast<int64_t>(r) * p.chunks + c_begin) * 32);
   }
 
-  // One 256-k chunk with codes cq; prefetches chunk c + 1 into nq.
+  // One chunk (256 k at 1 bit, 64 at 4) with codes cq; prefetches chunk c + 1 into nq.
   auto chunk = [&](int c, const uint4 (&cq)[R], uint4 (&nq)[R]) {
     if (c + 1 < c_end) {
 #pragma unroll
@@ -211,20 +245,24 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
     }
     // Group gi of the chunk feeds this lane's B column when k < K and its slot is the lane's:
     // (c 256 / G + gi) % S == my_slot. Otherwise the lane reads zeros: the zero tile after the tables.
-    const T* xg[NT][256 / G];
+    constexpr int GPC = CK >= G ? CK / G : 1;   // groups the chunk touches (a 4-bit chunk is inside one)
+    const T* xg[NT][GPC];
 #pragma unroll
-    for (int gi = 0; gi < 256 / G; ++gi) {
-      const bool in_k = c * 256 + gi * G < p.k;
-      const bool slot_ok = S == 1 || (static_cast<unsigned>(c * (256 / G) + gi) % S) == static_cast<unsigned>(my_slot);
+    for (int gi = 0; gi < GPC; ++gi) {
+      const int k0 = c * CK + gi * G;            // first k of group gi (or of the chunk)
+      const bool in_k = k0 < p.k;
+      const unsigned grp = CK >= G ? static_cast<unsigned>(c) * (CK / G) + gi : static_cast<unsigned>(c) / (G / CK);
+      const bool slot_ok = S == 1 || grp % S == static_cast<unsigned>(my_slot);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
-        xg[nt][gi] = (xok[nt] && slot_ok && in_k) ? xrow[nt] + c * 256 + gi * G + 8 * t : zero_src + 8 * t;
+        xg[nt][gi] = (xok[nt] && slot_ok && in_k) ? xrow[nt] + k0 + 8 * t : zero_src + 8 * t;
     }
 #pragma unroll
-    for (int pp = 0; pp < 8; ++pp) {
+    for (int pp = 0; pp < STEPS / 2; ++pp) {
       uint4 bx[NT];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) bx[nt] = ptx::ld_nc_v4(xg[nt][pp * 32 / G] + (pp * 32) % G);
+      for (int nt = 0; nt < NT; ++nt)
+        bx[nt] = ptx::ld_nc_v4(xg[nt][CK >= G ? pp * 32 / G : 0] + (CK >= G ? (pp * 32) % G : pp * 32));
 #pragma unroll
       for (int hs = 0; hs < 2; ++hs) {
         const int s = pp * 2 + hs, w = s >> 2, i = s & 3;
@@ -236,21 +274,26 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          const uint32_t q = w == 0 ? cq[r].x : w == 1 ? cq[r].y : w == 2 ? cq[r].z : cq[r].w;
-          const uint32_t q0 = q << (4 * i), q1 = q << (4 * i + 2);
-          const uint32_t a[4] = {q0 & 0x40004000u, q1 & 0x40004000u,
-                                 ptx::lop3<0x6A>(q0, 0x80008000u, TcBits<T>::kNegOne2),
-                                 ptx::lop3<0x6A>(q1, 0x80008000u, TcBits<T>::kNegOne2)};
+          uint32_t a[4];
+          if constexpr (BITS == 1) {
+            const uint32_t q = w == 0 ? cq[r].x : w == 1 ? cq[r].y : w == 2 ? cq[r].z : cq[r].w;
+            const uint32_t q0 = q << (4 * i), q1 = q << (4 * i + 2);
+            a[0] = q0 & 0x40004000u, a[1] = q1 & 0x40004000u;
+            a[2] = ptx::lop3<0x6A>(q0, 0x80008000u, TcBits<T>::kNegOne2);
+            a[3] = ptx::lop3<0x6A>(q1, 0x80008000u, TcBits<T>::kNegOne2);
+          } else {
+            tc4_decode<!std::is_same<T, __half>::value>(s == 0 ? cq[r].x : s == 1 ? cq[r].y : s == 2 ? cq[r].z : cq[r].w, a);
+          }
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) tc_mma(d[r][nt], a, b[nt], T());
         }
-        if constexpr (BK < 256) {
-          if (((s + 1) * 16) % BK == 0) epilogue((c * 256 + (s + 1) * 16 - BK) / G);
+        if constexpr (BK < CK) {
+          if (((s + 1) * 16) % BK == 0) epilogue((c * CK + (s + 1) * 16 - BK) / G);
         }
       }
     }
-    if constexpr (BK >= 256) {
-      if (((c + 1) * 256) % BK == 0) epilogue(((c + 1) * 256 - BK) / G);
+    if constexpr (BK >= CK) {
+      if (((c + 1) * CK) % BK == 0) epilogue(((c + 1) * CK - BK) / G);
     }
   };
 
@@ -258,14 +301,14 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
     chunk(c, qa, qb);
     if (c + 1 < c_end) chunk(c + 1, qb, qa);
   }
-  if constexpr (BK > 256) {  // a split that ends inside a slot block (the last one): fold the partial block
-    if (c_begin < c_end && (c_end * 256) % BK != 0) epilogue((c_end * 256 / BK) * BK / G);
+  if constexpr (BK > CK) {  // a split that ends inside a slot block (the last one): fold the partial block
+    if (c_begin < c_end && (c_end * CK) % BK != 0) epilogue((c_end * CK / BK) * BK / G);
   }
 
   // Output: sum the slots of each row of x (columns 2t, 2t+1 of this lane, then lanes xor 1, 2), write.
   const bool add_bias = p.bias != nullptr && blockIdx.y == 0;
   auto write = [&](int mi, int row, float v2) {
-    float v = 0.5f * v2;  // exact
+    float v = BITS == 1 ? 0.5f * v2 : v2;  // exact
     if (add_bias) v += to_float(p.bias[row]);
     if (p.out_f32 != nullptr) {
       p.out_f32[(static_cast<int64_t>(blockIdx.y) * p.m + mi) * p.n + row] = v;
@@ -303,7 +346,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
 }
 
 // Launch one instantiation (grid from the repacked sizes).
-template <typename T, int MT, int G>
+template <typename T, int BITS, int MT, int G>
 cudaError_t launch_tc_config(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
                              int chunks_per_split, void* out, float* out_f32, cudaStream_t stream) {
   TcParams<T> p;
@@ -315,11 +358,11 @@ cudaError_t launch_tc_config(const void* x, int64_t m, int64_t ldx, const TcWeig
   p.n = static_cast<int>(w.n);
   p.k = static_cast<int>(w.k);
   p.tiles = static_cast<int>(tc_tiles(w.n));
-  p.chunks = static_cast<int>(tc_chunks(w.k));
-  p.tgroups = static_cast<int>(tc_table_groups(w.k, w.group_size));
+  p.chunks = static_cast<int>(BITS == 1 ? tc_chunks(w.k) : tc4_chunks(w.k));
+  p.tgroups = static_cast<int>(BITS == 1 ? tc_table_groups(w.k, w.group_size) : tc4_table_groups(w.k, w.group_size));
   p.chunks_per_split = chunks_per_split;
   constexpr int S = TcShape<MT>::S;
-  p.sgroups = (chunks_per_split * (256 / G) + S - 1) / S * S;
+  p.sgroups = ((chunks_per_split * (256 / BITS) + G - 1) / G + S - 1) / S * S;
   p.bias = static_cast<const T*>(bias);
   p.out = static_cast<T*>(out);
   p.out_f32 = out_f32;
@@ -327,9 +370,13 @@ cudaError_t launch_tc_config(const void* x, int64_t m, int64_t ldx, const TcWeig
   const dim3 grid(static_cast<unsigned>((p.tiles + tiles_per_block - 1) / tiles_per_block),
                   static_cast<unsigned>(splits));
   const size_t smem = 2u * MT * static_cast<size_t>(p.sgroups) * sizeof(float);
-  BIVLM_LAUNCH(grid, kGemvThreads, smem, stream, gemv_tc_b1_kernel<T, MT, G>)(p);
+  BIVLM_LAUNCH(grid, kGemvThreads, smem, stream, gemv_tc_kernel<T, BITS, MT, G>)(p);
   return cudaGetLastError();
 }
+
+// The 4-bit tensor-core GEMV's dispatch over dtype x M bucket x g (gemv_tc_b4.cu; same kernel, BITS = 4).
+cudaError_t launch_tc4(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
+                       int chunks_per_split, void* out, float* out_f32, cudaStream_t stream);
 
 // The 2-bit tensor-core GEMV's dispatch over dtype x M bucket x g (gemv_tc_b2.cu; kernel in gemv_tc2.cuh).
 cudaError_t launch_tc2(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,

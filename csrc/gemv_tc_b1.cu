@@ -17,17 +17,19 @@ int tc_mt(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 
 int64_t block_chunks(int bits, int mt, int g) {
   if (bits == 2) return 1;
   const int s = mt >= 8 ? 1 : 8 / mt;
-  return cdiv(static_cast<int64_t>(s) * g, 256);
+  return cdiv(static_cast<int64_t>(s) * g, 256 / bits);
 }
 
-int64_t chunks_of(const TcWeight& w) { return w.bits == 2 ? tc2_chunks(w.k) : tc_chunks(w.k); }
+int64_t chunks_of(const TcWeight& w) {
+  return w.bits == 2 ? tc2_chunks(w.k) : w.bits == 4 ? tc4_chunks(w.k) : tc_chunks(w.k);
+}
 
 int tiles_per_block(int bits, int mt) { return detail::kTcWarps * (bits == 2 || mt <= 8 ? 4 : 2); }
 
 // The block keeps S and SQ of its split's groups in shared memory (8 MT bytes per group): at most 32 KiB, so a
 // split spans at most 16 G / MT chunks (a multiple of block_chunks for every bucket).
 int64_t max_chunks_per_split(int bits, int mt, int g) {
-  return bits == 2 ? INT32_MAX : 16 * static_cast<int64_t>(g) / mt;
+  return bits == 2 ? INT32_MAX : 16 * bits * static_cast<int64_t>(g) / mt;
 }
 
 int64_t chunks_per_split(int64_t m, const TcWeight& w, int splits) {
@@ -39,7 +41,7 @@ int64_t chunks_per_split(int64_t m, const TcWeight& w, int splits) {
 }  // namespace
 
 bool gemv_tc_supported(int bits, int group_size, DType dtype) {
-  return (bits == 1 || bits == 2) && (group_size == 64 || group_size == 128) &&
+  return (bits == 1 || bits == 2 || bits == 4) && (group_size == 64 || group_size == 128) &&
          (dtype == DType::kHalf || dtype == DType::kBFloat16);
 }
 
@@ -66,15 +68,15 @@ cudaError_t launch_tc_g(const void* x, int64_t m, int64_t ldx, const TcWeight& w
                         int cps, void* out, float* out_f32, cudaStream_t stream) {
   switch (tc_mt(m)) {
     case 1:
-      return detail::launch_tc_config<T, 1, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+      return detail::launch_tc_config<T, 1, 1, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
     case 2:
-      return detail::launch_tc_config<T, 2, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+      return detail::launch_tc_config<T, 1, 2, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
     case 4:
-      return detail::launch_tc_config<T, 4, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+      return detail::launch_tc_config<T, 1, 4, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
     case 8:
-      return detail::launch_tc_config<T, 8, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+      return detail::launch_tc_config<T, 1, 8, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
     default:
-      return detail::launch_tc_config<T, 16, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+      return detail::launch_tc_config<T, 1, 16, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
   }
 }
 
@@ -103,6 +105,7 @@ cudaError_t launch_gemv_tc(const void* x, int64_t m, int64_t ldx, const TcWeight
   if (cdiv(chunks_of(w), cps) != splits || cps > max_chunks_per_split(w.bits, tc_mt(m), w.group_size))
     return cudaErrorInvalidValue;  // not what gemv_tc_num_splits gave
   if (w.bits == 2) return detail::launch_tc2(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);
+  if (w.bits == 4) return detail::launch_tc4(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);
   return w.dtype == DType::kHalf
              ? launch_tc_t<__half>(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream)
              : launch_tc_t<__nv_bfloat16>(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);

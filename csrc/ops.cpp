@@ -16,7 +16,7 @@
 //
 // Linear ops dispatch by M = x.numel() / K:
 //   M <= kGemvMaxM : decode GEMV kernel (split-K with an fp32 workspace when N is small), fp32 accumulation;
-//                    tc_lut_linear: the tensor-core 1/2-bit GEMVs on the repacked layouts (same split-K scheme);
+//                    tc_linear: the tensor-core 1/2/4-bit GEMVs on the repacked layouts (same split-K scheme);
 //   M >  kGemvMaxM : dequantize into a temporary [N, K] in x's dtype, then cuBLAS (at::mm / at::addmm).
 #include <Python.h>
 
@@ -219,20 +219,24 @@ at::Tensor linear_impl(const char* op, const at::Tensor& x, const at::Tensor& ta
   });
 }
 
-// The tensor-core GEMVs on the tc1 / tc2 repacks (bivlm_kernels/repack.py), lut 1 or 2 bits, M <= kGemvMaxM.
-at::Tensor tc_lut_linear(const at::Tensor& x, const at::Tensor& qtc, const at::Tensor& table, int64_t n, int64_t k,
+// The tensor-core GEMVs on the tc1 / tc2 / tc4 repacks (bivlm_kernels/repack.py): lut 1 or 2 bits (table: the
+// codebook entries), affine 4 bits (table: scale, zero), M <= kGemvMaxM.
+at::Tensor tc_linear(const at::Tensor& x, const at::Tensor& qtc, const at::Tensor& table, int64_t n, int64_t k,
                          int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias,
                          std::optional<at::ScalarType> out_dtype) {
-  const char* op = "tc_lut_linear";
+  const char* op = "tc_linear";
   TORCH_CHECK(n >= 1 && k >= 1 && n <= INT32_MAX / 2 && k <= INT32_MAX / 2, "bivlm_cuda.", op,
               ": n and k must be in [1, 2^30), got n=", n, ", k=", k);
   TORCH_CHECK(gemv_tc_supported(static_cast<int>(bits), static_cast<int>(group_size), to_dtype(table.scalar_type())) &&
                   table.scalar_type() != at::kFloat && k % group_size == 0,
-              "bivlm_cuda.", op, ": covers bits 1 or 2, group_size 64 or 128 (dividing k), float16 or bfloat16 tables; got "
+              "bivlm_cuda.", op, ": covers bits 1, 2 (lut) or 4 (affine), group_size 64 or 128 (dividing k), float16 or "
+              "bfloat16 tables; got "
               "bits=", bits, ", group_size=", group_size, ", k=", k, ", ", table.scalar_type());
   const int g = static_cast<int>(group_size);
-  const int64_t tiles = tc_tiles(n), chunks = bits == 2 ? tc2_chunks(k) : tc_chunks(k);
-  const int64_t tg = bits == 2 ? tc2_table_groups(k, g) : tc_table_groups(k, g), entries = int64_t{1} << bits;
+  const int64_t tiles = tc_tiles(n);
+  const int64_t chunks = bits == 2 ? tc2_chunks(k) : bits == 4 ? tc4_chunks(k) : tc_chunks(k);
+  const int64_t tg = bits == 2 ? tc2_table_groups(k, g) : bits == 4 ? tc4_table_groups(k, g) : tc_table_groups(k, g);
+  const int64_t entries = bits == 2 ? 4 : 2;  // (c0, c1), 4 entries, or (scale, zero)
   TORCH_CHECK(qtc.is_cuda() && qtc.scalar_type() == at::kInt && qtc.is_contiguous() &&
                   qtc.sizes() == at::IntArrayRef({tiles, chunks, 32, 4}),
               "bivlm_cuda.", op, ": qtc must be a contiguous CUDA int32 [", tiles, ", ", chunks, ", 32, 4] for n=", n,
@@ -305,9 +309,9 @@ TORCH_LIBRARY(bivlm_cuda, m) {
         "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
   m.def("dequantize_lut(Tensor qweight, Tensor codebook, int bits, int group_size) -> Tensor");
   m.def("dequantize_affine(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor");
-  // The tensor-core 1/2-bit paths on a load-time repack (bivlm_kernels/repack.py); the cuda backend's lut_linear
-  // routes eligible calls here (bivlm_kernels/_extension.py).
-  m.def("tc_lut_linear(Tensor x, Tensor qtc, Tensor table, int n, int k, int bits, int group_size, "
+  // The tensor-core 1/2/4-bit paths on a load-time repack (bivlm_kernels/repack.py); the cuda backend's
+  // lut_linear and affine_linear route eligible calls here (bivlm_kernels/tc_dispatch.py).
+  m.def("tc_linear(Tensor x, Tensor qtc, Tensor table, int n, int k, int bits, int group_size, "
         "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
 }
 
@@ -316,7 +320,7 @@ TORCH_LIBRARY_IMPL(bivlm_cuda, CUDA, m) {
   m.impl("affine_linear", &bivlm::affine_linear);
   m.impl("dequantize_lut", &bivlm::dequantize_lut);
   m.impl("dequantize_affine", &bivlm::dequantize_affine);
-  m.impl("tc_lut_linear", &bivlm::tc_lut_linear);
+  m.impl("tc_linear", &bivlm::tc_linear);
 }
 
 // A Python module `_C` with no methods: importing it loads this library, whose static initializers above register

@@ -17,6 +17,8 @@
 //   2(l & 3) + 1 of matrix j -- the A/B fragment order above; with .trans, of the transposed matrix.
 #pragma once
 
+#include <cmath>
+
 #include "ptx.cuh"
 
 namespace bivlm {
@@ -146,6 +148,33 @@ BIVLM_PTX void ldmatrix(uint32_t (&r)[N], const void* smem_row) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
   }
+#endif
+}
+
+// What: d = a * b + c on two packed fp16 (fma.rn.f16x2) or bf16 (fma.rn.bf16x2) lanes. Why: the 4-bit
+// tensor-core decode turns magic-exponent codes (1024 + c, 128 + c) into exact small integers with one HFMA2.
+// Host: each lane as fp32 fma then rounded to 16 bits -- exact wherever the exact result is representable (the
+// decode's case); in general it may differ from the hardware's single rounding by a double rounding.
+template <bool BF16>
+BIVLM_PTX uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
+#if defined(BIVLM_HOST_BUILD)
+  uint32_t d = 0;
+  for (int h = 0; h < 2; ++h) {
+    const float r = std::fma(h ? hostimpl::hi16(a, BF16) : hostimpl::lo16(a, BF16),
+                             h ? hostimpl::hi16(b, BF16) : hostimpl::lo16(b, BF16),
+                             h ? hostimpl::hi16(c, BF16) : hostimpl::lo16(c, BF16));
+    const uint32_t bits = BF16 ? host::f32_to_bf16_bits(r) : host::f32_to_f16_bits(r);
+    d |= bits << (16 * h);
+  }
+  return d;
+#else
+  uint32_t d;
+  if constexpr (BF16) {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  } else {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  }
+  return d;
 #endif
 }
 

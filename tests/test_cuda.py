@@ -123,11 +123,11 @@ def test_linear_matches_reference(fmt, g, dtype, n, k):
     assert not failures, f"{fmt} g={g} {dtype} n={n} k={k}: " + "; ".join(failures)
 
 
-@pytest.mark.parametrize("fmt", ("lut1", "lut2"))
+@pytest.mark.parametrize("fmt", ("lut1", "lut2", "affine4"))
 @pytest.mark.parametrize("g", (64, 128))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_tensor_core_path_against_cuda_core_and_reference(fmt, g, dtype):
-    """1/2-bit lut at M <= 16 goes to the tensor-core kernels (tc_lut_linear on the cached repack): the error is that
+    """1/2-bit lut and 4-bit affine at M <= 16 go to the tensor-core kernels (tc_linear on the cached repack): the error is that
     of the CUDA-core GEMV (BIVLM_CUDA_TC=0's path) within 2x, both against the fp32 oracle; the repack is built once."""
     from bivlm_kernels import repack_cache, tc_dispatch
     repack_cache.clear()

@@ -175,7 +175,7 @@ class Case:
         # x: exactly the (m - 1) * ldx + k elements the kernel may read.
         x_flat = self.x_full.reshape(-1)[: (self.m - 1) * self.ldx + self.k]
         if self.op == "tc":
-            qtc, table = repack.repack_tc(self.qweight, t0, self.k, self.g)
+            qtc, table = repack.repack_tables(FORMATS[self.fmt][1], self.qweight, self.tables, self.k, self.g)
             return _blob(x_flat) + _blob(qtc) + _blob(table) + _blob(self.bias)
         return _blob(x_flat) + _blob(self.qweight) + _blob(t0) + _blob(t1) + _blob(self.bias)
 
@@ -273,7 +273,7 @@ def tc_grid_cases(gen):
     out dtype, strided x), N not a multiple of 16 or 64, K not a multiple of the chunk and (1 bit) slot blocks cut
     by the end of K."""
     cases, i = [], 0
-    for fmt, dtype in itertools.product(("lut1", "lut2"), (torch.float16, torch.bfloat16)):
+    for fmt, dtype in itertools.product(("lut1", "lut2", "affine4"), (torch.float16, torch.bfloat16)):
         for g in (64, 128):
             for bucket in MT_BUCKETS:
                 for path in range(4):
@@ -302,7 +302,7 @@ def tc_fuzz_cases(gen, count):
         else:
             n, k = int(2 ** rnd.uniform(0, 8)), g * rnd.randint(1, 2048 // g)
         od = rnd.choice([dtype, dtype, torch.float32])
-        cases.append(_tc_case(gen, g, dtype, m, n, k, rnd.choice(("lut1", "lut2")), ldx_pad=rnd.choice([0, 0, 1, 5]), bias=rnd.random() < 0.5,
+        cases.append(_tc_case(gen, g, dtype, m, n, k, rnd.choice(("lut1", "lut2", "affine4")), ldx_pad=rnd.choice([0, 0, 1, 5]), bias=rnd.random() < 0.5,
                               sm=rnd.choice([1, 2, 8, 132]), out_dtype=od))
     return cases
 
@@ -385,8 +385,12 @@ def _tc_tolerance(c, splits):
     step, the host's model of the mma) and S, SQ the same way, then y += c0 S + h (D + SQ): every term is bounded by
     (|c0| + |c1 - c0|) |x|, with n = g/16 + 2 + K/g + 8 + splits roundings along the way."""
     x = c.x_full[:, : c.k].double()
-    cb = c.tables[0].double()
-    mag = (cb[..., 0].abs() + (cb[..., 1] - cb[..., 0]).abs()).repeat_interleave(c.g, dim=1)
+    if c.fmt == "lut1":
+        cb = c.tables[0].double()
+        mag = (cb[..., 0].abs() + (cb[..., 1] - cb[..., 0]).abs()).repeat_interleave(c.g, dim=1)
+    else:   # affine4: y = s sum c x - s z S per group
+        sc, z = (t.double() for t in c.tables)
+        mag = (sc.abs() * (15 + z.abs())).repeat_interleave(c.g, dim=1)
     n_terms = c.g // 16 + 2 + c.k // c.g + 8 + splits
     u = 2.0 ** -24
     acc = n_terms * u / (1 - n_terms * u) * (x.abs() @ mag.T)
@@ -421,7 +425,7 @@ def _check(c, res):
     if c.bias is not None:
         exact += c.bias.double()
     got = torch.frombuffer(bytearray(raw), dtype=c.out_dtype).reshape(c.m, c.n).double()
-    acc = _tc_tolerance(c, splits) if c.op == "tc" and c.fmt == "lut1" else _linear_tolerance(c, w, splits)
+    acc = _tc_tolerance(c, splits) if c.op == "tc" and c.fmt != "lut2" else _linear_tolerance(c, w, splits)
     tol = U_OUT[c.out_dtype] * (exact.abs() + acc) + acc + TINY[c.out_dtype]
     err = (got - exact).abs()
     bad = ~(err <= tol)   # NaN (an output never written) counts as bad
@@ -445,7 +449,8 @@ def _instantiations():
     for t in ("__half", "__nv_bfloat16"):
         for mt in (1, 2, 4, 8, 16):
             for g in (64, 128):
-                names.add(f"bivlm::detail::gemv_tc_b1_kernel<{t}, {mt}, {g}>")
+                names.add(f"bivlm::detail::gemv_tc_kernel<{t}, 1, {mt}, {g}>")
+                names.add(f"bivlm::detail::gemv_tc_kernel<{t}, 4, {mt}, {g}>")
                 names.add(f"bivlm::detail::gemv_tc_b2_kernel<{t}, {mt}, {g}>")
     return names
 

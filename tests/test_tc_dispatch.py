@@ -62,7 +62,7 @@ def _spy():
 
     def tc(x, qtc, table, n, k, bits, g, bias, od):
         calls.append("tc")
-        return tc_dispatch.reference_tc_lut_linear(x, qtc, table, n, k, bits, g, bias, od)
+        return tc_dispatch.reference_tc_linear(x, qtc, table, n, k, bits, g, bias, od)
 
     def lut(*args):
         calls.append("lut")
@@ -109,3 +109,48 @@ def test_disabled_by_environment(monkeypatch):
     calls, fn = _spy()
     fn(torch.randn(1, 128).half(), q, cb, 1, 64, None, None)
     assert calls == ["lut"]
+
+
+@pytest.mark.parametrize("n,k,g", [(1, 64, 64), (67, 576, 64), (16, 128, 128), (130, 1152, 128)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_repack_tc4_round_trip(n, k, g, dtype):
+    gen = torch.Generator().manual_seed(n)
+    q = formats.pack(torch.randint(0, 16, (n, k), generator=gen), 4)
+    sc = torch.rand(n, k // g, generator=gen).to(dtype)
+    z = (torch.rand(n, k // g, generator=gen) * 15).to(dtype)
+    qtc, table = repack.repack_tc4(q, sc, z, k, g)
+    assert qtc.shape == (repack.tc_tiles(n), repack.tc4_chunks(k), 32, 4)
+    assert table.shape == (repack.tc_tiles(n) + 1, repack.tc4_table_groups(k, g), 8, 2, 2)
+    assert not table[-1].any()
+    q2, s2, z2 = repack.unrepack_tc4(qtc, table, n, k, g)
+    assert torch.equal(q2, q) and torch.equal(s2, sc) and torch.equal(z2, z)
+    row, col = repack._nibble_map4()
+    assert len(set(zip(row.flatten().tolist(), col.flatten().tolist()))) == 16 * 64
+    # lane 5 = (gid 1, t 1), word 3 (step 3: pair 1, half 1): nibble 6 = register 2, high half -> column 32+8+4+3
+    assert (int(row[5, 3, 6]), int(col[5, 3, 6])) == (1, 47)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 17])
+@pytest.mark.parametrize("g,dtype", [(64, torch.float16), (128, torch.bfloat16), (32, torch.float16),
+                                     (128, torch.float32)])
+def test_affine_routing_and_result(m, g, dtype):
+    repack_cache.clear()
+    n, k = 29, 4 * g
+    gen = torch.Generator().manual_seed(m)
+    q = formats.pack(torch.randint(0, 16, (n, k), generator=gen), 4)
+    sc = (torch.rand(n, k // g, generator=gen) * 0.02 + 0.005).to(dtype)
+    z = (torch.rand(n, k // g, generator=gen) * 15).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    calls = []
+
+    def tc(*args):
+        calls.append("tc")
+        return tc_dispatch.reference_tc_linear(*args)
+
+    def aff(*args):
+        calls.append("affine")
+        return ops.reference_affine_linear(*args)
+    got = tc_dispatch.routed_affine_linear(tc, aff)(x, q, sc, z, 4, g, None, None)
+    goes_tc = g in (64, 128) and dtype != torch.float32 and m <= 16
+    assert calls == ["tc" if goes_tc else "affine"]
+    assert torch.equal(got, ops.reference_affine_linear(x, q, sc, z, 4, g, None, None))
