@@ -35,8 +35,10 @@ _tmac_linear, _tmac_repack = _C.tmac_linear.default, _C.tmac_repack.default
 _tmac_linear1 = _C.tmac_linear1.default       # one segment, no perm: no list arguments
 
 # Largest M per bit width run by the table-lookup kernels (their cost grows with M; above, the direct kernels).
-# Measured crossovers on the 2-core AMD EPYC (Zen 3) of benchmarks/results/cpu_kernels*.md.
-_TMAC_MAX_M = {1: 16, 2: 0, 4: 0}
+# Measured on the 2-core AMD EPYC (Zen 3) of benchmarks/results/cpu_kernels*.md, QuantLinear calls, 2 threads:
+# 1 bit 4096x4096 M = 1 / 2 / 3: 1.12 / 1.72 / 2.43 ms against 1.72 / 1.85 / 2.13 ms for the direct kernels
+# (576x1536: even at M = 1, 78 vs 80 us, behind at M = 2); 2 and 4 bit lose already at M = 1 (three / four planes).
+_TMAC_MAX_M = {1: 2, 2: 0, 4: 0}
 
 
 def _tracked(*tensors) -> bool:
