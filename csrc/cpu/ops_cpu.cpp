@@ -18,6 +18,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <string>
 #include <vector>
@@ -45,6 +46,21 @@ int64_t g_min_task_work = int64_t{1} << 20;
 // parallel_for grain (in tasks of `rows` output rows) for a call of m rows of x over k columns.
 int64_t grain_tasks(int64_t rows, int64_t k, int64_t m) {
   return std::max<int64_t>(1, (g_min_task_work + rows * k * m - 1) / (rows * k * m));
+}
+
+// fn(b, e) over [0, ntasks) on the intra-op threads, handed out in chunks from a shared counter rather than one
+// static range per thread (at::parallel_for): on this shared machine one of the two cores is often busy, and a
+// static split then waits for the half on the busy core (measured: 2 threads slower than 1). Calls with fewer
+// than 2 * grain tasks run on the calling thread.
+template <class F>
+void for_rows(int64_t ntasks, int64_t grain, const F& fn) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || ntasks < 2 * grain || at::in_parallel_region()) return fn(0, ntasks);
+  const int64_t chunk = std::max<int64_t>(1, (ntasks + 8 * threads - 1) / (8 * threads));   // ~8 grabs per thread
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t b; (b = next.fetch_add(chunk)) < ntasks;) fn(b, std::min(ntasks, b + chunk));
+  });
 }
 
 bivlm_cpu::DType to_dtype(at::ScalarType t) {
@@ -145,8 +161,7 @@ at::Tensor linear_core(const char* op, const at::Tensor& x2, const std::vector<P
     }
     at::Tensor y = at::empty({m, n}, f32);
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, (n + kRowsPerTask - 1) / kRowsPerTask, grain_tasks(kRowsPerTask, k, m),
-                     [&](int64_t b, int64_t e) {
+    for_rows((n + kRowsPerTask - 1) / kRowsPerTask, grain_tasks(kRowsPerTask, k, m), [&](int64_t b, int64_t e) {
       const int64_t n0 = b * kRowsPerTask, n1 = std::min(n, e * kRowsPerTask);
       for (size_t j = 0; j < segs.size(); ++j)
         bivlm_cpu::gemv(segs[j].seg, acts[j], yp, n, j == 0 ? bp : nullptr, j > 0, n0, n1);
@@ -351,7 +366,7 @@ at::Tensor tmac_linear(const at::Tensor& x, const std::optional<at::Tensor>& per
     for (size_t j = 0; j < segs.size(); ++j)
       bivlm_cpu::tmac_tables(xp + i0 * k, rows, k, cols[j], segs[j].k, segs[j].group_size,
                              tabs[j].data_ptr<float>(), sums[j].data_ptr<float>());
-    at::parallel_for(0, nb, grain_tasks(8, k, rows), [&](int64_t b, int64_t e) {
+    for_rows(nb, grain_tasks(8, k, rows), [&](int64_t b, int64_t e) {
       for (size_t j = 0; j < segs.size(); ++j)
         bivlm_cpu::tmac_gemv(segs[j], tabs[j].data_ptr<float>(), sums[j].data_ptr<float>(), rows, yp + i0 * n, n,
                              j == 0 ? bp : nullptr, j > 0, b, e);
