@@ -136,3 +136,39 @@ def test_real_config_compiles(tmp_path):
     # the issue measured 3.15 for this kernel.
     assert 0.2 < r["ipw"] <= r["static_ipw"] < 10, r
     assert r["registers"] and r["spill"] == 0 and r["local_ops"] == 0
+
+
+# A tensor-core 1-bit kernel <half, BITS 1, MT 1, G 128>: loop 0x0000..0x00b0 (12 instructions) with one streaming
+# 16-byte load (128 weights per thread at 1 bit: a quarter of a chunk, whose R = 4 tiles each load 16 bytes) and
+# an epilogue block (LDS + FFMA, 0x0070..0x00a0: 4 instructions) that runs once every S g / 256 = 4 chunks, i.e.
+# once every 16 iterations here: executed = 12 - 4 + 4 / 16.
+TC_SASS = """
+		Function : _ZN5bivlm6detail14gemv_tc_kernelI6__halfLi1ELi1ELi128EEEvNS0_8TcParamsIT_EE
+        /*0000*/                   LDG.E.EF.128 R4, desc[UR4][R8.64] ;
+        /*0010*/                   LOP3.LUT R12, R4, 0x40004000, RZ, 0xc0, !PT ;
+        /*0020*/                   LOP3.LUT R13, R4, 0x80008000, R9, 0x6a, !PT ;
+        /*0030*/                   HMMA.16816.F32 R16, R12, R20, R16 ;
+        /*0040*/                   IADD3 R8, R8, 0x200, RZ ;
+        /*0050*/                   ISETP.NE.AND P1, PT, R2, R3, PT ;
+        /*0060*/               @P1 BRA 0xb0 ;
+        /*0070*/                   LDS R22, [R23] ;
+        /*0080*/                   FFMA R30, R22, R16, R30 ;
+        /*0090*/                   FFMA R31, R22, R17, R31 ;
+        /*00a0*/                   CS2R R16, SRZ ;
+        /*00b0*/               @P4 BRA 0x0 ;
+        /*00c0*/                   EXIT ;
+"""
+
+
+def test_tensor_core_row_models_the_epilogue_frequency():
+    funcs = sb.parse_sass(TC_SASS)
+    (name, instrs), = funcs.items()
+    st = sb.loop_stats(instrs)
+    assert st["static"] == 12 and st["epilogue"] == 4 and st["epilogue_regions"] == 1
+    (row,) = sb.tc_rows(name, sb._TC.search(name), instrs, {}, 90)
+    assert (row["bits"], row["m"], row["g"], row["path"]) == (1, 1, 128, "cuda-tc")
+    assert row["weights_per_iter"] == 128
+    assert row["ipw"] == pytest.approx((12 - 4 + 4 / 16) / 128)
+    # the CUDA-core row of the same configuration is superseded (not checked against the budget)
+    cuda = dict(row, path="cuda")
+    assert sb.superseded(cuda, [row, cuda]) and not sb.superseded(row, [row, cuda])
