@@ -70,9 +70,11 @@ weight bytes per thread (the prefetch of the next chunk) x the threads the regis
 (4-warp blocks, 64K registers), against Little's law BW x latency / 132 SMs at an assumed 0.6 us.
 
 Thin eager path: the host time of one ``QuantLinear.forward`` (64 x 64, 1 bit, g = 64, fp16, M = 1, CPU,
-reference backend, inference mode), median over many calls, and the reference kernel alone on the same tensors; the
-difference is the Python between ``forward`` and the kernel (the issue's goal: <= 10 us per call); ``ops.run``
-alone splits it into the module's part and the op's checks and backend selection.
+reference backend, inference mode), median over many calls, with the kernel replaced by a stub that returns a
+preallocated tensor: the checks, backend selection and op call that every call pays (the issue's goal: <= 10 us);
+``ops.run`` with the stub splits it into the module's part and the op's. (The forward with the real reference
+kernel and the kernel alone are printed too; their difference is not the overhead: the two timings see different
+cache states, which on a loaded machine is more than the overhead itself.)
 
 Measuring a new kernel: the CUDA TUs are ``csrc/*_b{1,2,4}.cu``; every kernel in their cubins that no row
 measures is listed at the end of the report. Give a new one a name pattern and a weights-per-iteration formula
@@ -519,7 +521,9 @@ def triton_rows(arch: int, cache: str) -> List[dict]:
 
 # ---- thin eager path ----------------------------------------------------------------------------------------------
 def eager_us(calls: int = 3000) -> dict:
-    """Median host time (us) of QuantLinear.forward and of the reference op alone, 64 x 64, 1 bit, M = 1, CPU."""
+    """Median host time (us) of QuantLinear.forward, 64 x 64, 1 bit, M = 1, CPU: with the reference kernel, the
+    reference kernel alone, and forward / ops.run with the kernel replaced by a stub that returns a preallocated
+    output -- the last two are the host path itself (checks, backend selection, op call), the kernel excluded."""
     import torch
     sys.path.insert(0, ROOT)
     from bivlm_kernels import ops
@@ -540,11 +544,18 @@ def eager_us(calls: int = 3000) -> dict:
         return statistics.median(ts) / 1e3
 
     args = (x, seg.qweight, seg.codebook, 1, 64, layer.bias, None)
+    out = torch.empty(1, 64, dtype=torch.float16)
+    real = ops._KERNELS["lut_linear"]["reference"]
     with ops.use_backend("reference"), torch.inference_mode():
         fwd = median(lambda: layer(x))
-        run = median(lambda: ops.run("lut_linear", *args))
         ref = median(lambda: ops.reference_lut_linear(*args))
-    return {"forward_us": fwd, "run_us": run, "kernel_us": ref, "overhead_us": fwd - ref, "calls": calls,
+        ops._KERNELS["lut_linear"]["reference"] = lambda *a: out
+        try:
+            fwd_stub = median(lambda: layer(x))
+            run_stub = median(lambda: ops.run("lut_linear", *args))
+        finally:
+            ops._KERNELS["lut_linear"]["reference"] = real
+    return {"forward_us": fwd, "kernel_us": ref, "overhead_us": fwd_stub, "run_us": run_stub, "calls": calls,
             "threads": torch.get_num_threads()}
 
 
@@ -721,11 +732,11 @@ def main(argv=None) -> int:
         lines += ["## Thin eager path (host, CPU)", "",
                   "| what | µs per call (median) |", "|---|---|",
                   f"| {what} | {e['forward_us']:.1f} |",
-                  f"| `ops.run(\"lut_linear\", ...)`: argument checks + backend selection + kernel | "
-                  f"{e['run_us']:.1f} |",
                   f"| the reference kernel alone (`ops.reference_lut_linear`, same tensors) | {e['kernel_us']:.1f} |",
-                  f"| forward − kernel: the Python between forward and the kernel (goal ≤ 10) | "
-                  f"{e['overhead_us']:.1f} |",
+                  f"| **forward with the kernel stubbed out** (returns a preallocated tensor): the host path "
+                  f"(goal ≤ 10) | {e['overhead_us']:.1f} |",
+                  f"| `ops.run(\"lut_linear\", ...)` with the stub: argument checks + backend selection + call | "
+                  f"{e['run_us']:.1f} |",
                   "", f"{e['calls']} calls after 200 warm-up, torch threads = {e['threads']}, "
                       f"load average {os.getloadavg()[0]:.1f} (a shared machine: read ±20 %).", ""]
     if unmeasured:
