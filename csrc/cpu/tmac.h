@@ -2,11 +2,15 @@
 //
 // Idea (T-MAC, Wei et al. 2024, without its int8 activation quantization): a weight whose code has p bit planes
 // is sum_j coef_j(row, group) * bit_j, so sum_k w_k x_k splits per group into plane sums
-// P_j = sum over the columns whose plane-j bit is 1 of x_k. P_j of three consecutive columns is one of the 8
-// subset sums of their activations: built once per call (per row of x) as one 8-lane fp32 table, it is read by
-// `vpermps`, whose index is the 3 plane bits of 8 different output rows -- so one shift + one vpermps + one add
-// covers 8 rows x 3 weights. The codes are repacked once per layer (row-interleaved, below) so that one 32-bit
-// lane holds one row's bits.
+// P_j = sum of x_k over the columns whose plane-j bit is 1. P_j of two consecutive columns is one of the 4
+// subset sums of their activations, [0, a, b, a+b]: built once per call (per row of x), broadcast to both 128-bit
+// halves of a ymm and read by `vpermilps`, whose index is the 2 plane bits of 8 different output rows -- so one
+// shift + one vpermilps + one add covers 8 rows x 2 weights. The codes are repacked once per layer
+// (row-interleaved, below) so that one 32-bit lane holds one row's bits.
+//
+// (Triples with 8-entry tables and the cross-lane `vpermps`, 8 rows x 3 weights per lookup, were the first plan:
+// on the Zen 3 this was written on vpermps sustains one lookup per ~0.73 ns and vpermilps one per ~0.35 ns, so
+// pairs are ~1.4x faster; they also fill every 32-column word exactly, so no group needs padding.)
 //
 // Repacked layout ("tmac v1", built by tmac_repack from the neutral bivlm-packed v1 layout; never saved):
 //
@@ -14,12 +18,9 @@
 //                                    lane r of [b, w, p] = plane p of row 8b + r, columns 32w .. 32w+31,
 //                                    bit i = column 32w + i (the 1-bit neutral word order):
 //
-//          bit 31 30 | 29 28 27 | ...... | 5 4 3 | 2 1 0
-//              pair  | triple 9 | ...... |  t 1  |  t 0      triple t = columns 3t, 3t+1, 3t+2 (bit 0 first),
-//                                                            pair = columns 30, 31
+//          bit 31 30 | 29 28 | ...... | 3 2 | 1 0
+//              pair 15 | p 14 | ...... | p 1 | p 0      pair t = columns 2t (bit 0 of its index), 2t + 1
 //
-//          So every 32-column word is 10 triples + 1 pair: no padding for any group size (g is a multiple of 32).
-//          The pair is looked up with the same vpermps: its index (word >> 30) is below 4.
 //   coefs  fp32 [NB, K/g, NC, 8]     lane r = row 8b + r (rows past N: 0), per group:
 //          1 bit  lut (c0, c1):           {c1 - c0, c0}                              PL = 1, NC = 2
 //          2 bit  lut (c0, c1, c2, c3):   {c1 - c0, c2 - c0, c3 - c2 - c1 + c0, c0}  PL = 2, NC = 4
@@ -29,8 +30,8 @@
 //
 //   With S_g the group sum of x:  lut y = sum_g [ c0 S_g + sum_j coef_j P_j ],  affine as above.
 //
-// Tables of one row of x (tmac_tables): fp32 [K/32, 11, 8]; entry [w, t, i] = sum of x[32w + 3t + j] over the
-// bits j of i (t < 10), entry [w, 10, i] = the same for the pair (i < 4; lanes 4..7 are 0).
+// Tables of one row of x (tmac_tables): fp32 [K/2, 4]; entry [t, i] = sum of x[2t + j] over the bits j of i
+// (i.e. 16 bytes per column of x).
 #pragma once
 
 #include <cstdint>

@@ -2,15 +2,16 @@
 // for AVX2 by a target pragma and called only after the CPUID check (use_avx2), like kernels_avx2.cpp (and for the
 // same reason only <cstdint> and intrinsics: no std:: templates).
 //
-// Per 32 columns of one row of x: 11 tables of 8 fp32 lanes (tmac_tables). Per 8 output rows and code plane:
+// Per pair of columns of one row of x: a 4-float table [0 a b a+b] (tmac_tables), broadcast to both 128-bit
+// halves. Per 8 output rows and code plane:
 //
-//   c = codes[b, w, p, 0..8]                 one lane per row: its 32 plane bits of columns 32w .. 32w+31
-//   P += vpermps(T[w, t], c >> 3t)           t = 0..9: vpermps reads only bits 2..0 of each lane, so the bits
-//   P += vpermps(T[w, 10], c >> 30)          above need no mask; the pair's index is below 4
+//   c = codes[b, w, p, 0..8]                   one lane per row: its 32 plane bits of columns 32w .. 32w+31
+//   P += vpermilps(T[16w + t], c >> 2t)        t = 0..15: vpermilps reads only bits 1..0 of each lane, so the
+//                                              bits above need no mask
 //
-// i.e. 3 vector ops (the table is vpermps' memory operand) per 8 rows x 3 weights. The 11 lookups of a word are
-// summed as a tree (independent adds) before they enter the plane accumulator. A group ends with one FMA per
-// coefficient and 8 rows (tmac.h: coefs), the rows of x are walked inside a block so its codes stay in L1.
+// i.e. 3 vector ops per 8 rows x 2 weights. A table load serves every code word of the block group (RB blocks x
+// planes), a shifted index every row of x of the pass (MT). A group ends with one FMA per coefficient and 8 rows
+// (tmac.h: coefs); the rows of x are walked inside a block group so its codes stay in L1.
 #include <cstdint>
 
 #include "kernels.h"
@@ -33,7 +34,7 @@ namespace {
 // The 4 subset sums of a pair, [0 a b a+b], in both 128-bit halves (vpermilps looks up within each half).
 inline __m256 load_table(const float* t) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(t)); }
 
-// acc[t][q] += the 16 lookups of code word c[q] in the tables of row t of x (tab[t][0 .. 128)), for NW words and
+// acc[t][q] += the 16 lookups of code word c[q] in the tables of row t of x (tab[t][0 .. 64)), for NW words and
 // MT rows of x: each shifted index serves the MT rows, each table load the NW words. With few chains (MT = 1,
 // NW < 4) even and odd pairs go to separate sums, so that the adds' latency does not bound the loop.
 template <int NW, int MT>

@@ -2,8 +2,8 @@
 // the per-call tables, the scalar GEMV over the repacked layout (the fallback, and the reference for reading it),
 // and the run-time choice between these and the AVX2 kernels (tmac_avx2.cpp). No torch headers.
 //
-// The scalar GEMV walks the same tables as the AVX2 one (lane r of a code word, 3 bits at a time, looked up in
-// the table of that triple), one output row at a time, so it checks the layout and the tables, not only the math.
+// The scalar GEMV walks the same tables as the AVX2 one (lane r of a code word, 2 bits at a time, looked up in
+// the table of that pair), one output row at a time, so it checks the layout and the tables, not only the math.
 #include <cstdint>
 
 #include "kernels.h"
@@ -53,7 +53,7 @@ void tmac_repack(const Segment& s, int32_t* codes, float* coefs, int64_t n0, int
 namespace scalar {
 
 // ------------------------------------------------------------------------------------------------------------
-// tables: entry i of a triple (a, b, c) is ((i&1 ? a : 0) + (i&2 ? b : 0)) + (i&4 ? c : 0), the order of the
+// tables: entry i of a pair (a, b) is (i&1 ? a : 0) + (i&2 ? b : 0), the order of the
 // AVX2 builder, so both give bit-identical tables
 // ------------------------------------------------------------------------------------------------------------
 
