@@ -185,6 +185,23 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The M bucket (MT = 1, 2, 4, 8, 16) a decode GEMV launcher instantiates for m rows of x.
+inline int gemv_mt(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
+
+// What: one output of a decode GEMV, y[mi, row] = v (+ bias[row] when add_bias): the fp32 partial of split `split`
+// ([splits, m, n]) when out_f32 is set, else the final value in T ([m, n]). Why: the output contract of
+// launch_gemv / launch_gemv_tc (bivlm_kernels.h), shared by the CUDA-core and tensor-core kernels.
+template <typename T>
+__device__ __forceinline__ void store_output(T* out, float* out_f32, const T* bias, bool add_bias, int split, int m,
+                                             int n, int mi, int row, float v) {
+  if (add_bias) v += to_float(bias[row]);
+  if (out_f32 != nullptr) {
+    out_f32[(static_cast<int64_t>(split) * m + mi) * n + row] = v;
+  } else {
+    out[static_cast<int64_t>(mi) * n + row] = from_float<T>(v);
+  }
+}
+
 // log2 of a power of two (host and device).
 __host__ __device__ inline int ilog2(int v) {
   int r = 0;

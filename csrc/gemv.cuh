@@ -160,15 +160,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemvParams<T> 
     for (int i = 0; i < MT; ++i) {
       if (i < p.m) {
         float v = warp_sum(acc[r][i]);
-        if (lane == 0 && valid[r]) {
-          const int n = row0 + r;
-          if (add_bias) v += to_float(p.bias[n]);
-          if (p.out_f32 != nullptr) {
-            p.out_f32[(static_cast<int64_t>(blockIdx.y) * p.m + i) * p.n + n] = v;
-          } else {
-            p.out[static_cast<int64_t>(i) * p.n + n] = from_float<T>(v);
-          }
-        }
+        if (lane == 0 && valid[r])
+          store_output(p.out, p.out_f32, p.bias, add_bias, blockIdx.y, p.m, p.n, i, row0 + r, v);
       }
     }
   }
@@ -182,8 +175,7 @@ cudaError_t launch_gemv_b2(const void* x, int64_t m, int64_t ldx, const PackedWe
 cudaError_t launch_gemv_b4(const void* x, int64_t m, int64_t ldx, const PackedWeight& w, const void* bias,
                            int splits, int words_per_split, void* out, float* out_f32, cudaStream_t stream);
 
-// Rows per warp for a given m (the MT bucket the launcher picks).
-inline int gemv_mt(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
+// Rows per warp for a given m (the MT bucket of gemv_mt, common.cuh).
 inline int gemv_rows_per_block(int64_t m) { return kGemvWarps * (gemv_mt(m) <= 2 ? 4 : 2); }
 
 // Launch one instantiation: fills the params and picks the grid.

@@ -19,8 +19,8 @@
 //     2 y = sum_g  2 c0_g S_g + 2 (c1 - c0)_g P_g  =  sum_g  c0_g (2 S_g) + (c1 - c0)_g (D_g + SQ_g)
 //
 // S_g and SQ_g depend on x only: the block computes them for its k range into shared memory first (a prologue of
-// ~3 instructions per activation, shared by the block's 64 R rows). The epilogue (3 FP ops per accumulator) runs once per
-// "slot block": for M <= 4 the 8 columns of B are M rows of x x S = 8/M group slots, column n = m * S + slot
+// ~3 instructions per activation, shared by the block's 64 R rows). The epilogue (3 FP ops per accumulator) runs
+// once per "slot block": for M <= 4 the 8 columns of B are M rows of x x S = 8/M group slots, column n = m * S + slot
 // holding x only where the group of the k step has that slot, so S groups accumulate side by side and one
 // epilogue serves them all (M = 1: every 8 groups).
 //
@@ -74,12 +74,13 @@ struct TcParams {
   int64_t ldx;
   int m;
   const uint4* q;          // repacked codes [tiles][chunks][32 lanes] x 16 bytes
-  const T* tab;            // repacked tables [tiles + 1][tgroups][8][2 rows: g, g + 8][2: c0, c1]; tile `tiles`
-                           // is zeros (the B operand of lanes whose group slot is not the step's reads it)
+  const T* tab;            // repacked tables [tiles + 1][tgroups][8][2 rows: g, g + 8][entries]; tile `tiles`
+                           // is zeros (the zero source of the B operand); entries: (c0, c1), 4 (2 bits), (s, z)
   int n, k;
   int tiles, chunks, tgroups;
   int chunks_per_split;    // a multiple of the slot block's chunks
-  int sgroups;             // groups of one split in shared memory: chunks_per_split * 256 / G, rounded up to S
+  int sgroups;             // 1 / 4 bits: groups of one split in shared memory (chunks_per_split k / G, rounded
+                           // up to S); 2 bits: 0
   const T* bias;           // [n] or nullptr
   T* out;                  // [m, n] when out_f32 == nullptr
   float* out_f32;          // [splits, m, n] partials, or nullptr
@@ -282,7 +283,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
             a[2] = ptx::lop3<0x6A>(q0, 0x80008000u, TcBits<T>::kNegOne2);
             a[3] = ptx::lop3<0x6A>(q1, 0x80008000u, TcBits<T>::kNegOne2);
           } else {
-            tc4_decode<!std::is_same<T, __half>::value>(s == 0 ? cq[r].x : s == 1 ? cq[r].y : s == 2 ? cq[r].z : cq[r].w, a);
+            const uint32_t q = s == 0 ? cq[r].x : s == 1 ? cq[r].y : s == 2 ? cq[r].z : cq[r].w;
+            tc4_decode<!std::is_same<T, __half>::value>(q, a);
           }
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) tc_mma(d[r][nt], a, b[nt], T());
@@ -307,14 +309,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
 
   // Output: sum the slots of each row of x (columns 2t, 2t+1 of this lane, then lanes xor 1, 2), write.
   const bool add_bias = p.bias != nullptr && blockIdx.y == 0;
-  auto write = [&](int mi, int row, float v2) {
-    float v = BITS == 1 ? 0.5f * v2 : v2;  // exact
-    if (add_bias) v += to_float(p.bias[row]);
-    if (p.out_f32 != nullptr) {
-      p.out_f32[(static_cast<int64_t>(blockIdx.y) * p.m + mi) * p.n + row] = v;
-    } else {
-      p.out[static_cast<int64_t>(mi) * p.n + row] = from_float<T>(v);
-    }
+  auto write = [&](int mi, int row, float v2) {  // 1 bit: y holds 2 y (halving is exact)
+    store_output(p.out, p.out_f32, p.bias, add_bias, blockIdx.y, p.m, p.n, mi, row, BITS == 1 ? 0.5f * v2 : v2);
   };
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -373,6 +369,50 @@ cudaError_t launch_tc_config(const void* x, int64_t m, int64_t ldx, const TcWeig
   BIVLM_LAUNCH(grid, kGemvThreads, smem, stream, gemv_tc_kernel<T, BITS, MT, G>)(p);
   return cudaGetLastError();
 }
+
+// Dispatch of one bit width's tensor-core kernel over dtype x M bucket x g: calls
+// Launch::template run<T, MT, G>(x, m, ldx, w, bias, splits, chunks_per_split, out, out_f32, stream).
+template <class Launch, typename T, int G>
+cudaError_t dispatch_tc_mt(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
+                           int cps, void* out, float* out_f32, cudaStream_t stream) {
+  switch (gemv_mt(m)) {
+    case 1:
+      return Launch::template run<T, 1, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+    case 2:
+      return Launch::template run<T, 2, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+    case 4:
+      return Launch::template run<T, 4, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+    case 8:
+      return Launch::template run<T, 8, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+    default:
+      return Launch::template run<T, 16, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+  }
+}
+
+template <class Launch>
+cudaError_t dispatch_tc(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
+                        int cps, void* out, float* out_f32, cudaStream_t stream) {
+  const bool g64 = w.group_size == 64;
+  if (w.dtype == DType::kHalf) {
+    return g64 ? dispatch_tc_mt<Launch, __half, 64>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream)
+               : dispatch_tc_mt<Launch, __half, 128>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+  }
+  return g64 ? dispatch_tc_mt<Launch, __nv_bfloat16, 64>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream)
+             : dispatch_tc_mt<Launch, __nv_bfloat16, 128>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+}
+
+// The 1- and 4-bit kernel of this file as a Launch of dispatch_tc.
+template <int BITS>
+struct TcLaunch {
+  template <typename T, int MT, int G, class... A>
+  static cudaError_t run(A... a) {
+    return launch_tc_config<T, BITS, MT, G>(a...);
+  }
+};
+
+// The 1-bit tensor-core GEMV's dispatch (gemv_tc_b1.cu).
+cudaError_t launch_tc1(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
+                       int chunks_per_split, void* out, float* out_f32, cudaStream_t stream);
 
 // The 4-bit tensor-core GEMV's dispatch over dtype x M bucket x g (gemv_tc_b4.cu; same kernel, BITS = 4).
 cudaError_t launch_tc4(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,

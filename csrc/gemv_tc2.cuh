@@ -22,20 +22,6 @@
 namespace bivlm {
 namespace detail {
 
-template <typename T>
-struct Tc2Params {
-  const T* x;              // [m, k], row stride ldx (16-byte aligned rows)
-  int64_t ldx;
-  int m;
-  const uint4* q;          // repacked codes [tiles][chunks][32 lanes] x 16 bytes
-  const T* tab;            // [tiles + 1][tgroups][8][2 rows: g, g + 8][4 entries]; tile `tiles` is zeros
-  int n, k;
-  int tiles, chunks, tgroups;
-  int chunks_per_split;
-  const T* bias;
-  T* out;
-  float* out_f32;
-};
 
 // m16 tiles per warp (every M bucket: no per-group accumulators here, so M = 16 has the registers for 4).
 constexpr int kTc2Tiles = 4;
@@ -43,7 +29,7 @@ constexpr int kTc2Tiles = 4;
 __device__ __forceinline__ uint32_t rotr(uint32_t q, int s) { return s == 0 ? q : (q >> s) | (q << (32 - s)); }
 
 template <typename T, int MT, int G>
-__global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const Tc2Params<T> p) {
+__global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const TcParams<T> p) {
   constexpr int NT = TcShape<MT>::NT, R = kTc2Tiles;
   constexpr int GPC = 128 / G;  // groups per chunk (1 or 2)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -144,15 +130,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const Tc2Param
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int mi = nt * 8 + 2 * t + (e & 1), row = row0 + 8 * (e >> 1);
-        if (mi < p.m && row < p.n) {
-          float v = y[r][nt][e];
-          if (add_bias) v += to_float(p.bias[row]);
-          if (p.out_f32 != nullptr) {
-            p.out_f32[(static_cast<int64_t>(blockIdx.y) * p.m + mi) * p.n + row] = v;
-          } else {
-            p.out[static_cast<int64_t>(mi) * p.n + row] = from_float<T>(v);
-          }
-        }
+        if (mi < p.m && row < p.n)
+          store_output(p.out, p.out_f32, p.bias, add_bias, blockIdx.y, p.m, p.n, mi, row, y[r][nt][e]);
       }
     }
   }
@@ -161,7 +140,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const Tc2Param
 template <typename T, int MT, int G>
 cudaError_t launch_tc2_config(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias,
                               int splits, int chunks_per_split, void* out, float* out_f32, cudaStream_t stream) {
-  Tc2Params<T> p;
+  TcParams<T> p;
   p.x = static_cast<const T*>(x);
   p.ldx = ldx;
   p.m = static_cast<int>(m);
@@ -173,6 +152,7 @@ cudaError_t launch_tc2_config(const void* x, int64_t m, int64_t ldx, const TcWei
   p.chunks = static_cast<int>(tc2_chunks(w.k));
   p.tgroups = static_cast<int>(tc2_table_groups(w.k, w.group_size));
   p.chunks_per_split = chunks_per_split;
+  p.sgroups = 0;   // no S / SQ prologue at 2 bits
   p.bias = static_cast<const T*>(bias);
   p.out = static_cast<T*>(out);
   p.out_f32 = out_f32;

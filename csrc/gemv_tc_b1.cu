@@ -10,8 +10,6 @@ namespace {
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// M bucket of the kernel (as the CUDA-core GEMV's: 1, 2, 4, 8, 16).
-int tc_mt(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
 
 // Chunks of one slot block (1 bit): a split must start on one. The 2-bit kernel has no slot blocks.
 int64_t block_chunks(int bits, int mt, int g) {
@@ -33,7 +31,7 @@ int64_t max_chunks_per_split(int bits, int mt, int g) {
 }
 
 int64_t chunks_per_split(int64_t m, const TcWeight& w, int splits) {
-  const int mt = tc_mt(m);
+  const int mt = detail::gemv_mt(m);
   const int64_t bc = block_chunks(w.bits, mt, w.group_size);
   return cdiv(cdiv(chunks_of(w), splits), bc) * bc;
 }
@@ -47,7 +45,7 @@ bool gemv_tc_supported(int bits, int group_size, DType dtype) {
 
 // Split-K policy (NOT MEASURED, as gemv_num_splits): >= 4 blocks per SM; splits start on slot blocks; <= 32.
 int gemv_tc_num_splits(int64_t m, const TcWeight& w, int sm_count) {
-  const int mt = tc_mt(m);
+  const int mt = detail::gemv_mt(m);
   const int64_t row_blocks = cdiv(tc_tiles(w.n), tiles_per_block(w.bits, mt));
   const int64_t target = 4 * static_cast<int64_t>(sm_count > 0 ? sm_count : 1);
   int64_t splits = cdiv(target, row_blocks);
@@ -62,30 +60,6 @@ int gemv_tc_num_splits(int64_t m, const TcWeight& w, int sm_count) {
 }
 
 namespace {
-
-template <typename T, int G>
-cudaError_t launch_tc_g(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
-                        int cps, void* out, float* out_f32, cudaStream_t stream) {
-  switch (tc_mt(m)) {
-    case 1:
-      return detail::launch_tc_config<T, 1, 1, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
-    case 2:
-      return detail::launch_tc_config<T, 1, 2, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
-    case 4:
-      return detail::launch_tc_config<T, 1, 4, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
-    case 8:
-      return detail::launch_tc_config<T, 1, 8, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
-    default:
-      return detail::launch_tc_config<T, 1, 16, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
-  }
-}
-
-template <typename T>
-cudaError_t launch_tc_t(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
-                        int cps, void* out, float* out_f32, cudaStream_t stream) {
-  return w.group_size == 64 ? launch_tc_g<T, 64>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream)
-                            : launch_tc_g<T, 128>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
-}
 
 bool aligned(const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
 
@@ -102,13 +76,19 @@ cudaError_t launch_gemv_tc(const void* x, int64_t m, int64_t ldx, const TcWeight
   // x is read 16 bytes at a time at columns that are multiples of 8.
   if (x == nullptr || !aligned(x, 16) || (ldx * 2) % 16 != 0 || ldx < w.k) return cudaErrorInvalidValue;
   const int64_t cps = chunks_per_split(m, w, splits);
-  if (cdiv(chunks_of(w), cps) != splits || cps > max_chunks_per_split(w.bits, tc_mt(m), w.group_size))
+  if (cdiv(chunks_of(w), cps) != splits || cps > max_chunks_per_split(w.bits, detail::gemv_mt(m), w.group_size))
     return cudaErrorInvalidValue;  // not what gemv_tc_num_splits gave
   if (w.bits == 2) return detail::launch_tc2(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);
   if (w.bits == 4) return detail::launch_tc4(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);
-  return w.dtype == DType::kHalf
-             ? launch_tc_t<__half>(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream)
-             : launch_tc_t<__nv_bfloat16>(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);
+  return detail::launch_tc1(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);
 }
 
+namespace detail {
+
+cudaError_t launch_tc1(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
+                       int cps, void* out, float* out_f32, cudaStream_t stream) {
+  return dispatch_tc<TcLaunch<1>>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+}
+
+}  // namespace detail
 }  // namespace bivlm
