@@ -103,51 +103,77 @@ def _bit_map() -> Tuple[torch.Tensor, torch.Tensor]:
     return row, col
 
 
-def _codes_tiled(codes: torch.Tensor, tiles: int, chunks: int) -> torch.Tensor:
-    n, k = codes.shape
-    padded = torch.zeros(tiles * 16, chunks * 256, dtype=torch.uint8, device=codes.device)
-    padded[:n, :k] = codes
-    return padded.view(tiles, 16, chunks, 256)
+def _pack_codes(qweight: torch.Tensor, bits: int, k: int, chunk_k: int, row, col, cbit, width: int):
+    """int32 [tiles, chunks, 32, 4] of a tile layout given by maps [32, 4, P] (lane, word, field): field p of a word
+    is bits p * width .. + width - 1 and holds (code of (row, col) in the (tile, chunk)) >> cbit (cbit None: 0)."""
+    n, dev = qweight.shape[0], qweight.device
+    tiles, chunks = tc_tiles(n), -(-k // chunk_k)
+    row, col = row.to(dev), col.to(dev)
+    cbit = None if cbit is None else cbit.to(dev)
+    mask = (1 << width) - 1
+    qtc = torch.empty(tiles, chunks, 32, 4, dtype=torch.int32, device=dev)
+    for r0 in range(0, tiles * 16, _ROWS_PER_PASS):        # a multiple of 64 rows: whole tiles per pass
+        r1 = min(r0 + _ROWS_PER_PASS, tiles * 16)
+        rows = formats.unpack(qweight[r0:min(r1, n)], bits, k) if r0 < n else qweight.new_zeros(0, k)
+        codes = torch.zeros(r1 - r0, chunks * chunk_k, dtype=torch.uint8, device=dev)
+        codes[: rows.shape[0], :k] = rows                   # padded rows and columns: code 0
+        codes = codes.view((r1 - r0) // 16, 16, chunks, chunk_k).permute(0, 2, 1, 3)   # [T, C, 16, chunk_k]
+        words = torch.zeros(codes.shape[0], chunks, 32, 4, dtype=torch.int64, device=dev)
+        for f in range(row.shape[-1]):                      # one field position at a time
+            c = codes[:, :, row[..., f], col[..., f]].to(torch.int64)
+            if cbit is not None:
+                c = c >> cbit[..., f]
+            words |= (c & mask) << (f * width)
+        qtc[r0 // 16:r1 // 16] = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    return qtc
+
+
+def _unpack_codes(qtc: torch.Tensor, bits: int, n: int, k: int, chunk_k: int, row, col, cbit, width: int):
+    """The v1 qweight of :func:`_pack_codes`'s output (the fields are disjoint code bits: their sum is the code)."""
+    tiles, chunks, dev = qtc.shape[0], qtc.shape[1], qtc.device
+    fields = row.shape[-1]
+    words = qtc.to(torch.int64) & 0xFFFFFFFF
+    vals = (words.unsqueeze(-1) >> (width * torch.arange(fields, device=dev))) & ((1 << width) - 1)
+    if cbit is not None:
+        vals = vals << cbit.to(dev)
+    codes = torch.zeros(16, chunk_k, tiles, chunks, dtype=torch.int64, device=dev)
+    codes.index_put_((row.to(dev), col.to(dev)), vals.permute(2, 3, 4, 0, 1), accumulate=True)
+    codes = codes.permute(2, 0, 3, 1).reshape(tiles * 16, chunks * chunk_k)[:n, :k]
+    return formats.pack(codes, bits)
+
+
+def _tile_table(entries: torch.Tensor, tiles: int, tg: int) -> torch.Tensor:
+    """[N, G, E] per-(row, group) entries -> [tiles + 1, tg, 8, 2, E]: [tile, group, gid, r] = row 16 tile + gid +
+    8 r; padding, and the whole last tile (the kernels' zero source), are zeros."""
+    n, g, e = entries.shape
+    table = torch.zeros((tiles + 1) * 16, tg, e, dtype=entries.dtype, device=entries.device)
+    table[:n, :g] = entries
+    return table.view(tiles + 1, 2, 8, tg, e).permute(0, 3, 2, 1, 4).contiguous()
+
+
+def _untile_table(table: torch.Tensor, n: int, groups: int) -> torch.Tensor:
+    """The [N, groups, E] entries of :func:`_tile_table`'s output."""
+    tiles = table.shape[0] - 1
+    e = table.shape[-1]
+    return table[:tiles].permute(0, 3, 2, 1, 4).reshape(tiles * 16, table.shape[1], e)[:n, :groups].contiguous()
 
 
 _ROWS_PER_PASS = 4096   # bounds the temporaries of a repack (a few bytes per weight of one pass)
 
 
 def repack_tc1(qweight: torch.Tensor, codebook: torch.Tensor, k: int, group_size: int):
-    """(qtc int32 [tiles, chunks, 32, 4], table [tiles, tgroups, 8, 2, 2]) of a 1-bit lut weight."""
+    """(qtc int32 [tiles, chunks, 32, 4], table [tiles + 1, tgroups, 8, 2, 2]) of a 1-bit lut weight."""
     n = qweight.shape[0]
     if codebook.dim() != 3 or codebook.shape[0] != n or codebook.shape[2] != 2 or k % group_size:
         raise ValueError(f"repack_tc1 needs a 1-bit codebook [N, K/g, 2] with K % g == 0; got codebook "
                          f"{tuple(codebook.shape)}, N={n}, K={k}, g={group_size}")
-    tiles, chunks, tg = tc_tiles(n), tc_chunks(k), tc_table_groups(k, group_size)
-    row, col = (t.to(qweight.device) for t in _bit_map())
-    qtc = torch.empty(tiles, chunks, 32, 4, dtype=torch.int32, device=qweight.device)
-    for r0 in range(0, tiles * 16, _ROWS_PER_PASS):       # a multiple of 64 rows: whole tiles per pass
-        r1 = min(r0 + _ROWS_PER_PASS, tiles * 16)
-        rows = formats.unpack(qweight[r0:min(r1, n)], 1, k) if r0 < n else qweight.new_zeros(0, k)
-        codes = _codes_tiled(rows, (r1 - r0) // 16, chunks).permute(0, 2, 1, 3)   # [T, C, 16, 256]
-        words = torch.zeros(codes.shape[0], chunks, 32, 4, dtype=torch.int64, device=qweight.device)
-        for b in range(32):                                   # words |= code << b, one bit position at a time
-            words |= codes[:, :, row[..., b], col[..., b]].to(torch.int64) << b
-        qtc[r0 // 16:r1 // 16] = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
-    table = torch.zeros((tiles + 1) * 16, tg, 2, dtype=codebook.dtype, device=codebook.device)
-    table[:n, : codebook.shape[1]] = codebook                # tile `tiles`: zeros, the kernel's zero source
-    table = table.view(tiles + 1, 2, 8, tg, 2).permute(0, 3, 2, 1, 4).contiguous()        # [T, G, gid, r, e]
-    return qtc, table
+    qtc = _pack_codes(qweight, 1, k, 256, *_bit_map(), None, 1)
+    return qtc, _tile_table(codebook, tc_tiles(n), tc_table_groups(k, group_size))
 
 
 def unrepack_tc1(qtc: torch.Tensor, table: torch.Tensor, n: int, k: int, group_size: int):
     """The v1 (qweight, codebook) of a tc1 repack: the inverse of :func:`repack_tc1` (tests, the reference)."""
-    tiles, chunks = qtc.shape[0], qtc.shape[1]
-    table = table[:tiles]
-    row, col = _bit_map()
-    words = qtc.to(torch.int64) & 0xFFFFFFFF
-    bits = (words.unsqueeze(-1) >> torch.arange(32, device=qtc.device)) & 1                # [T, C, 32, 4, 32]
-    codes = torch.zeros(tiles, chunks, 16, 256, dtype=torch.int64, device=qtc.device)
-    codes[:, :, row.to(qtc.device), col.to(qtc.device)] = bits
-    codes = codes.permute(0, 2, 1, 3).reshape(tiles * 16, chunks * 256)[:n, :k]
-    codebook = table.permute(0, 3, 2, 1, 4).reshape(tiles * 16, table.shape[1], 2)[:n, : k // group_size]
-    return formats.pack(codes, 1), codebook.contiguous()
+    return _unpack_codes(qtc, 1, n, k, 256, *_bit_map(), None, 1), _untile_table(table, n, k // group_size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,37 +232,13 @@ def repack_tc2(qweight: torch.Tensor, codebook: torch.Tensor, k: int, group_size
     if codebook.dim() != 3 or codebook.shape[0] != n or codebook.shape[2] != 4 or k % group_size:
         raise ValueError(f"repack_tc2 needs a 2-bit codebook [N, K/g, 4] with K % g == 0; got codebook "
                          f"{tuple(codebook.shape)}, N={n}, K={k}, g={group_size}")
-    tiles, chunks, tg = tc_tiles(n), tc2_chunks(k), tc2_table_groups(k, group_size)
-    row, col, cbit = (t.to(qweight.device) for t in _bit_map2())
-    qtc = torch.empty(tiles, chunks, 32, 4, dtype=torch.int32, device=qweight.device)
-    for r0 in range(0, tiles * 16, _ROWS_PER_PASS):
-        r1 = min(r0 + _ROWS_PER_PASS, tiles * 16)
-        rows = formats.unpack(qweight[r0:min(r1, n)], 2, k) if r0 < n else qweight.new_zeros(0, k)
-        codes = torch.zeros(r1 - r0, chunks * 128, dtype=torch.uint8, device=qweight.device)
-        codes[: rows.shape[0], :k] = rows
-        codes = codes.view((r1 - r0) // 16, 16, chunks, 128).permute(0, 2, 1, 3)      # [T, C, 16, 128]
-        words = torch.zeros(codes.shape[0], chunks, 32, 4, dtype=torch.int64, device=qweight.device)
-        for b in range(32):
-            c = codes[:, :, row[..., b], col[..., b]].to(torch.int64)
-            words |= ((c >> cbit[..., b]) & 1) << b
-        qtc[r0 // 16:r1 // 16] = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
-    table = torch.zeros((tiles + 1) * 16, tg, 4, dtype=codebook.dtype, device=codebook.device)
-    table[:n, : codebook.shape[1]] = codebook
-    table = table.view(tiles + 1, 2, 8, tg, 4).permute(0, 3, 2, 1, 4).contiguous()
-    return qtc, table
+    qtc = _pack_codes(qweight, 2, k, 128, *_bit_map2(), 1)
+    return qtc, _tile_table(codebook, tc_tiles(n), tc2_table_groups(k, group_size))
 
 
 def unrepack_tc2(qtc: torch.Tensor, table: torch.Tensor, n: int, k: int, group_size: int):
     """The v1 (qweight, codebook) of a tc2 repack (the inverse of :func:`repack_tc2`)."""
-    tiles, chunks = qtc.shape[0], qtc.shape[1]
-    row, col, cbit = (t.to(qtc.device) for t in _bit_map2())
-    words = qtc.to(torch.int64) & 0xFFFFFFFF
-    bits = (words.unsqueeze(-1) >> torch.arange(32, device=qtc.device)) & 1                 # [T, C, 32, 4, 32]
-    codes = torch.zeros(16, 128, tiles, chunks, dtype=torch.int64, device=qtc.device)
-    codes.index_put_((row, col), (bits << cbit).permute(2, 3, 4, 0, 1), accumulate=True)   # disjoint bits: sum
-    codes = codes.permute(2, 0, 3, 1).reshape(tiles * 16, chunks * 128)[:n, :k]
-    cb = table[:tiles].permute(0, 3, 2, 1, 4).reshape(tiles * 16, table.shape[1], 4)[:n, : k // group_size]
-    return formats.pack(codes, 2), cb.contiguous()
+    return _unpack_codes(qtc, 2, n, k, 128, *_bit_map2(), 1), _untile_table(table, n, k // group_size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,44 +281,18 @@ def _nibble_map4() -> Tuple[torch.Tensor, torch.Tensor]:
     return row, col
 
 
-def _pair_table(a: torch.Tensor, b: torch.Tensor, tiles: int, tg: int) -> torch.Tensor:
-    n = a.shape[0]
-    table = torch.zeros((tiles + 1) * 16, tg, 2, dtype=a.dtype, device=a.device)
-    table[:n, : a.shape[1], 0] = a
-    table[:n, : a.shape[1], 1] = b
-    return table.view(tiles + 1, 2, 8, tg, 2).permute(0, 3, 2, 1, 4).contiguous()
-
-
 def repack_tc4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int, group_size: int):
     """(qtc4 int32 [tiles, chunks4, 32, 4], table [tiles + 1, tgroups4, 8, 2, 2] of (scale, zero))."""
     n = qweight.shape[0]
     if scales.shape != zeros.shape or scales.dim() != 2 or scales.shape[0] != n or k % group_size:
         raise ValueError(f"repack_tc4 needs scales and zeros [N, K/g] with K % g == 0; got {tuple(scales.shape)}, "
                          f"{tuple(zeros.shape)}, N={n}, K={k}, g={group_size}")
-    tiles, chunks, tg = tc_tiles(n), tc4_chunks(k), tc4_table_groups(k, group_size)
-    row, col = (t.to(qweight.device) for t in _nibble_map4())
-    qtc = torch.empty(tiles, chunks, 32, 4, dtype=torch.int32, device=qweight.device)
-    for r0 in range(0, tiles * 16, _ROWS_PER_PASS):
-        r1 = min(r0 + _ROWS_PER_PASS, tiles * 16)
-        rows = formats.unpack(qweight[r0:min(r1, n)], 4, k) if r0 < n else qweight.new_zeros(0, k)
-        codes = torch.zeros(r1 - r0, chunks * 64, dtype=torch.uint8, device=qweight.device)
-        codes[: rows.shape[0], :k] = rows
-        codes = codes.view((r1 - r0) // 16, 16, chunks, 64).permute(0, 2, 1, 3)        # [T, C, 16, 64]
-        words = torch.zeros(codes.shape[0], chunks, 32, 4, dtype=torch.int64, device=qweight.device)
-        for nb in range(8):
-            words |= codes[:, :, row[..., nb], col[..., nb]].to(torch.int64) << (4 * nb)
-        qtc[r0 // 16:r1 // 16] = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
-    return qtc, _pair_table(scales, zeros, tiles, tg)
+    qtc = _pack_codes(qweight, 4, k, 64, *_nibble_map4(), None, 4)
+    return qtc, _tile_table(torch.stack((scales, zeros), dim=-1), tc_tiles(n), tc4_table_groups(k, group_size))
 
 
 def unrepack_tc4(qtc: torch.Tensor, table: torch.Tensor, n: int, k: int, group_size: int):
     """The v1 (qweight, scales, zeros) of a tc4 repack (the inverse of :func:`repack_tc4`)."""
-    tiles, chunks = qtc.shape[0], qtc.shape[1]
-    row, col = (t.to(qtc.device) for t in _nibble_map4())
-    words = qtc.to(torch.int64) & 0xFFFFFFFF
-    nib = (words.unsqueeze(-1) >> (4 * torch.arange(8, device=qtc.device))) & 15           # [T, C, 32, 4, 8]
-    codes = torch.zeros(16, 64, tiles, chunks, dtype=torch.int64, device=qtc.device)
-    codes[row, col] = nib.permute(2, 3, 4, 0, 1)
-    codes = codes.permute(2, 0, 3, 1).reshape(tiles * 16, chunks * 64)[:n, :k]
-    pairs = table[:tiles].permute(0, 3, 2, 1, 4).reshape(tiles * 16, table.shape[1], 2)[:n, : k // group_size]
-    return formats.pack(codes, 4), pairs[..., 0].contiguous(), pairs[..., 1].contiguous()
+    pairs = _untile_table(table, n, k // group_size)
+    return (_unpack_codes(qtc, 4, n, k, 64, *_nibble_map4(), None, 4), pairs[..., 0].contiguous(),
+            pairs[..., 1].contiguous())
