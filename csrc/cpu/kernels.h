@@ -15,7 +15,8 @@
 //   lut    b = 1, 2:  w[n,k] = codebook[n, k/g, code]                        codebook [N, K/g, 2^b]
 //   affine b = 4:     w[n,k] = (code - zeros[n,k/g]) * scales[n,k/g]         scales, zeros [N, K/g]
 //
-// g in {32, 64, 128, 256}, so every word is full and lies inside one group.
+// g in {32, 64, 128, 256}, and g = 16 for b = 2 and 4 (never 1 bit: g * b >= 32), so every word is full and
+// lies inside one group (g = 16: one word per group at 2 bits, two at 4 bits). K need not be a multiple of 32.
 #pragma once
 
 #include <cstdint>
@@ -32,10 +33,15 @@ struct Segment {
   int64_t n = 0;                     // output rows
   int64_t k = 0;                     // columns of this segment
   int bits = 1;                      // 1, 2 (lut) or 4 (affine)
-  int group_size = 128;              // 32, 64, 128 or 256
+  int group_size = 128;              // 16 (2, 4 bit), 32, 64, 128 or 256: group_size_ok
   DType dtype = DType::kFloat;       // dtype of the tables
   bool affine() const { return bits == 4; }
 };
+
+// The group sizes the kernels handle: {16, 32, 64, 128, 256} with g * bits >= 32 (a word inside one group).
+inline bool group_size_ok(int64_t bits, int64_t g) {
+  return (g == 16 || g == 32 || g == 64 || g == 128 || g == 256) && g * bits >= 32;
+}
 
 // Activations for the decode GEMV, already fp32: x[m, col .. col + seg.k) at x + m*ldx + col.
 struct Activations {

@@ -76,6 +76,13 @@ struct Packed {
   at::Tensor qweight, t0, t1;
 };
 
+// group_size for a bit width (kernels.h: group_size_ok); a ValueError in Python, like formats.check_group_size.
+void check_group_size(const char* op, int64_t bits, int64_t g) {
+  TORCH_CHECK_VALUE(bivlm_cpu::group_size_ok(bits, g), "bivlm_cpu.", op, ": group_size must be one of ",
+                    bits >= 2 ? "16, 32, 64, 128, 256" : "32, 64, 128, 256", " for bits=", bits,
+                    " (16 only for bits 2 and 4: a packed int32 word must lie inside one group), got ", g);
+}
+
 Packed check_segment(const char* op, bool affine, const at::Tensor& qweight, const at::Tensor& t0,
                      const at::Tensor* t1, int64_t bits, int64_t g) {
   if (affine) {
@@ -83,8 +90,7 @@ Packed check_segment(const char* op, bool affine, const at::Tensor& qweight, con
   } else {
     TORCH_CHECK(bits == 1 || bits == 2, "bivlm_cpu.", op, ": bits must be 1 or 2 for lut weights, got ", bits);
   }
-  TORCH_CHECK(g == 32 || g == 64 || g == 128 || g == 256, "bivlm_cpu.", op,
-              ": group_size must be one of 32, 64, 128, 256, got ", g);
+  check_group_size(op, bits, g);
   TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kInt, "bivlm_cpu.", op,
               ": qweight must be an int32 CPU tensor, got ", qweight.scalar_type(), " on ", qweight.device());
   TORCH_CHECK(t0.device().is_cpu() && is_float_type(t0.scalar_type()), "bivlm_cpu.", op, ": ",
@@ -288,7 +294,8 @@ std::vector<at::Tensor> tmac_repack(const at::Tensor& qweight, const at::Tensor&
   const Segment& s = p.seg;
   const int64_t nb = (s.n + 7) / 8;
   const at::TensorOptions o = qweight.options();
-  at::Tensor codes = at::zeros({nb, s.k / 32, bivlm_cpu::tmac_planes(s.bits), 8}, o.dtype(at::kInt));
+  at::Tensor codes =
+      at::zeros({nb, bivlm_cpu::tmac_words(s.k), bivlm_cpu::tmac_planes(s.bits), 8}, o.dtype(at::kInt));
   at::Tensor coefs = at::zeros({nb, s.k / s.group_size, bivlm_cpu::tmac_coefs(s.bits), 8}, o.dtype(at::kFloat));
   int32_t* cp = codes.data_ptr<int32_t>();
   float* fp = coefs.data_ptr<float>();
@@ -307,8 +314,6 @@ at::Tensor tmac_linear(const at::Tensor& x, const std::optional<at::Tensor>& per
   TORCH_CHECK(!codes.empty() && codes.size() == coefs.size() && codes.size() == bits.size(), "bivlm_cpu.", op,
               ": codes, coefs and bits must be non-empty lists of one length, got ", codes.size(), ", ",
               coefs.size(), ", ", bits.size());
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256, "bivlm_cpu.", op,
-              ": group_size must be one of 32, 64, 128, 256, got ", group_size);
   std::vector<bivlm_cpu::TmacSegment> segs;
   std::vector<int64_t> cols;
   int64_t k = 0;
@@ -316,17 +321,20 @@ at::Tensor tmac_linear(const at::Tensor& x, const std::optional<at::Tensor>& per
     const at::Tensor &c = codes[j], &f = coefs[j];
     const int b = static_cast<int>(bits[j]);
     TORCH_CHECK(b == 1 || b == 2 || b == 4, "bivlm_cpu.", op, ": bits must be 1, 2 or 4, got ", b);
+    check_group_size(op, b, group_size);
     const int64_t nb = (n + 7) / 8;
-    TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == at::kInt && c.is_contiguous() && c.dim() == 4 &&
-                    c.size(0) == nb && c.size(2) == bivlm_cpu::tmac_planes(b) && c.size(3) == 8,
-                "bivlm_cpu.", op, ": codes[", j, "] must be contiguous int32 [", nb, ", K/32, ",
-                bivlm_cpu::tmac_planes(b), ", 8] for n=", n, ", bits=", b, " (tmac_repack), got ", c.sizes());
-    const int64_t kj = c.size(1) * 32;
-    TORCH_CHECK(kj % group_size == 0 && f.device().is_cpu() && f.scalar_type() == at::kFloat && f.is_contiguous() &&
-                    f.dim() == 4 && f.size(0) == nb && f.size(1) == kj / group_size &&
-                    f.size(2) == bivlm_cpu::tmac_coefs(b) && f.size(3) == 8,
-                "bivlm_cpu.", op, ": coefs[", j, "] must be contiguous fp32 [", nb, ", ", kj / group_size, ", ",
-                bivlm_cpu::tmac_coefs(b), ", 8] for k=", kj, ", group_size=", group_size, ", got ", f.sizes());
+    // K from the coefs (one per group): at g = 16, K need not fill the last 32-column code word
+    TORCH_CHECK(f.device().is_cpu() && f.scalar_type() == at::kFloat && f.is_contiguous() && f.dim() == 4 &&
+                    f.size(0) == nb && f.size(2) == bivlm_cpu::tmac_coefs(b) && f.size(3) == 8,
+                "bivlm_cpu.", op, ": coefs[", j, "] must be contiguous fp32 [", nb, ", K/group_size, ",
+                bivlm_cpu::tmac_coefs(b), ", 8] for n=", n, ", bits=", b, " (tmac_repack), got ", f.sizes());
+    const int64_t kj = f.size(1) * group_size;
+    TORCH_CHECK(kj >= 1 && c.device().is_cpu() && c.scalar_type() == at::kInt && c.is_contiguous() && c.dim() == 4 &&
+                    c.size(0) == nb && c.size(1) == bivlm_cpu::tmac_words(kj) &&
+                    c.size(2) == bivlm_cpu::tmac_planes(b) && c.size(3) == 8,
+                "bivlm_cpu.", op, ": codes[", j, "] must be contiguous int32 [", nb, ", ", bivlm_cpu::tmac_words(kj),
+                ", ", bivlm_cpu::tmac_planes(b), ", 8] for n=", n, ", k=", kj, ", bits=", b, " (tmac_repack), got ",
+                c.sizes());
     bivlm_cpu::TmacSegment s;
     s.codes = c.data_ptr<int32_t>();
     s.coefs = f.data_ptr<float>();
@@ -354,7 +362,7 @@ at::Tensor tmac_linear(const at::Tensor& x, const std::optional<at::Tensor>& per
   const int64_t mc = std::clamp<int64_t>(g_tile_bytes / (4 * k * bivlm_cpu::kTmacTableFloats / 32), 1, m);
   std::vector<at::Tensor> tabs, sums;
   for (const auto& s : segs) {
-    tabs.push_back(at::empty({mc, s.k / 32 * bivlm_cpu::kTmacTableFloats}, f32));
+    tabs.push_back(at::empty({mc, bivlm_cpu::tmac_words(s.k) * bivlm_cpu::kTmacTableFloats}, f32));
     sums.push_back(at::empty({mc, s.k / s.group_size}, f32));
   }
   at::Tensor y = at::empty({m, n}, f32);

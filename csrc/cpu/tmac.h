@@ -14,7 +14,8 @@
 //
 // Repacked layout ("tmac v1", built by tmac_repack from the neutral bivlm-packed v1 layout; never saved):
 //
-//   codes  int32 [NB, K/32, PL, 8]   NB = ceil(N/8) blocks of 8 output rows (rows past N: code 0),
+//   codes  int32 [NB, W, PL, 8]      NB = ceil(N/8) blocks of 8 output rows (rows past N: code 0),
+//                                    W = ceil(K/32) (tmac_words; K % 32 = 16 at g = 16: columns past K code 0),
 //                                    lane r of [b, w, p] = plane p of row 8b + r, columns 32w .. 32w+31,
 //                                    bit i = column 32w + i (the 1-bit neutral word order):
 //
@@ -29,9 +30,11 @@
 //                 (sum_k code_k x_k = sum_j 2^j P_j; y = scale * that - scale * zero * S_g)
 //
 //   With S_g the group sum of x:  lut y = sum_g [ c0 S_g + sum_j coef_j P_j ],  affine as above.
+//   g = 16 (2 and 4 bit only): a group is half a code word, pairs 0..7 (even group) or 8..15 (odd group) of
+//   word g/2; a word never spans two groups otherwise (g >= 32).
 //
-// Tables of one row of x (tmac_tables): fp32 [K/2, 4]; entry [t, i] = sum of x[2t + j] over the bits j of i
-// (i.e. 16 bytes per column of x).
+// Tables of one row of x (tmac_tables): fp32 [16 W, 4]; entry [t, i] = sum of x[2t + j] over the bits j of i
+// (i.e. 16 bytes per column of x); the pairs past K (K % 32 = 16) are zero and never looked up.
 #pragma once
 
 #include <cstdint>
@@ -44,18 +47,19 @@ inline int tmac_planes(int bits) { return bits == 1 ? 1 : (bits == 2 ? 2 : 4); }
 inline int tmac_coefs(int bits) { return bits == 2 ? 4 : 2; }
 constexpr int kTmacSteps = 16;                       // lookups per 32 columns (16 pairs)
 constexpr int64_t kTmacTableFloats = kTmacSteps * 4;  // floats of table per 32 columns (4 per pair)
+inline int64_t tmac_words(int64_t k) { return (k + 31) / 32; }   // 32-column code words (and tables) per row
 
 // One repacked segment (a whole layer, or one column range of a mixed-bit layer).
 struct TmacSegment {
-  const int32_t* codes = nullptr;  // [NB, K/32, PL, 8]
+  const int32_t* codes = nullptr;  // [NB, tmac_words(K), PL, 8]
   const float* coefs = nullptr;    // [NB, K/g, NC, 8]
   int64_t n = 0, k = 0;            // output rows, columns of this segment
   int bits = 1;                    // 1, 2 (lut) or 4 (affine)
   int group_size = 128;
 };
 
-// The tables of mc rows of x, for a segment's columns: x row i at x + i*ldx + col, k columns (k % 32 == 0);
-// out [mc, k/32, 11, 8] and xsum [mc, k/g] (group sums S_g).
+// The tables of mc rows of x, for a segment's columns: x row i at x + i*ldx + col, k columns (k % 16 == 0);
+// out [mc, tmac_words(k) * kTmacTableFloats] and xsum [mc, k/g] (group sums S_g).
 void tmac_tables(const float* x, int64_t mc, int64_t ldx, int64_t col, int64_t k, int group_size, float* out,
                  float* xsum);
 

@@ -34,16 +34,17 @@ namespace {
 // The 4 subset sums of a pair, [0 a b a+b], in both 128-bit halves (vpermilps looks up within each half).
 inline __m256 load_table(const float* t) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(t)); }
 
-// acc[t][q] += the 16 lookups of code word c[q] in the tables of row t of x (tab[t][0 .. 64)), for NW words and
-// MT rows of x: each shifted index serves the MT rows, each table load the NW words. With few chains (MT = 1,
-// NW < 4) even and odd pairs go to separate sums, so that the adds' latency does not bound the loop.
-template <int NW, int MT>
+// acc[t][q] += the lookups of pairs [S0, S1) of code word c[q] in the tables of row t of x (tab[t][0 .. 64)),
+// for NW words and MT rows of x: each shifted index serves the MT rows, each table load the NW words. All 16
+// pairs, or one half (g = 16: a group is 8 pairs). With few chains (MT = 1, NW < 4) even and odd pairs go to
+// separate sums, so that the adds' latency does not bound the loop.
+template <int NW, int MT, int S0 = 0, int S1 = 16>
 inline void word_sums(const float* const* tab, const __m256i* c, __m256 (*acc)[NW]) {
   if (MT == 1 && NW < 4) {
     __m256 e[NW], o[NW];
     for (int q = 0; q < NW; ++q) e[q] = _mm256_setzero_ps(), o[q] = _mm256_setzero_ps();
 #pragma GCC unroll 8
-    for (int st = 0; st < 16; st += 2) {
+    for (int st = S0; st < S1; st += 2) {
       const __m256 t0 = load_table(tab[0] + 4 * st), t1 = load_table(tab[0] + 4 * st + 4);
       for (int q = 0; q < NW; ++q) {
         e[q] = _mm256_add_ps(e[q], _mm256_permutevar_ps(t0, _mm256_srli_epi32(c[q], 2 * st)));
@@ -54,7 +55,7 @@ inline void word_sums(const float* const* tab, const __m256i* c, __m256 (*acc)[N
     return;
   }
 #pragma GCC unroll 16
-  for (int st = 0; st < 16; ++st) {
+  for (int st = S0; st < S1; ++st) {
     __m256i idx[NW];
     for (int q = 0; q < NW; ++q) idx[q] = _mm256_srli_epi32(c[q], 2 * st);
     for (int t = 0; t < MT; ++t) {
@@ -70,7 +71,8 @@ void blocks(const TmacSegment& s, const float* tables, const float* xsum, int64_
             const float* bias, bool accumulate, int64_t b) {
   constexpr int PL = BITS == 1 ? 1 : (BITS == 2 ? 2 : 4), NP = BITS == 2 ? 3 : PL, NC = BITS == 2 ? 4 : 2;
   constexpr int NW = RB * NP;
-  const int64_t w32 = s.k / 32, groups = s.k / s.group_size, wpg = s.group_size / 32;
+  const int64_t w32 = tmac_words(s.k), groups = s.k / s.group_size;
+  const int64_t wpg = s.group_size < 32 ? 1 : s.group_size / 32;   // code words a group touches (g = 16: half)
   const float* tab[MT];
   for (int t = 0; t < MT; ++t) tab[t] = tables + (i0 + t) * w32 * kTmacTableFloats;
   __m256 yv[MT][RB];
@@ -80,7 +82,8 @@ void blocks(const TmacSegment& s, const float* tables, const float* xsum, int64_
     __m256 p[MT][NW];   // plane sums of the group: [row of x][block * NP + plane]
     for (int t = 0; t < MT; ++t)
       for (int q = 0; q < NW; ++q) p[t][q] = _mm256_setzero_ps();
-    for (int64_t w = g * wpg; w < (g + 1) * wpg; ++w) {
+    const int64_t w0 = s.group_size < 32 ? g / 2 : g * wpg;
+    for (int64_t w = w0; w < w0 + wpg; ++w) {
       __m256i c[NW];
       for (int rb = 0; rb < RB; ++rb) {
         const __m256i* cw = reinterpret_cast<const __m256i*>(s.codes + ((b + rb) * w32 + w) * PL * 8);
@@ -93,7 +96,9 @@ void blocks(const TmacSegment& s, const float* tables, const float* xsum, int64_
       }
       const float* tw[MT];
       for (int t = 0; t < MT; ++t) tw[t] = tab[t] + w * kTmacTableFloats;
-      word_sums<NW, MT>(tw, c, p);
+      if (s.group_size >= 32) word_sums<NW, MT>(tw, c, p);
+      else if (g % 2 == 0) word_sums<NW, MT, 0, 8>(tw, c, p);     // g = 16: pairs 0..7 of the word
+      else word_sums<NW, MT, 8, 16>(tw, c, p);                     // pairs 8..15
     }
     for (int rb = 0; rb < RB; ++rb) {
       const float* cf = s.coefs + ((b + rb) * groups + g) * NC * 8;
@@ -162,7 +167,7 @@ void tmac_tables(const float* x, int64_t mc, int64_t ldx, int64_t col, int64_t k
   const __m256 m1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, 0, 0));
   const __m256 m2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, 0, -1, 0, -1));
   const __m256 m3 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, 0, 0, -1, -1));
-  const int64_t w32 = k / 32;
+  const int64_t w32 = tmac_words(k);
   for (int64_t i = 0; i < mc; ++i) {
     const float* xr = x + i * ldx + col;
     float* o = out + i * w32 * kTmacTableFloats;
@@ -173,6 +178,7 @@ void tmac_tables(const float* x, int64_t mc, int64_t ldx, int64_t col, int64_t k
                                       _mm256_and_ps(_mm256_broadcast_ss(xr + 4 * j + 3), m3));
       _mm256_storeu_ps(o + 8 * j, _mm256_or_ps(lo, hi));
     }
+    for (int64_t j = 2 * k; j < w32 * kTmacTableFloats; ++j) o[j] = 0.f;   // pairs past k (k % 32 = 16)
   }
   group_sums(x, mc, ldx, col, k, group_size, xsum);
 }

@@ -18,13 +18,13 @@ namespace bivlm_cpu {
 void tmac_repack(const Segment& s, int32_t* codes, float* coefs, int64_t n0, int64_t n1) {
   const int bits = s.bits, pl = tmac_planes(bits), nc = tmac_coefs(bits), per_word = 32 / bits;
   const uint32_t mask = (1u << bits) - 1u;
-  const int64_t w32 = s.k / 32, groups = s.k / s.group_size, wpr = s.k * bits / 32;
+  const int64_t w32 = tmac_words(s.k), groups = s.k / s.group_size, wpr = s.k * bits / 32;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t b = n / 8, r = n % 8;
     const uint32_t* q = reinterpret_cast<const uint32_t*>(s.qweight) + n * wpr;
     for (int64_t w = 0; w < w32; ++w) {
       uint32_t plane[4] = {0, 0, 0, 0};
-      for (int i = 0; i < 32; ++i) {            // column 32w + i: its code, then one bit per plane
+      for (int i = 0; i < 32 && 32 * w + i < s.k; ++i) {   // column 32w + i: its code, one bit per plane
         const int64_t col = 32 * w + i;
         const uint32_t code = (q[col / per_word] >> ((col % per_word) * bits)) & mask;
         for (int p = 0; p < pl; ++p) plane[p] |= ((code >> p) & 1u) << i;
@@ -59,12 +59,13 @@ namespace scalar {
 
 void tmac_tables(const float* x, int64_t mc, int64_t ldx, int64_t col, int64_t k, int group_size, float* out,
                  float* xsum) {
-  const int64_t w32 = k / 32;
+  const int64_t w32 = tmac_words(k);
   for (int64_t i = 0; i < mc; ++i) {
     const float* xr = x + i * ldx + col;
     float* o = out + i * w32 * kTmacTableFloats;
     for (int64_t j = 0; j < k / 2; ++j)
       for (int l = 0; l < 4; ++l) o[4 * j + l] = (l & 1 ? xr[2 * j] : 0.f) + (l & 2 ? xr[2 * j + 1] : 0.f);
+    for (int64_t j = 2 * k; j < w32 * kTmacTableFloats; ++j) o[j] = 0.f;   // pairs past k (k % 32 = 16)
   }
   group_sums(x, mc, ldx, col, k, group_size, xsum);
 }
@@ -74,10 +75,10 @@ void tmac_tables(const float* x, int64_t mc, int64_t ldx, int64_t col, int64_t k
 // ------------------------------------------------------------------------------------------------------------
 
 namespace {
-// P of one 32-column code word: its 16 pair lookups.
-inline float word_sum(const float* tab, uint32_t code) {
+// P of pairs [t0, t1) of one 32-column code word (all 16, or one half at g = 16).
+inline float word_sum(const float* tab, uint32_t code, int t0 = 0, int t1 = 16) {
   float p = 0.f;
-  for (int t = 0; t < 16; ++t) p += tab[4 * t + ((code >> (2 * t)) & 3u)];
+  for (int t = t0; t < t1; ++t) p += tab[4 * t + ((code >> (2 * t)) & 3u)];
   return p;
 }
 }  // namespace
@@ -85,7 +86,8 @@ inline float word_sum(const float* tab, uint32_t code) {
 void tmac_gemv(const TmacSegment& s, const float* tables, const float* xsum, int64_t mc, float* y, int64_t ldy,
                const float* bias, bool accumulate, int64_t b0, int64_t b1) {
   const int pl = tmac_planes(s.bits), nc = tmac_coefs(s.bits);
-  const int64_t w32 = s.k / 32, groups = s.k / s.group_size, wpg = s.group_size / 32;
+  const int64_t w32 = tmac_words(s.k), groups = s.k / s.group_size;
+  const int64_t ppg = s.group_size / 2;   // pairs per group: 8 at g = 16 (half a word), else whole words
   for (int64_t n = 8 * b0; n < 8 * b1 && n < s.n; ++n) {
     const int64_t b = n / 8, r = n % 8;
     for (int64_t i = 0; i < mc; ++i) {
@@ -93,11 +95,13 @@ void tmac_gemv(const TmacSegment& s, const float* tables, const float* xsum, int
       float acc = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
         float p[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int64_t w = g * wpg; w < (g + 1) * wpg; ++w) {
+        for (int64_t t = g * ppg; t < (g + 1) * ppg; t = (t / 16 + 1) * 16) {   // per word of the group
+          const int64_t w = t / 16;
+          const int t0 = static_cast<int>(t % 16), t1 = ppg < 16 ? t0 + static_cast<int>(ppg) : 16;
           const int32_t* c = s.codes + (b * w32 + w) * pl * 8 + r;
           const float* tw = tab + w * kTmacTableFloats;
-          for (int q = 0; q < pl; ++q) p[q] += word_sum(tw, static_cast<uint32_t>(c[8 * q]));
-          if (s.bits == 2) p[2] += word_sum(tw, static_cast<uint32_t>(c[0] & c[8]));   // plane b0 & b1
+          for (int q = 0; q < pl; ++q) p[q] += word_sum(tw, static_cast<uint32_t>(c[8 * q]), t0, t1);
+          if (s.bits == 2) p[2] += word_sum(tw, static_cast<uint32_t>(c[0] & c[8]), t0, t1);   // plane b0 & b1
         }
         const float* cf = s.coefs + (b * groups + g) * nc * 8 + r;
         const float sg = xsum[i * groups + g];
