@@ -2,7 +2,8 @@
 
 Grid: bits {1, 2, 4} x group sizes {32, 64, 128, 256} x dtypes x M from 1 to 300 (both sides of the decode-GEMV /
 tile-GEMM crossover) x odd N, strided and batched x, bias, out_dtype, the sub-2-bit segmented op, the scalar
-fallback, torch.compile, and a seeded fuzz.
+fallback, torch.compile, and a seeded fuzz; g = 16 (2 and 4 bit, K a multiple of 16 but not of 32) over the direct
+and the table-lookup kernels, AVX2 and scalar, and its refusal at 1 bit.
 
 Tolerance (``assert_within_bound``): both the kernel and the reference sum K fp32 products, each with an error of
 at most about K * u * sum_k |x_k| |w_k| (u = 2^-24, the fp32 unit roundoff). The kernels regroup the sum -- the
@@ -509,3 +510,131 @@ def test_row_split_over_threads(tmac):
     finally:
         torch.set_num_threads(threads)
         ext.configure(min_task_work=old["min_task_work"], tmac_max_m=old["tmac_max_m"])
+
+
+# ------------------------------------------------------------------------------------------------ g = 16
+# g = 16 (2 and 4 bit only): one word per group at 2 bits, two at 4; K a multiple of 16 but not of 32, so the
+# lookup path's last 32-column code word is half full and a group is half a code word (csrc/cpu/tmac.h).
+
+G16_BITS = [2, 4]
+
+
+@pytest.fixture(params=["direct", "tmac"])
+def g16_path(request):
+    """Both kernel families: the direct kernels (lookups off) or the table-lookup kernels forced for every M."""
+    ext = cpu_ext()
+    old = ext.configure()["tmac_max_m"]
+    on = 10 ** 6 if request.param == "tmac" else 0
+    ext.configure(tmac_max_m={1: on, 2: on, 4: on})
+    yield request.param
+    ext.configure(tmac_max_m=old, force_scalar=0)
+
+
+def g16_inputs(m, k, dtype, gen, kind):
+    """x [m, k]: contiguous, a strided column view, or a column slice of a wider row."""
+    big = torch.randn(m, 2 * k + 16, generator=gen).to(dtype)
+    return {"contig": big[:, :k].contiguous(), "strided": big[:, : 2 * k : 2], "sliced": big[:, 16:16 + k]}[kind]
+
+
+@pytest.mark.parametrize("scalar", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", G16_BITS)
+def test_g16_linear_grid(bits, dtype, scalar, g16_path):
+    ext, g, gen = cpu_ext(), 16, torch.Generator().manual_seed(160 + bits)
+    n, k = 37, 5 * 16                    # odd N; K = 80: 5 groups, 2.5 lookup words
+    qweight, tables = make_weight(n, k, bits, g, dtype, gen)
+    w = dense(qweight, tables, bits, g)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    assert ext.configure(force_scalar=scalar)["force_scalar"] == bool(scalar)
+    for m in (1, 3, 16, 17, 70):          # 70 > 64: the tile + at::mm path (direct)
+        for kind in ("contig", "strided", "sliced"):
+            x = g16_inputs(m, k, dtype, gen, kind)
+            for b, od in ((bias, None), (None, torch.float32)):
+                y, ref = run_both(x, qweight, tables, bits, g, b, od)
+                assert_within_bound(y, ref, x, w, g, od or dtype)
+
+
+@pytest.mark.parametrize("scalar", [0, 1])
+@pytest.mark.parametrize("bits", G16_BITS)
+def test_g16_dequantize_bit_exact(bits, scalar):
+    ext = cpu_ext()
+    try:
+        ext.configure(force_scalar=scalar)
+        for dtype in DTYPES:
+            qweight, tables = make_weight(13, 48, bits, 16, dtype)
+            name = "dequantize_lut" if bits < 4 else "dequantize_affine"
+            with ops.use_backend("cpu"):
+                got = getattr(ops, name)(qweight, *tables, bits, 16)
+            want = getattr(ops, f"reference_{name}")(qweight, *tables, bits, 16)
+            assert got.dtype == want.dtype and torch.equal(got, want)
+    finally:
+        ext.configure(force_scalar=0)
+
+
+@pytest.mark.parametrize("bits", G16_BITS)
+def test_g16_tmac_repack_layout(bits):
+    """K = 48: codes [NB, 2, planes, 8], the second word's columns 48 .. 63 zero; one coefficient set per group."""
+    n, k, g = 21, 48, 16
+    qweight, tables = make_weight(n, k, bits, g, torch.float32)
+    codes, coefs = torch.ops.bivlm_cpu.tmac_repack(qweight, tables[0], tables[1] if bits == 4 else None, bits, g)
+    planes = {2: 2, 4: 4}[bits]
+    assert codes.shape == (3, 2, planes, 8) and coefs.shape == (3, 3, 4 if bits == 2 else 2, 8)
+    want_codes = formats.unpack(qweight, bits, k)
+    for p in range(planes):
+        rows = codes[:, :, p, :].permute(0, 2, 1).reshape(24, 2)
+        assert torch.equal(formats.unpack(rows[:n].contiguous(), 1, 64)[:, :k], (want_codes >> p) & 1)
+        assert not (rows[:, 1] >> 16).any() and not rows[n:].any()
+
+
+@pytest.mark.parametrize("scalar", [0, 1])
+@pytest.mark.parametrize("perm", [True, False])
+def test_g16_segmented(perm, scalar, g16_path):
+    """The sub-2-bit op at g = 16 (every segment 2-bit: 1 bit cannot take g = 16), segments of 48 and 80 columns
+    (column offsets not multiples of 32)."""
+    ext, g, gen = cpu_ext(), 16, torch.Generator().manual_seed(7)
+    p, qws, cbs, bits, w = make_segmented(29, [(48, 2), (80, 2), (16, 2)], g, torch.bfloat16, perm, gen)
+    bias = torch.randn(29, generator=gen).to(torch.bfloat16)
+    ext.configure(force_scalar=scalar)
+    for m in (1, 5, 70):
+        x = g16_inputs(m, 144, torch.bfloat16, gen, "strided")
+        args = (x, p, qws, cbs, bits, g, bias, None)
+        with ops.use_backend("cpu"):
+            y = ops.segmented_lut_linear(*args)
+        ref = ops.reference_segmented_lut_linear(*args)
+        assert_within_bound(y, ref, x if p is None else x.index_select(-1, p), w, g, torch.bfloat16)
+
+
+def test_g16_seeded_fuzz(g16_path):
+    """Fresh random shapes at g = 16: N odd or not, K = 16 * (1 .. 9), any M, dtype, bias, layout of x, ISA."""
+    ext = cpu_ext()
+    rng = random.Random(1616)
+    gen = torch.Generator().manual_seed(1616)
+    for _ in range(30):
+        bits, dtype = rng.choice(G16_BITS), rng.choice(DTYPES)
+        n, k, m = rng.randint(1, 70), 16 * rng.randint(1, 9), rng.choice([1, 2, 3, 7, 16, 17, 33, 65, 100])
+        ext.configure(force_scalar=rng.randint(0, 1))
+        qweight, tables = make_weight(n, k, bits, 16, dtype, gen)
+        x = g16_inputs(m, k, dtype, gen, rng.choice(["contig", "strided", "sliced"]))
+        bias = torch.randn(n, generator=gen).to(dtype) if rng.random() < 0.5 else None
+        od = rng.choice([None, torch.float32])
+        y, ref = run_both(x, qweight, tables, bits, 16, bias, od)
+        assert_within_bound(y, ref, x, dense(qweight, tables, bits, 16), 16, od or dtype)
+
+
+def test_g16_refused_at_1_bit():
+    """1 bit at g = 16 is refused with a ValueError naming group_size and the allowed values, by the ops (the
+    format's check) and by the C++ ops themselves (called directly)."""
+    qweight, cb = formats.pack(torch.randint(0, 2, (3, 32)), 1), torch.randn(3, 2, 2)
+    x = torch.randn(1, 32)
+    with ops.use_backend("cpu"), pytest.raises(ValueError, match="group_size"):
+        ops.lut_linear(x, qweight, cb, 1, 16)
+    match = r"group_size must be one of 32, 64, 128, 256 for bits=1.*got 16"
+    C = torch.ops.bivlm_cpu
+    for call in (lambda: C.lut_linear(x, qweight, cb, 1, 16), lambda: C.dequantize_lut(qweight, cb, 1, 16),
+                 lambda: C.segmented_lut_linear(x, None, [qweight], [cb], [1], 16),
+                 lambda: C.tmac_repack(qweight, cb, None, 1, 16)):
+        with pytest.raises(ValueError, match=match):
+            call()
+    for g in (8, 48):                    # not a group size at any width
+        with pytest.raises(ValueError, match="group_size must be one of 16, 32, 64, 128, 256 for bits=2"):
+            C.dequantize_lut(formats.pack(torch.randint(0, 4, (3, 96)), 2), torch.randn(3, 96 // g, 4), 2, g)
