@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from . import formats, ops, repack_cache
+from . import ops, repack_cache
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,6 @@ def segmented_lut_linear(x, perm, qweights, codebooks, bits, group_size, bias=No
     return _tmac_linear(x, perm, [r[0] for r in reps], [r[1] for r in reps], list(bits), qweights[0].shape[0],
                           group_size, bias, out_dtype)
 
-
-# These kernels take every group size of the format, g = 16 included (2 and 4 bit; 1 bit is refused by the format
-# and by the kernels' own checks): lift the "cpu" entry of ops' per-backend group sizes, if it has one.
-if "cpu" in getattr(ops, "BACKEND_GROUP_SIZES", {}):
-    ops.BACKEND_GROUP_SIZES["cpu"] = tuple(formats.GROUP_SIZES)
 
 _WRAPPED = {"lut_linear": lut_linear, "affine_linear": affine_linear, "segmented_lut_linear": segmented_lut_linear}
 for _name in ops.ALL_OP_NAMES:

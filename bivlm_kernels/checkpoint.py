@@ -61,8 +61,9 @@ def save(model: nn.Module, path: str, extra_metadata: Optional[dict] = None) -> 
     if clash:
         raise ValueError(f"extra_metadata may not set the reserved header key(s) {clash}; reserved: "
                          f"{list(RESERVED_KEYS)}")
-    meta = {"format": formats.FORMAT_NAME, "format_version": str(formats.FORMAT_VERSION),
-            "dtype": _layer_dtype(model), "layers": json.dumps(quant_layout(model))}
+    layout = quant_layout(model)
+    meta = {"format": formats.FORMAT_NAME, "format_version": str(formats.layout_version(layout)),
+            "dtype": _layer_dtype(model), "layers": json.dumps(layout)}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
     if os.path.isdir(path) and not os.path.islink(path):
         raise IsADirectoryError(f"path {path!r} is a directory; checkpoint.save writes one .safetensors file "
@@ -107,12 +108,13 @@ def read_metadata(path: str) -> dict:
         raise ValueError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
     if meta.get("format") != formats.FORMAT_NAME:
         raise ValueError(f"{path!r} is not a {formats.FORMAT_NAME} checkpoint (format={meta.get('format')!r})")
-    if meta.get("format_version") != str(formats.FORMAT_VERSION):
-        raise ValueError(f"{path!r} has format_version {meta.get('format_version')!r}; this bivlm_kernels "
-                         f"reads version {formats.FORMAT_VERSION} only")
+    formats.check_version(meta.get("format_version"), repr(path))
     if "layers" not in meta or meta.get("dtype") not in _DTYPES:
         raise ValueError(f"{path!r} metadata lacks 'layers' or a valid 'dtype' (one of {list(_DTYPES)})")
-    read_layout(meta, path)
+    need = formats.layout_version(read_layout(meta, path))
+    if need > int(meta["format_version"]):
+        raise ValueError(f"{path!r} says format_version {meta['format_version']} but its layers need version "
+                         f"{need} (g = 16 or compressed tables): the header is wrong")
     return meta
 
 

@@ -52,12 +52,28 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import tables
+
 FORMAT_NAME = "bivlm-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # the newest this library writes; files are stamped with the oldest that reads them
+READ_VERSIONS = (1, 2)      # 2 adds g = 16 and compressed tables (bivlm_kernels.tables); 1 reads unchanged
+
+
+def layout_version(layers: dict) -> int:
+    """The format version a checkpoint of these layer layouts (``LayerSpec.to_dict`` values) needs."""
+    return max((LayerSpec.from_dict(d).format_version for d in layers.values()), default=1)
+
+
+def check_version(version, where: str) -> int:
+    """A format version this library reads (as written in a header: ``"1"`` or ``1``), else ValueError."""
+    if str(version) not in [str(v) for v in READ_VERSIONS]:
+        raise ValueError(f"{where} has format_version {version!r}; this bivlm_kernels reads versions "
+                         f"{list(READ_VERSIONS)}")
+    return int(version)
 
 LUT_BITS = (1, 2)          # bit widths stored with a per-group codebook
 AFFINE_BITS = (4,)         # bit widths stored with per-group scale and zero
-GROUP_SIZES = (32, 64, 128, 256)
+GROUP_SIZES = (16, 32, 64, 128, 256)   # 16: 2- and 4-bit only (see check_group_size)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KINDS = ("lut", "affine")
 
@@ -87,10 +103,18 @@ def check_bits(bits: int, kind: Optional[str] = None, name: str = "bits") -> str
     return kind
 
 
-def check_group_size(group_size: int, k: Optional[int] = None, name: str = "in_features") -> None:
-    """Validate a group size and, if given, that ``k`` columns split into whole groups."""
+def check_group_size(group_size: int, k: Optional[int] = None, name: str = "in_features",
+                     bits: Optional[int] = None) -> None:
+    """Validate a group size (for ``bits`` if given) and, if given, that ``k`` columns split into whole groups.
+
+    g = 16 is refused at 1 bit: a packed word (32 codes) must lie inside one group, which every kernel relies on.
+    """
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    if bits is not None and group_size * bits < 32:
+        raise ValueError(f"group_size {group_size} is too small for bits={bits}: one int32 word of "
+                         f"{32 // bits} codes must lie inside one group; allowed for bits={bits}: "
+                         f"{[g for g in GROUP_SIZES if g * bits >= 32]}")
     if k is not None and (k <= 0 or k % group_size):
         raise ValueError(f"{name} ({k}) must be a positive multiple of group_size ({group_size})")
 
@@ -224,21 +248,32 @@ def unpermute(w_perm: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tenso
 # layer layout: what the quantizer emits, what a checkpoint's config records
 # ---------------------------------------------------------------------------------------------------------
 
+INT_BUFFERS = ("qweight", "qtable")     # int32 buffers of a segment; the others are floats of the layer dtype
+
+
 @dataclass(frozen=True)
 class SegmentSpec:
-    """One column range of the (permuted) K axis: ``width`` columns at ``bits`` bits, stored as ``kind``."""
+    """One column range of the (permuted) K axis: ``width`` columns at ``bits`` bits, stored as ``kind``, with
+    float tables (``table_bits = 0``) or compressed ones (:mod:`bivlm_kernels.tables`)."""
     bits: int
     width: int
     kind: str = "lut"
+    table_bits: int = 0
+    table_form: str = "grid"            # only read when table_bits > 0
 
     def __post_init__(self):
         check_bits(self.bits, self.kind)
         check_int(self.width, "segment width", minimum=1)
+        tables.check_table_bits(self.table_bits)
+        tables.check_form(self.table_form, self.kind)
 
     def buffer_shapes(self, n: int, group_size: int) -> dict:
         shapes = {"qweight": (n, packed_width(self.width, self.bits))}
         groups = self.width // group_size
-        if self.kind == "lut":
+        if self.table_bits:
+            shapes["qtable"] = (n, tables.qtable_width(groups, self.table_form, self.bits, self.table_bits))
+            shapes["tgrid"] = (n, 2)
+        elif self.kind == "lut":
             shapes["codebook"] = (n, groups, 1 << self.bits)
         else:
             shapes["scales"] = (n, groups)
@@ -268,10 +303,15 @@ class LayerSpec:
             raise ValueError(f"has_perm and has_bias must be bools, got {self.has_perm!r}, {self.has_bias!r}")
         for i, s in enumerate(self.segments):
             check_bits(s.bits, s.kind, name=f"segments[{i}].bits")
-            check_group_size(self.group_size, s.width, name=f"segments[{i}].width")
+            check_group_size(self.group_size, s.width, name=f"segments[{i}].width", bits=s.bits)
         total = sum(s.width for s in self.segments)
         if total != self.in_features:
             raise ValueError(f"segment widths sum to {total}, but in_features is {self.in_features}")
+
+    @property
+    def format_version(self) -> int:
+        """1 when a version-1 reader can load this layout; 2 with g = 16 or compressed tables."""
+        return 2 if self.group_size < 32 or any(s.table_bits for s in self.segments) else 1
 
     @property
     def nominal_bits(self) -> float:
@@ -281,7 +321,9 @@ class LayerSpec:
     def to_dict(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "group_size": self.group_size, "has_perm": self.has_perm, "has_bias": self.has_bias,
-                "segments": [{"bits": s.bits, "width": s.width, "kind": s.kind} for s in self.segments]}
+                "segments": [{"bits": s.bits, "width": s.width, "kind": s.kind,
+                              **({"table_bits": s.table_bits, "table_form": s.table_form} if s.table_bits else {})}
+                             for s in self.segments]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerSpec":
@@ -292,7 +334,8 @@ class LayerSpec:
                 raise TypeError("a layer spec must be a dict with a 'segments' list")
             if not all(isinstance(s, dict) for s in d["segments"]):
                 raise TypeError("each segment must be a dict {bits, width, kind}")
-            segs = tuple(SegmentSpec(s["bits"], s["width"], s["kind"]) for s in d["segments"])
+            segs = tuple(SegmentSpec(s["bits"], s["width"], s["kind"], s.get("table_bits", 0),
+                                     s.get("table_form", "grid")) for s in d["segments"])
             return cls(d["in_features"], d["out_features"], d["group_size"], segs,
                        d.get("has_perm", False), d.get("has_bias", False))
         except (KeyError, TypeError, ValueError) as e:
@@ -304,7 +347,7 @@ class LayerSpec:
         nbytes = 4 * self.in_features if self.has_perm else 0
         for s in self.segments:
             for name, shape in s.buffer_shapes(self.out_features, self.group_size).items():
-                nbytes += math.prod(shape) * (4 if name == "qweight" else esize)
+                nbytes += math.prod(shape) * (4 if name in INT_BUFFERS else esize)
         return nbytes * 8 / (self.out_features * self.in_features)
 
 
@@ -316,10 +359,27 @@ class QuantizedSegment:
     codebook: Optional[torch.Tensor] = None   # lut:    [N, width / g, 2**bits]
     scales: Optional[torch.Tensor] = None     # affine: [N, width / g]
     zeros: Optional[torch.Tensor] = None      # affine: [N, width / g]
+    table_bits: int = 0                       # > 0: compressed tables, the float ones above are their expansion
+    table_form: str = "grid"                  # compressed: "entries" or "grid" (bivlm_kernels.tables)
+    fields: Optional[torch.Tensor] = None     # compressed: integer table fields [N, width / g, E]
+    tgrid: Optional[torch.Tensor] = None      # compressed: the row grids [N, 2]
 
     @property
     def kind(self) -> str:
         return "lut" if self.codebook is not None else "affine"
+
+    @classmethod
+    def compressed(cls, bits: int, kind: str, form: str, codes: torch.Tensor, fields: torch.Tensor,
+                   tgrid: torch.Tensor, table_bits: int) -> "QuantizedSegment":
+        """A segment with compressed tables; its float tables are the exact expansion the kernels will read."""
+        check_bits(bits, kind)
+        tables.check_form(form, kind)
+        if table_bits not in tables.TABLE_BITS[1:]:
+            raise ValueError(f"table_bits must be one of {tables.TABLE_BITS[1:]}, got {table_bits!r}")
+        expanded = tables.expand_fields(kind, form, bits, fields, tgrid)
+        names = ("codebook",) if kind == "lut" else ("scales", "zeros")
+        return cls(bits, codes, **dict(zip(names, expanded)), table_bits=table_bits, table_form=form,
+                   fields=fields, tgrid=tgrid)
 
 
 @dataclass
@@ -336,7 +396,8 @@ class QuantizedWeight:
 
     def layer_spec(self, has_bias: bool = False) -> LayerSpec:
         n = self.segments[0].codes.shape[0]
-        segs = tuple(SegmentSpec(s.bits, s.codes.shape[1], s.kind) for s in self.segments)
+        segs = tuple(SegmentSpec(s.bits, s.codes.shape[1], s.kind, s.table_bits, s.table_form)
+                     for s in self.segments)
         return LayerSpec(sum(s.width for s in segs), n, self.group_size, segs, self.perm is not None, has_bias)
 
     def dequantize(self) -> torch.Tensor:

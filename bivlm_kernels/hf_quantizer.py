@@ -160,9 +160,9 @@ def check_quantization_config(cfg: dict) -> None:
     used by the transformers config above and by the vLLM plugin."""
     from . import checkpoint, formats
     fmt, version = cfg.get("format"), cfg.get("format_version")
-    if fmt != formats.FORMAT_NAME or str(version) != str(formats.FORMAT_VERSION):
-        raise ValueError(f"quantization_config: format {fmt!r} version {version!r}; this bivlm_kernels reads "
-                         f"{formats.FORMAT_NAME!r} version {formats.FORMAT_VERSION} only")
+    if fmt != formats.FORMAT_NAME:
+        raise ValueError(f"quantization_config: format {fmt!r}; this bivlm_kernels reads {formats.FORMAT_NAME!r}")
+    formats.check_version(version, "quantization_config")
     if cfg.get("dtype") not in checkpoint._DTYPES:
         raise ValueError(f"quantization_config: dtype must be one of {list(checkpoint._DTYPES)}, "
                          f"got {cfg.get('dtype')!r}")
@@ -176,5 +176,6 @@ def check_quantization_config(cfg: dict) -> None:
 def quantization_config(layout: dict, dtype: str) -> dict:
     """The ``quantization_config`` dict ``save_quantized`` writes into ``config.json``."""
     from . import formats
-    return {"quant_method": QUANT_METHOD, "format": formats.FORMAT_NAME, "format_version": formats.FORMAT_VERSION,
+    return {"quant_method": QUANT_METHOD, "format": formats.FORMAT_NAME,
+            "format_version": formats.layout_version(layout),
             "dtype": dtype, "layers": layout}

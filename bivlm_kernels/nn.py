@@ -7,7 +7,12 @@ Buffers (all in ``state_dict``; float ones follow ``.half()`` / ``.to(dtype)``, 
     segments.{i}.codebook     float [N, Ks/g, 2**b]          lut segments (b in {1, 2})
     segments.{i}.scales       float [N, Ks/g]                affine segments (b = 4)
     segments.{i}.zeros        float [N, Ks/g]
+    segments.{i}.qtable       int32 [N, W]         compressed tables (format v2, table_bits > 0) instead of the
+    segments.{i}.tgrid        float [N, 2]         three above: see bivlm_kernels.tables
     bias                      float [N]            optional
+
+A compressed segment's float tables are expanded on the first call and cached while its buffers are unchanged
+(``repack_cache``; about the size of the version-1 tables, in memory only); every kernel reads the expansion.
 
 Forward: ``y = sum_i op_i(x[..., perm][..., k0_i:k1_i]) + bias`` with fp32 accumulation across segments: one
 ``bivlm`` op call for a single-segment layer or an all-lut layout (``segmented_lut_linear``: the sub-2-bit
@@ -21,7 +26,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from . import formats, ops, validation
+from . import formats, ops, repack_cache, tables, validation
 from .formats import LayerSpec, QuantizedSegment, QuantizedWeight, SegmentSpec
 
 log = logging.getLogger(__name__)
@@ -33,10 +38,23 @@ class _Segment(nn.Module):
     def __init__(self, spec: SegmentSpec, n: int, group_size: int, dtype, device):
         super().__init__()
         self.bits, self.kind, self.width, self.group_size = spec.bits, spec.kind, spec.width, group_size
+        self.table_bits, self.table_form = spec.table_bits, spec.table_form
         self._op_name = "lut_linear" if spec.kind == "lut" else "affine_linear"
         for name, shape in spec.buffer_shapes(n, group_size).items():
-            dt = torch.int32 if name == "qweight" else dtype
+            dt = torch.int32 if name in formats.INT_BUFFERS else dtype
             self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
+
+    def tables(self) -> tuple:
+        """The float tables the ops take: ``(codebook,)`` or ``(scales, zeros)``; compressed ones expanded."""
+        b = self._buffers
+        if not self.table_bits:
+            return (b["codebook"],) if self.kind == "lut" else (b["scales"], b["zeros"])
+        qt, grid = b["qtable"], b["tgrid"]
+        expand = lambda: tables.expand(self.kind, self.table_form, self.bits, qt, grid,   # noqa: E731
+                                       self.table_bits, self.width // self.group_size)
+        if torch.compiler.is_compiling():
+            return expand()
+        return repack_cache.get("tables", (qt, grid), expand)
 
     @property
     def _op(self):
@@ -44,16 +62,15 @@ class _Segment(nn.Module):
         return getattr(ops, self._op_name)
 
     def forward(self, x, bias=None, out_dtype=None):
-        tables = (self.codebook,) if self.kind == "lut" else (self.scales, self.zeros)
-        args = (x, self.qweight, *tables, self.bits, self.group_size, bias, out_dtype)
+        args = (x, self.qweight, *self.tables(), self.bits, self.group_size, bias, out_dtype)
         if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
             return self._op(*args)                 # traceable / differentiable: through torch.ops.bivlm
         return ops.run(self._op_name, *args)       # eager inference: same checks and kernel, no dispatcher hop
 
     def dequantize(self) -> torch.Tensor:
         if self.kind == "lut":
-            return ops.dequantize_lut(self.qweight, self.codebook, self.bits, self.group_size)
-        return ops.dequantize_affine(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+            return ops.dequantize_lut(self.qweight, *self.tables(), self.bits, self.group_size)
+        return ops.dequantize_affine(self.qweight, *self.tables(), self.bits, self.group_size)
 
 
 class QuantLinear(nn.Module):
@@ -113,6 +130,9 @@ class QuantLinear(nn.Module):
             raise TypeError("qw must be a QuantizedWeight with at least one segment")
         first = qw.segments[0]
         dtype = dtype or (first.codebook if first.kind == "lut" else first.scales).dtype
+        if any(s.table_bits and s.tgrid.dtype != dtype for s in qw.segments):
+            raise ValueError(f"compressed tables must be built in the layer's dtype ({dtype}): their expansion is "
+                             f"rounded to it, so casting the grid afterwards would change the weights")
         n = first.codes.shape[0]
         for i, s in enumerate(qw.segments):
             if not isinstance(s, QuantizedSegment) or s.codes.dim() != 2 or s.codes.shape[0] != n:
@@ -127,8 +147,12 @@ class QuantLinear(nn.Module):
         if qw.perm is not None:
             given["perm"] = qw.perm
         for i, (seg, s) in enumerate(zip(layer.segments, qw.segments)):
-            tables = {"codebook": s.codebook} if s.kind == "lut" else {"scales": s.scales, "zeros": s.zeros}
-            for name, t in tables.items():
+            if s.table_bits:
+                given[f"segments.{i}.qtable"] = tables.pack_fields(s.fields, s.table_bits)
+                given[f"segments.{i}.tgrid"] = s.tgrid
+                continue
+            tabs = {"codebook": s.codebook} if s.kind == "lut" else {"scales": s.scales, "zeros": s.zeros}
+            for name, t in tabs.items():
                 buf = getattr(seg, name)
                 if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(buf.shape):
                     raise ValueError(f"segments[{i}].{name} must have shape {list(buf.shape)} "
@@ -139,7 +163,9 @@ class QuantLinear(nn.Module):
         with torch.no_grad():
             for i, (seg, s) in enumerate(zip(layer.segments, qw.segments)):
                 seg.qweight.copy_(formats.pack(s.codes, s.bits))
-                for name in ("codebook",) if s.kind == "lut" else ("scales", "zeros"):
+                names = ("qtable", "tgrid") if s.table_bits else ("codebook",) if s.kind == "lut" \
+                    else ("scales", "zeros")
+                for name in names:
                     getattr(seg, name).copy_(given[f"segments.{i}.{name}"])
             if qw.perm is not None:
                 layer.perm.copy_(qw.perm.to(torch.int32))
@@ -160,7 +186,7 @@ class QuantLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         kind = formats.check_bits(bits)
-        formats.check_group_size(group_size, linear.in_features)
+        formats.check_group_size(group_size, linear.in_features, bits=bits)
         w = linear.weight.detach()
         if not torch.isfinite(w).all():
             raise ValueError("linear.weight contains NaN or inf; cannot quantize")
@@ -186,16 +212,18 @@ class QuantLinear(nn.Module):
         if seg0 is not None and not torch.compiler.is_compiling() and \
                 not (x.requires_grad and torch.is_grad_enabled()):
             b = seg0._buffers                      # eager inference, one segment: straight to the op
+            tabs = seg0.tables() if seg0.table_bits else None
             if seg0.kind == "lut":
-                return ops.run("lut_linear", x, b["qweight"], b["codebook"], seg0.bits, seg0.group_size,
-                               self._buffers.get("bias"), None)
-            return ops.run("affine_linear", x, b["qweight"], b["scales"], b["zeros"], seg0.bits,
-                           seg0.group_size, self._buffers.get("bias"), None)
+                return ops.run("lut_linear", x, b["qweight"], tabs[0] if tabs else b["codebook"], seg0.bits,
+                               seg0.group_size, self._buffers.get("bias"), None)
+            s, z = tabs or (b["scales"], b["zeros"])
+            return ops.run("affine_linear", x, b["qweight"], s, z, seg0.bits, seg0.group_size,
+                           self._buffers.get("bias"), None)
         segs = self.segments
         if len(segs) > 1 and all(seg.kind == "lut" for seg in segs):
             # The sub-2-bit layout (perm + 2-bit and 1-bit segments) in one op: perm applied to x once, one
             # fp32 accumulator (a single pass on the CPU kernels; per-segment kernels on other paths).
-            args = (x, self.perm, [seg.qweight for seg in segs], [seg.codebook for seg in segs],
+            args = (x, self.perm, [seg.qweight for seg in segs], [seg.tables()[0] for seg in segs],
                     [seg.bits for seg in segs], self.group_size, self.bias, None)
             if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
                 return ops.segmented_lut_linear(*args)
@@ -215,7 +243,7 @@ class QuantLinear(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         s = self.segments[0]
-        return (s.codebook if s.kind == "lut" else s.scales).dtype
+        return (s.tgrid if s.table_bits else s.codebook if s.kind == "lut" else s.scales).dtype
 
     @property
     def weight_bits(self) -> float:
@@ -244,7 +272,7 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={bits}, "
                 f"group_size={self.group_size}, perm={self.perm is not None}, bias={self.bias is not None}, "
                 f"dtype={str(self.dtype).replace('torch.', '')}, "
-                f"format={formats.FORMAT_NAME}-v{formats.FORMAT_VERSION}, "
+                f"format={formats.FORMAT_NAME}-v{self.spec.format_version}, "
                 f"bits_per_weight={self.weight_bits:.3f}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

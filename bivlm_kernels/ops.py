@@ -61,7 +61,7 @@ ALL_OP_NAMES = OP_NAMES + ("segmented_lut_linear",)
 def _check_weight(kind, qweight, tables, bits, group_size):
     """Check the packed buffers of one segment; return (N, K)."""
     formats.check_bits(bits, kind)
-    formats.check_group_size(group_size)
+    formats.check_group_size(group_size, bits=bits)
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32:
         raise TypeError(f"qweight must be an int32 tensor, got {getattr(qweight, 'dtype', type(qweight))}")
     first = tables[0]
@@ -275,14 +275,24 @@ def available_backends(op_name: str, device: torch.device) -> list:
     return out + ["reference"]
 
 
-def select_backend(op_name: str, device: torch.device) -> str:
-    """The backend that will run ``op_name`` on ``device`` (see the module docstring)."""
+# Group sizes a compiled path handles (absent: every size of formats.GROUP_SIZES). The CUDA kernels have no
+# g = 16 instantiation yet; such a layer runs on the next path in line (Triton, else the reference).
+BACKEND_GROUP_SIZES = {"cuda": (32, 64, 128, 256)}
+
+
+def select_backend(op_name: str, device: torch.device, group_size: Optional[int] = None) -> str:
+    """The backend that will run ``op_name`` on ``device`` (see the module docstring) for ``group_size``."""
     want = _backend
     if want == "reference" or (want == "auto" and device.type not in ("cuda", "cpu")):
         return "reference"
-    avail = available_backends(op_name, device)
+    full = available_backends(op_name, device)
+    avail = [b for b in full
+             if group_size is None or group_size in BACKEND_GROUP_SIZES.get(b, formats.GROUP_SIZES)]
     if want == "auto":
         return avail[0] if device.type == "cuda" or avail[0] == "cpu" else "reference"
+    if want in full and want not in avail:
+        raise RuntimeError(f"backend {want!r} was forced but has no kernel for group_size={group_size}; "
+                           f"its group sizes: {BACKEND_GROUP_SIZES[want]} (available for this layer: {avail})")
     if want not in avail:
         raise RuntimeError(f"backend {want!r} was forced but cannot run {op_name} on {device} "
                            f"(available: {avail}); build the CUDA extension (CUDA tensors) or the CPU "
@@ -293,6 +303,8 @@ def select_backend(op_name: str, device: torch.device) -> str:
 
 _ARITY = {"lut_linear": 7, "affine_linear": 8, "dequantize_lut": 4, "dequantize_affine": 5,
           "segmented_lut_linear": 8}
+_GROUP_ARG = {"lut_linear": 4, "affine_linear": 5, "dequantize_lut": 3, "dequantize_affine": 4,
+              "segmented_lut_linear": 5}       # position of group_size in each op's arguments
 
 
 def run(op_name: str, *args):
@@ -303,10 +315,11 @@ def run(op_name: str, *args):
     torch.compile (and for autograd) it goes through ``torch.ops.bivlm.*``.
     """
     check_args(op_name, *args)
+    g = args[_GROUP_ARG[op_name]]
     if op_name == "segmented_lut_linear":      # one pass where a path has it, else that path's per-segment op
-        kernel = _KERNELS[op_name].get(select_backend("lut_linear", args[0].device))
+        kernel = _KERNELS[op_name].get(select_backend("lut_linear", args[0].device, g))
         return (kernel or _segmented_by_parts)(*args)
-    return _KERNELS[op_name][select_backend(op_name, args[0].device)](*args)
+    return _KERNELS[op_name][select_backend(op_name, args[0].device, g)](*args)
 
 
 def _dispatching(op_name: str):

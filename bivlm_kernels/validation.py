@@ -2,7 +2,7 @@
 ``QuantLinear.load_state_dict`` (so a checkpoint is held to exactly the rules a freshly quantized layer is).
 
 For every tensor given, by buffer name (``perm``, ``bias``, ``segments.{i}.qweight`` / ``codebook`` /
-``scales`` / ``zeros``), :func:`check_layer_tensors` checks
+``scales`` / ``zeros`` / ``qtable`` / ``tgrid``), :func:`check_layer_tensors` checks
 
 * the shape the layer's :class:`~bivlm_kernels.formats.LayerSpec` implies;
 * the dtype: ``qweight`` int32, ``perm`` int32/int64, the tables and the bias floating point;
@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from . import formats
+from . import formats, tables
 from .formats import LayerSpec
 
 _TABLES = ("codebook", "scales", "zeros")
@@ -34,7 +34,7 @@ def expected_buffers(spec: LayerSpec) -> dict:
     out = {}
     for i, s in enumerate(spec.segments):
         for name, shape in s.buffer_shapes(spec.out_features, spec.group_size).items():
-            out[f"segments.{i}.{name}"] = (tuple(shape), "qweight" if name == "qweight" else "table")
+            out[f"segments.{i}.{name}"] = (tuple(shape), "qweight" if name in formats.INT_BUFFERS else "table")
     if spec.has_perm:
         out["perm"] = ((spec.in_features,), "perm")
     if spec.has_bias:
@@ -90,3 +90,18 @@ def check_layer_tensors(spec: LayerSpec, tensors: Mapping[str, torch.Tensor], *,
                 raise ValueError(f"{what} must be int32, got {t.dtype}")
         else:
             _check_floats(t, what, dtype)
+    _check_expansions(spec, tensors, dtype, label)
+
+
+def _check_expansions(spec: LayerSpec, tensors: Mapping[str, torch.Tensor], dtype, label) -> None:
+    """A compressed segment's expanded tables must be finite too (lo + 255 * step can overflow fp16)."""
+    for i, s in enumerate(spec.segments):
+        qt, grid = tensors.get(f"segments.{i}.qtable"), tensors.get(f"segments.{i}.tgrid")
+        if not s.table_bits or qt is None or grid is None or qt.is_meta or grid.is_meta:
+            continue
+        grid = grid if dtype is None else grid.to(dtype)
+        for t in tables.expand(s.kind, s.table_form, s.bits, qt, grid, s.table_bits,
+                               s.width // spec.group_size):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{label(f'segments.{i}.tgrid')} with {label(f'segments.{i}.qtable')} expands to "
+                                 f"tables that are not finite in {grid.dtype}")

@@ -125,8 +125,8 @@ def test_checkpoint_errors(tmp_path):
         save_file(t, p, metadata=m)
         return p
 
-    with pytest.raises(ValueError, match="format_version '2'"):
-        checkpoint.load(_model(), rewrite("v2.safetensors", m={**meta, "format_version": "2"}))
+    with pytest.raises(ValueError, match="format_version '3'"):
+        checkpoint.load(_model(), rewrite("v3.safetensors", m={**meta, "format_version": "3"}))
     with pytest.raises(ValueError, match="not a bivlm-packed checkpoint"):
         checkpoint.load(_model(), rewrite("other.safetensors", m={"format": "gguf"}))
     missing = {k: v for k, v in tensors.items() if k != "0.segments.0.codebook"}

@@ -84,7 +84,7 @@ def save_quantized(model: nn.Module, path: str, *, overwrite: bool = False, conf
         report = report.to_dict()
     cls = type(model)
     meta = {
-        "format": formats.FORMAT_NAME, "format_version": formats.FORMAT_VERSION,
+        "format": formats.FORMAT_NAME, "format_version": formats.layout_version(checkpoint.quant_layout(model)),
         "bivlm_kernels_version": __version__,
         "model_class": cls.__name__, "model_module": cls.__module__,
         "dtype": _model_dtype(model),
@@ -162,9 +162,10 @@ def read_quant_info(path: str) -> dict:
     if not isinstance(info, dict) or info.get("format") != formats.FORMAT_NAME:
         raise ValueError(f"{qfile!r} is not a {formats.FORMAT_NAME} checkpoint "
                          f"(format={info.get('format') if isinstance(info, dict) else None!r})")
-    if info.get("format_version") != formats.FORMAT_VERSION:
-        raise ValueError(f"{qfile!r} has format_version {info.get('format_version')!r}; this bivlm_kernels "
-                         f"reads version {formats.FORMAT_VERSION} only")
+    if isinstance(info.get("format_version"), bool) or not isinstance(info.get("format_version"), int):
+        raise ValueError(f"{qfile!r} has format_version {info.get('format_version')!r}; expected an int, one "
+                         f"of {list(formats.READ_VERSIONS)}")
+    formats.check_version(info["format_version"], repr(qfile))
     for key in ("model_class", "dtype"):
         if key not in info:
             raise ValueError(f"{qfile!r} lacks {key!r}")

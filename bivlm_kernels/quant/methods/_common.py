@@ -13,7 +13,7 @@ def check_config(cfg, method: str, allowed_bits: Sequence[int]) -> None:
     """ValueError naming the option for a bits / group_size / dtype the method or the format does not support."""
     if not isinstance(cfg.bits, int) or isinstance(cfg.bits, bool) or cfg.bits not in allowed_bits:
         raise ValueError(f"bits={cfg.bits!r} is not supported by method {method!r}; allowed: {list(allowed_bits)}")
-    formats.check_group_size(cfg.group_size)
+    formats.check_group_size(cfg.group_size, bits=cfg.bits)
     if cfg.dtype not in formats.FLOAT_DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r} is not supported; allowed: {list(formats.FLOAT_DTYPES)}")
 
