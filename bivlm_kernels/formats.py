@@ -1,4 +1,9 @@
-"""The packed weight format ``bivlm-packed`` (version 1): spec, pack/unpack, dequantize, honest bit count.
+"""The packed weight format ``bivlm-packed`` (versions 1 and 2): spec, pack/unpack, dequantize, honest bit count.
+
+Version 2 adds two things and changes nothing of version 1 (a version-1 file loads unchanged, and a layout that
+uses neither is still written as version 1): group size 16 for 2- and 4-bit segments, and **compressed tables**
+(a segment's codebooks or scales stored as 4- or 8-bit integers on a per-row float grid, specified and drawn in
+:mod:`bivlm_kernels.tables`). Kernels read the float tables below; a compressed segment is expanded to them.
 
 Pure PyTorch, no GPU needed. Every kernel (CUDA, Triton) and the reference op read exactly this layout; kernels
 may repack at load time, checkpoints never do.
@@ -41,8 +46,9 @@ Value mapping of codes:
 * ``affine``, b = 4: code c in 0..15 -> ``(c - zero) * scale``; ``zero`` is a float, not rounded.
 
 Honest size: :func:`bits_per_weight` = (bytes of every buffer except bias) * 8 / (N * K), so it includes codes,
-codebooks, scales, zeros and the permutation. For g = 128 and fp16: 1-bit lut 1.25, 2-bit lut 2.5, 4-bit affine
-4.25 bits per weight; a perm adds 32 / N.
+codebooks, scales, zeros (or compressed tables and their grids) and the permutation. For g = 128 and fp16:
+1-bit lut 1.25, 2-bit lut 2.5, 4-bit affine 4.25 bits per weight; a perm adds 32 / N. Compressed (version 2),
+2-bit g = 16 with a 4-bit (scale, min) grid per group: 2.5 + 32 / Ks.
 """
 from __future__ import annotations
 

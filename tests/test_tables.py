@@ -186,3 +186,16 @@ def test_version_1_checkpoint_from_before_version_2_loads_identically(backend):
             assert torch.equal(g, w)
         else:
             assert torch.allclose(g.float(), w.float(), rtol=1e-2, atol=1e-2 * w.float().abs().max())
+
+
+def test_header_older_than_its_layers_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    gen = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(QuantLinear.from_quantized(
+        QuantizedWeight([_segment("lut", "grid", 2, 8, 64, 16, 4, torch.float16, gen)], 16), dtype=torch.float16))
+    path = str(tmp_path / "v2.safetensors")
+    checkpoint.save(net, path)
+    meta = dict(checkpoint.read_metadata(path), format_version="1")
+    save_file(load_file(path), str(tmp_path / "lying.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="says format_version 1 but its layers need version 2"):
+        checkpoint.read_metadata(str(tmp_path / "lying.safetensors"))
