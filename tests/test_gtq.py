@@ -12,7 +12,8 @@ CONFIGS = [dict(bits=2, group_size=16, form="grid", table_bits=4),
            dict(bits=4, group_size=16, form="grid", table_bits=4),
            dict(bits=4, group_size=32, form="grid", table_bits=8),
            dict(bits=2, group_size=16, form="grid", table_bits=0),
-           dict(bits=4, group_size=32, form="grid", table_bits=0)]
+           dict(bits=4, group_size=32, form="grid", table_bits=0),
+           dict(bits=2, group_size=16, form="grid", table_bits=4, act_order=True)]
 
 
 def _problem(n=40, k=96, seed=0):
@@ -27,7 +28,11 @@ def _rel(W, What, H):
     return float(torch.trace(D @ H @ D.T) / torch.trace(W @ H @ W.T))
 
 
-@pytest.mark.parametrize("opts", CONFIGS, ids=lambda o: "b{bits}g{group_size}{form}t{table_bits}".format(**o))
+def _id(o):
+    return "b{bits}g{group_size}{form}t{table_bits}".format(**o) + ("ao" if o.get("act_order") else "")
+
+
+@pytest.mark.parametrize("opts", CONFIGS, ids=_id)
 def test_packed_layer_reproduces_the_fitted_levels(opts):
     W, H = _problem()
     qw = get_method("gtq", dtype=torch.float32, **opts).quantize(W, H)
@@ -37,7 +42,8 @@ def test_packed_layer_reproduces_the_fitted_levels(opts):
     g, tb, bits = opts["group_size"], opts["table_bits"], opts["bits"]
     if tb:
         e = tables.fields_per_group(opts["form"], bits)
-        expect = bits + (-(-(96 // g) * e * tb // 32)) * 32 / 96 + 2 * 32 / 96
+        perm = 32 / 40 if opts.get("act_order") else 0                  # int32 [K] over N = 40 rows
+        expect = bits + (-(-(96 // g) * e * tb // 32)) * 32 / 96 + 2 * 32 / 96 + perm
         assert qw.info["honest_bits"] == pytest.approx(expect)
         assert layer.spec.format_version == 2
     err = _rel(W, qw.dequantize(), H)

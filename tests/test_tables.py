@@ -74,7 +74,8 @@ def test_layer_matches_reference(kind, form, bits, tb, dtype):
     assert "v2" in repr(layer) and layer.spec.format_version == 2
     e = tables.fields_per_group(form, bits)
     words = -(-(k // g) * e * tb // 32)
-    assert layer.weight_bits == pytest.approx((n * (k * bits // 32 + words) * 32 + n * 2 * dtype.itemsize * 8) / (n * k))
+    stored = n * (k * bits // 32 + words) * 32 + n * 2 * dtype.itemsize * 8       # codes, qtable, tgrid
+    assert layer.weight_bits == pytest.approx(stored / (n * k))
     w = QuantizedWeight([seg], g).dequantize()
     for m in (1, 5, 70):
         x = torch.randn(m, k, generator=gen).to(dtype)

@@ -39,7 +39,9 @@ class GTQConfig(MethodConfig):
     ``form``: ``"grid"`` (uniform levels ``c * scale - min`` per group) or ``"entries"`` (any ``2**bits`` levels
     per group, lut only). ``table_bits``: 4 or 8 (compressed tables), 0 (float tables). ``weighted``: fit tables
     to the Hessian-diagonal-weighted error (True) or the plain one. ``compensate``: GPTQ error compensation
-    (True) or round-to-nearest on the fitted tables. ``percdamp`` / ``blocksize`` as GPTQ. ``table_dtype``
+    (True) or round-to-nearest on the fitted tables. ``percdamp`` / ``blocksize`` as GPTQ; ``act_order``: code
+    the columns in decreasing ``H_kk`` order, groups formed in that order (stored as ``perm``: 32 / N bits more).
+    ``table_dtype``
     (``"float16"``, ``"bfloat16"``, ``"float32"`` or None = the layer's dtype): the precision the tables are
     rounded to; a narrower one than the layer's is only allowed in an fp32 layer (it then stores them exactly),
     e.g. fp16 tables in the fp32 testbed, so that its bits and its quality are those of an fp16 model's tables.
@@ -52,6 +54,7 @@ class GTQConfig(MethodConfig):
     compensate: bool = True
     percdamp: float = 0.01
     blocksize: int = 128
+    act_order: bool = False
     table_dtype: Optional[str] = None     # round tables to this ("float16" ...) in an fp32 layer; None: the layer's
     layer_name: Optional[str] = None
 
@@ -71,6 +74,10 @@ def gtq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GTQConfig) -> QuantizedW
     live = d > 0
     d[~live] = d[live].mean() if live.any() else 1.0
     imp = d if cfg.weighted else torch.ones_like(d)
+    perm = torch.argsort(d, descending=True) if cfg.act_order else None
+    if perm is not None:                       # columns (and the groups they form) in decreasing H_kk order
+        W, imp = W[:, perm], imp[perm]
+        H = H[perm][:, perm]
 
     def fit(x, w):
         if form == "grid":
@@ -105,7 +112,7 @@ def gtq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GTQConfig) -> QuantizedW
         seg = QuantizedSegment.compressed(bits, kind, form, codes, fields, tgrid, tb)
     else:
         seg = _float_segment(kind, form, bits, codes, floats, dtype)   # from_quantized casts: exact
-    qw = QuantizedWeight([seg], g)
+    qw = QuantizedWeight([seg], g, perm=None if perm is None else perm.to(torch.int32))
     qw.info.update(method="gtq", form=form, table_bits=tb, gptq_loss=loss, **hinfo, **bits_info(qw, dtype))
     return qw
 
@@ -144,7 +151,7 @@ class GTQ(Method):
         check_choice(c.form, "form", ("grid", "entries") if c.bits in (1, 2) else ("grid",))
         tables.check_table_bits(c.table_bits)
         check_choice(c.table_dtype, "table_dtype", (None, *_DTYPES))
-        for name in ("weighted", "compensate"):
+        for name in ("weighted", "compensate", "act_order"):
             if not isinstance(getattr(c, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
         if not isinstance(c.blocksize, int) or isinstance(c.blocksize, bool) or c.blocksize <= 0:
