@@ -113,6 +113,10 @@ def _check_fusable(specs, prefix):
         if s.has_perm or len(s.segments) != 1:
             raise ValueError(f"bivlm: {prefix}: layers with a column permutation or several segments (the "
                              f"sub-2-bit layout of BiLLM / Bi-VLM bits=1) are not supported in vLLM yet")
+        if s.segments[0].table_bits:
+            raise ValueError(f"bivlm: {prefix}: compressed tables (format v2, table_bits="
+                             f"{s.segments[0].table_bits}) are not supported in vLLM yet; load the checkpoint with "
+                             f"transformers / load_quantized")
         if (s.in_features, s.group_size, s.segments[0].bits, s.segments[0].kind) != \
                 (s0.in_features, s0.group_size, s0.segments[0].bits, s0.segments[0].kind):
             raise ValueError(f"bivlm: {prefix}: the fused parts have different layouts "

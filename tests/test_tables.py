@@ -200,3 +200,9 @@ def test_header_older_than_its_layers_is_refused(tmp_path):
     save_file(load_file(path), str(tmp_path / "lying.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="says format_version 1 but its layers need version 2"):
         checkpoint.read_metadata(str(tmp_path / "lying.safetensors"))
+
+
+def test_vllm_plugin_refuses_compressed_tables():
+    from bivlm_kernels import vllm_plugin                    # the layout check needs no vLLM install
+    with pytest.raises(ValueError, match="compressed tables .* not supported in vLLM yet"):
+        vllm_plugin._check_fusable([LayerSpec(64, 8, 16, (SegmentSpec(2, 64, "lut", 4, "grid"),))], "x")
