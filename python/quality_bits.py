@@ -1,0 +1,156 @@
+"""Quality per honest bit on the testbed LM: our configurations at matched honest bits (fp16 tables) against
+llama.cpp's quantizers on the same model and text (PEERS.md), with the spread over calibration seeds.
+
+    python python/quality_bits.py --rows all --seeds 0,1,2 --limit 200 \\
+        --out benchmarks/results/quality_bits.md
+
+Each row is one named configuration (``ROWS``): a method with options for the language model, optionally with
+per-layer overrides (a regex on the layer name -> other bits / options); the vision tower and projector stay
+fp32. Honest bits average ``LayerSpec.bits_per_weight(float16)`` over the 210 LM linears, size-weighted (codes,
+tables, grids, perm: everything but the bias). Perplexity: the README's 1,022 GPL-3.0 tokens
+(``evaluation.perplexity``); easy-VQA: the first ``--limit`` test questions. Every number of a row is the
+median over the seeds, with min and max.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# llama.cpp (commit 0c1e570, "flat" 256-weight runs, imatrix from our calibration text): PEERS.md, 2026-11-30
+PEERS = [("IQ2_XXS", 2.06, 412), ("IQ2_XS", 2.31, 140), ("Q2_K", 2.63, 62), ("IQ3_XXS", 3.06, 40.8),
+         ("Q3_K", 3.44, 26.8), ("Q4_0 + imatrix", 4.5, 22.7), ("IQ4_NL", 4.5, 22.5)]
+
+FP16 = {"table_dtype": "float16"}
+# name -> (bits, group size, options, overrides {layer regex: {"bits", "group_size", "options"}}, target)
+ROWS = {
+    "1.5": (1, 32, {"form": "entries", "table_bits": 8, **FP16}, {},
+            "< 6.5e3 at <= 1.75 bits (10x below Bi-VLM's 6.5e4)"),
+    "2.3": (2, 32, {"form": "grid", "table_bits": 4, **FP16},
+            {r"self_attn\.(k|v|o)_proj$": {"bits": 2, "group_size": 64,
+                                            "options": {"form": "grid", "table_bits": 4, **FP16}}},
+            "< 140 at <= 2.31 bits (IQ2_XS)"),
+    "2.6": (2, 16, {"form": "grid", "table_bits": 4, **FP16}, {}, "< 62 at <= 2.63 bits (Q2_K)"),
+    "3.0": (2, 16, {"form": "grid", "table_bits": 4, **FP16},
+            {r"mlp\.down_proj$": {"bits": 4, "group_size": 32, "options": {"form": "grid", "table_bits": 4, **FP16}}},
+            "< 40.8 at <= 3.06 bits (IQ3_XXS)"),
+    "4.3": (4, 32, {"form": "grid", "table_bits": 4, **FP16}, {}, "< 22.5 at <= 4.5 bits (IQ4_NL)"),
+}
+
+
+def run_row(name, seed, args, ref_state, proc):
+    import torch
+    from bivlm_kernels import evaluation
+    from bivlm_kernels.models import testbed
+    from bivlm_kernels.quant import ComponentConfig, QuantConfig, quantize_model
+    bits, g, opts, over, _ = ROWS[name]
+    torch.manual_seed(seed)
+    model, _ = testbed.load_testbed()
+    model.load_state_dict(ref_state)
+    calib = testbed.calibration_data(proc, args.n_calib, mix=args.mix, seed=seed)
+    cfg = QuantConfig(language=ComponentConfig("gtq", bits=bits, group_size=g, options=dict(opts)),
+                      overrides={k: dict(v, options=dict(v.get("options", {})), method="gtq")
+                                 for k, v in over.items()})
+    t0 = time.time()
+    model, _ = quantize_model(model, cfg, calib, progress=False)
+    t_q = time.time() - t0
+    ppl = evaluation.perplexity(model, proc.tokenizer)["perplexity"]
+    acc = evaluation.vqa_accuracy(model, proc, limit=args.limit)["accuracy"] if args.limit else float("nan")
+    b = evaluation.bits_summary(model)
+    assert b["quantized_layers"] == {"lm": 210}, b["quantized_layers"]
+    return {"row": name, "seed": seed, "bits16": b["quantized_bpw_fp16"], "ppl": ppl, "vqa": acc,
+            "quant_s": t_q}
+
+
+def summary(vals, fmt):
+    vals = sorted(vals)
+    med = statistics.median(vals)
+    return f"{fmt(med)} ({fmt(vals[0])} – {fmt(vals[-1])})" if len(vals) > 1 else fmt(med)
+
+
+def write(results, args, final):
+    import torch
+    import transformers
+    lines = ["# Quality per honest bit: testbed LM, fp16 tables, against llama.cpp\n",
+             f"- torch {torch.__version__}, transformers {transformers.__version__}, CPU ({platform.machine()}, "
+             f"{torch.get_num_threads()} threads). Method `gtq` (bivlm_kernels/quant/methods/gtq.py); each row is "
+             f"the median over calibration seeds {args.seeds} (min – max in brackets).",
+             "- Honest bits: every buffer but the bias of the 210 LM linears, with the tables and grids in fp16 "
+             "(they are rounded to fp16 by `table_dtype='float16'`), size-weighted.",
+             f"- Perplexity: the README's GPL-3.0 text (1,022 tokens; fp32: 21.06). easy-VQA: first {args.limit} "
+             f"test questions (fp32: 76.0 %). {args.n_calib} calibration samples, mix {args.mix}.", ""]
+    if not final:
+        lines.insert(1, "**Partial: the run was still going when this was written.**\n")
+    lines += ["| row | configuration | honest bits | perplexity | easy-VQA | target | met |",
+              "|---|---|---|---|---|---|---|"]
+    for name in args.rows:
+        rs = [r for r in results if r["row"] == name]
+        if not rs:
+            continue
+        bits, g, opts, over, target = ROWS[name]
+        conf = f"{bits}-bit g{g} {opts.get('form')} t{opts.get('table_bits')}"
+        for pat, o in over.items():
+            conf += f"; `{pat}`: {o['bits']}-bit g{o['group_size']}"
+        ppls, b = [r["ppl"] for r in rs], max(r["bits16"] for r in rs)
+        lim_b, lim_p = _target(target)
+        met = "yes" if b <= lim_b and max(ppls) < lim_p else "no"
+        lines.append(f"| {name} | {conf} | {b:.3f} | {summary(ppls, lambda v: f'{v:.1f}')} | "
+                     f"{summary([r['vqa'] for r in rs], lambda v: f'{100 * v:.1f}%')} | {target} | {met} |")
+    lines += ["", "llama.cpp on the same model and text (PEERS.md: commit 0c1e570, every matrix quantized \"flat\" in "
+              "256-weight runs with an importance matrix from our calibration text; measured 2026-11-30):", "",
+              "| llama.cpp type | honest bits | perplexity |", "|---|---|---|"]
+    lines += [f"| {t} | {b} | {p} |" for t, b, p in PEERS]
+    lines += ["", f"Generated {datetime.date.today()} by `python python/quality_bits.py {' '.join(sys.argv[1:])}`."]
+    lines += ["", "Raw runs: " + json.dumps(results)]
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    if final:
+        print(text)
+
+
+def _target(t):
+    """'< 62 at <= 2.63 bits (...)' -> (2.63, 62)."""
+    p = float(t.split("<")[1].split("at")[0])
+    b = float(t.split("<=")[1].split("bits")[0])
+    return b, p
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="all", help=f"comma-separated names of {list(ROWS)} or 'all'")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--limit", type=int, default=200, help="easy-VQA questions (0: skip)")
+    p.add_argument("--n-calib", type=int, default=32)
+    p.add_argument("--mix", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    args.rows = list(ROWS) if args.rows == "all" else args.rows.split(",")
+    bad = [r for r in args.rows if r not in ROWS]
+    if bad:
+        p.error(f"unknown row(s) {bad}; allowed: {list(ROWS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    import torch
+    from bivlm_kernels.models import testbed
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ref, proc = testbed.load_testbed()
+    ref_state = {k: v.clone() for k, v in ref.state_dict().items()}
+    results = []
+    for name in args.rows:
+        for seed in seeds:
+            results.append(run_row(name, seed, args, ref_state, proc))
+            print(json.dumps(results[-1]), flush=True)
+            write(results, args, final=False)
+    write(results, args, final=True)
+
+
+if __name__ == "__main__":
+    main()
