@@ -78,8 +78,9 @@ def write(results, args, final):
     import transformers
     lines = ["# Quality per honest bit: testbed LM, fp16 tables, against llama.cpp\n",
              f"- torch {torch.__version__}, transformers {transformers.__version__}, CPU ({platform.machine()}, "
-             f"{torch.get_num_threads()} threads). Method `gtq` (bivlm_kernels/quant/methods/gtq.py); each row is "
-             f"the median over calibration seeds {args.seeds} (min – max in brackets).",
+             f"{_cpu_model()}; torch threads as in the commands at the end). Method "
+             f"`gtq` (bivlm_kernels/quant/methods/gtq.py); each row is the median over calibration seeds "
+             f"{sorted({r['seed'] for r in results})} (min – max in brackets).",
              "- Honest bits: every buffer but the bias of the 210 LM linears, with the tables and grids in fp16 "
              "(they are rounded to fp16 by `table_dtype='float16'`), size-weighted.",
              f"- Perplexity: the README's GPL-3.0 text (1,022 tokens; fp32: 21.06). easy-VQA: first {args.limit} "
@@ -101,11 +102,15 @@ def write(results, args, final):
         met = "yes" if b <= lim_b and max(ppls) < lim_p else "no"
         lines.append(f"| {name} | {conf} | {b:.3f} | {summary(ppls, lambda v: f'{v:.1f}')} | "
                      f"{summary([r['vqa'] for r in rs], lambda v: f'{100 * v:.1f}%')} | {target} | {met} |")
-    lines += ["", "llama.cpp on the same model and text (PEERS.md: commit 0c1e570, every matrix quantized \"flat\" in "
-              "256-weight runs with an importance matrix from our calibration text; measured 2026-11-30):", "",
+    lines += ["", "llama.cpp on the same model and text, as fixed reference points (source: the project's PEERS.md "
+              "and issue 19, which give no measurement date; read 2026-12-01. llama.cpp commit 0c1e570 from the "
+              "llama-cpp-python 0.3.36 source package, every matrix quantized \"flat\" in 256-weight runs with an "
+              "importance matrix from our calibration text, perplexity by our `evaluation.perplexity`):", "",
               "| llama.cpp type | honest bits | perplexity |", "|---|---|---|"]
     lines += [f"| {t} | {b} | {p} |" for t, b, p in PEERS]
     lines += ["", f"Generated {datetime.date.today()} by `python python/quality_bits.py {' '.join(sys.argv[1:])}`."]
+    for cmd in getattr(args, "part_commands", []):
+        lines.append(f"- from the runs of `{cmd}`")
     lines += ["", "Raw runs: " + json.dumps(results)]
     text = "\n".join(lines) + "\n"
     if args.out:
@@ -115,11 +120,29 @@ def write(results, args, final):
         print(text)
 
 
+def _cpu_model():
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown model"
+
+
 def _target(t):
     """'< 62 at <= 2.63 bits (...)' -> (2.63, 62)."""
     p = float(t.split("<")[1].split("at")[0])
     b = float(t.split("<=")[1].split("bits")[0])
     return b, p
+
+
+def merge(args):
+    """The table of runs already made (``--from``): their raw records and the commands that made them."""
+    results, args.part_commands = [], []
+    for path in args.parts:
+        text = open(path).read()
+        results += json.loads(text.split("Raw runs: ", 1)[1].strip())
+        args.part_commands += [line.split("`")[1] for line in text.splitlines() if line.startswith("Generated")]
+    args.rows = [r for r in args.rows if any(x["row"] == r for x in results)]
+    write(results, args, final=True)
 
 
 def main():
@@ -131,12 +154,16 @@ def main():
     p.add_argument("--mix", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--from", dest="parts", nargs="+", default=None,
+                   help="do not run: merge the raw runs recorded in these output files into one table")
     args = p.parse_args()
     args.rows = list(ROWS) if args.rows == "all" else args.rows.split(",")
     bad = [r for r in args.rows if r not in ROWS]
     if bad:
         p.error(f"unknown row(s) {bad}; allowed: {list(ROWS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.parts:
+        return merge(args)
     import torch
     from bivlm_kernels.models import testbed
     if args.threads:
