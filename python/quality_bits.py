@@ -96,7 +96,7 @@ def write(results, args, final):
         bits, g, opts, over, target = ROWS[name]
         conf = f"{bits}-bit g{g} {opts.get('form')} t{opts.get('table_bits')}"
         for pat, o in over.items():
-            conf += f"; `{pat}`: {o['bits']}-bit g{o['group_size']}"
+            conf += f"; `{pat}`: {o['bits']}-bit g{o['group_size']}".replace("|", "\\|")   # a table cell
         ppls, b = [r["ppl"] for r in rs], max(r["bits16"] for r in rs)
         lim_b, lim_p = _target(target)
         met = "yes" if b <= lim_b and max(ppls) < lim_p else "no"
