@@ -64,7 +64,7 @@ def run_row(name, seed, args, ref_state, proc):
     b = evaluation.bits_summary(model)
     assert b["quantized_layers"] == {"lm": 210}, b["quantized_layers"]
     return {"row": name, "seed": seed, "bits16": b["quantized_bpw_fp16"], "ppl": ppl, "vqa": acc,
-            "quant_s": t_q}
+            "quant_s": t_q, "n_calib": args.n_calib}
 
 
 def summary(vals, fmt):
@@ -84,7 +84,8 @@ def write(results, args, final):
              "- Honest bits: every buffer but the bias of the 210 LM linears, with the tables and grids in fp16 "
              "(they are rounded to fp16 by `table_dtype='float16'`), size-weighted.",
              f"- Perplexity: the README's GPL-3.0 text (1,022 tokens; fp32: 21.06). easy-VQA: first {args.limit} "
-             f"test questions (fp32: 76.0 %). {args.n_calib} calibration samples, mix {args.mix}.", ""]
+             f"test questions (fp32: 76.0 %). 32 calibration samples (unless the row says otherwise), mix "
+             f"{args.mix}.", ""]
     if not final:
         lines.insert(1, "**Partial: the run was still going when this was written.**\n")
     lines += ["| row | configuration | honest bits | perplexity | easy-VQA | target | met |",
@@ -97,6 +98,11 @@ def write(results, args, final):
         conf = f"{bits}-bit g{g} {opts.get('form')} t{opts.get('table_bits')}"
         for pat, o in over.items():
             conf += f"; `{pat}`: {o['bits']}-bit g{o['group_size']}".replace("|", "\\|")   # a table cell
+        if opts.get("act_order"):
+            conf += ", act_order"
+        calib = sorted({r.get("n_calib", 32) for r in rs})        # records before n_calib was kept: 32
+        if calib != [32]:
+            conf += f", {'/'.join(map(str, calib))} calibration samples"
         ppls, b = [r["ppl"] for r in rs], max(r["bits16"] for r in rs)
         lim_b, lim_p = _target(target)
         met = "yes" if b <= lim_b and max(ppls) < lim_p else "no"
