@@ -206,3 +206,13 @@ def test_vllm_plugin_refuses_compressed_tables():
     from bivlm_kernels import vllm_plugin                    # the layout check needs no vLLM install
     with pytest.raises(ValueError, match="compressed tables .* not supported in vLLM yet"):
         vllm_plugin._check_fusable([LayerSpec(64, 8, 16, (SegmentSpec(2, 64, "lut", 4, "grid"),))], "x")
+
+
+def test_compressed_layer_compiles_fullgraph():
+    gen = torch.Generator().manual_seed(0)
+    layer = QuantLinear.from_quantized(
+        QuantizedWeight([_segment("lut", "grid", 2, 24, 64, 16, 4, torch.float32, gen)], 16), dtype=torch.float32)
+    x = torch.randn(3, 64, generator=gen)
+    compiled = torch.compile(layer, fullgraph=True)      # the expansion is traced inline (no cache lookup)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), layer(x), atol=1e-5)
