@@ -132,3 +132,10 @@ def test_fp16_tables_in_an_fp32_layer_are_exact():
         assert layer.spec.bits_per_weight(torch.float16) < layer.weight_bits
     with pytest.raises(ValueError, match="table_dtype='float16' needs an fp32 layer"):
         get_method("gtq", table_dtype="float16", dtype=torch.bfloat16).quantize(W, H)
+
+
+@pytest.mark.parametrize("method", ["gptq", "gtq", "billm", "bivlm"])
+def test_percdamp_is_checked_by_every_compensating_method(method):
+    for bad in (1.5, -0.1, "0.01"):
+        with pytest.raises(ValueError, match=r"percdamp must be in \[0, 1\)"):
+            get_method(method, percdamp=bad)

@@ -24,6 +24,12 @@ def check_choice(value, name: str, choices) -> None:
         raise ValueError(f"{name}={value!r} is not supported; allowed: {list(choices)}")
 
 
+def check_percdamp(percdamp) -> None:
+    """GPTQ's Hessian damping, as a fraction of the mean diagonal: a number in [0, 1)."""
+    if not isinstance(percdamp, (int, float)) or not 0 <= percdamp < 1:
+        raise ValueError(f"percdamp must be in [0, 1), got {percdamp!r}")
+
+
 def check_k(k: int, group_size: int) -> None:
     if k % group_size:
         raise ValueError(f"in_features ({k}) must be a multiple of group_size ({group_size}); "

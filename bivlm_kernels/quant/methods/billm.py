@@ -38,8 +38,8 @@ from ...formats import QuantizedSegment, QuantizedWeight
 from ..base import Method, MethodConfig, register_method
 from ..hessian import prepare_hessian
 from ._salient import round_to_groups, salient_column_quantize
-from ._common import (bits_info, check_choice, check_config, check_k, merge_levels, residual_binarize,
-                      residual_level_index, residual_levels, rounded)
+from ._common import (bits_info, check_choice, check_config, check_k, check_percdamp, merge_levels,
+                      residual_binarize, residual_level_index, residual_levels, rounded)
 
 
 @dataclasses.dataclass
@@ -251,8 +251,7 @@ class BiLLM(Method):
         if c.bits == 1 and c.orders[2] not in (1, 2):
             raise ValueError(f"bits=1 stores the salient columns in a 1- or 2-bit segment, so orders[2] must be 1 "
                              f"or 2; got orders={c.orders!r}")
-        if not isinstance(c.percdamp, (int, float)) or not 0 <= c.percdamp < 1:
-            raise ValueError(f"percdamp must be in [0, 1), got {c.percdamp!r}")
+        check_percdamp(c.percdamp)
 
     def _quantize(self, W: torch.Tensor, H: Optional[torch.Tensor]) -> QuantizedWeight:
         c = self.config

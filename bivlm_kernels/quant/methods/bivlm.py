@@ -41,8 +41,8 @@ from ...formats import QuantizedSegment, QuantizedWeight
 from ..base import Method, MethodConfig, register_method
 from ..hessian import prepare_hessian
 from ._salient import round_to_groups, salient_column_quantize
-from ._common import (bits_info, check_choice, check_config, check_k, merge_levels, residual_binarize,
-                      residual_levels, rounded)
+from ._common import (bits_info, check_choice, check_config, check_k, check_percdamp, merge_levels,
+                      residual_binarize, residual_levels, rounded)
 
 
 @dataclasses.dataclass
@@ -300,8 +300,7 @@ class BiVLM(Method):
         if not isinstance(c.blocksize, int) or c.blocksize <= 0 or c.blocksize % c.group_size:
             raise ValueError(f"blocksize must be a positive multiple of group_size={c.group_size}, "
                              f"got {c.blocksize!r}")
-        if not isinstance(c.percdamp, (int, float)) or not 0 <= c.percdamp < 1:
-            raise ValueError(f"percdamp must be in [0, 1), got {c.percdamp!r}")
+        check_percdamp(c.percdamp)
         # the Hessian is needed only for compensation, Hessian saliency or Hessian-weighted merging
         self.needs_hessian = (c.compensation != "off" or c.saliency == "hessian"
                               or (c.bits == 2 and c.merge_weight == "hessian"

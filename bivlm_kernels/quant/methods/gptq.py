@@ -15,8 +15,8 @@ import torch
 from ...formats import QuantizedSegment, QuantizedWeight
 from ..base import Method, MethodConfig, register_method
 from ..hessian import prepare_hessian
-from ._common import (bits_info, check_config, check_k, gptq_columns, grid_levels, grid_quantize, minmax_grid,
-                      rounded)
+from ._common import (bits_info, check_config, check_k, check_percdamp, gptq_columns, grid_levels, grid_quantize,
+                      minmax_grid, rounded)
 
 
 @dataclasses.dataclass
@@ -93,8 +93,7 @@ class GPTQ(Method):
         check_config(c, self.name, (1, 2, 4))
         if not isinstance(c.blocksize, int) or c.blocksize <= 0:
             raise ValueError(f"blocksize must be a positive int, got {c.blocksize!r}")
-        if not isinstance(c.percdamp, (int, float)) or not 0 <= c.percdamp < 1:
-            raise ValueError(f"percdamp must be in [0, 1), got {c.percdamp!r}")
+        check_percdamp(c.percdamp)
 
     def _quantize(self, W: torch.Tensor, H: Optional[torch.Tensor]) -> QuantizedWeight:
         c = self.config

@@ -27,7 +27,7 @@ from ...formats import QuantizedSegment, QuantizedWeight
 from ..base import Method, MethodConfig, register_method
 from ..hessian import prepare_hessian
 from . import _tablefit as tf
-from ._common import bits_info, check_choice, check_config, check_k, gptq_columns, rounded
+from ._common import bits_info, check_choice, check_config, check_k, check_percdamp, gptq_columns, rounded
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -156,8 +156,7 @@ class GTQ(Method):
                 raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
         if not isinstance(c.blocksize, int) or isinstance(c.blocksize, bool) or c.blocksize <= 0:
             raise ValueError(f"blocksize must be a positive int, got {c.blocksize!r}")
-        if not isinstance(c.percdamp, (int, float)) or not 0 <= c.percdamp < 1:
-            raise ValueError(f"percdamp must be in [0, 1), got {c.percdamp!r}")
+        check_percdamp(c.percdamp)
 
     def _quantize(self, W: torch.Tensor, H: Optional[torch.Tensor]) -> QuantizedWeight:
         return gtq_quantize(W, H, self.config)
