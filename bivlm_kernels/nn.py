@@ -211,13 +211,8 @@ class QuantLinear(nn.Module):
         seg0 = self._seg0
         if seg0 is not None and not torch.compiler.is_compiling() and \
                 not (x.requires_grad and torch.is_grad_enabled()):
-            b = seg0._buffers                      # eager inference, one segment: straight to the op
-            tabs = seg0.tables() if seg0.table_bits else None
-            if seg0.kind == "lut":
-                return ops.run("lut_linear", x, b["qweight"], tabs[0] if tabs else b["codebook"], seg0.bits,
-                               seg0.group_size, self._buffers.get("bias"), None)
-            s, z = tabs or (b["scales"], b["zeros"])
-            return ops.run("affine_linear", x, b["qweight"], s, z, seg0.bits, seg0.group_size,
+            # eager inference, one segment: straight to the op (tables() expands compressed tables, cached)
+            return ops.run(seg0._op_name, x, seg0._buffers["qweight"], *seg0.tables(), seg0.bits, seg0.group_size,
                            self._buffers.get("bias"), None)
         segs = self.segments
         if len(segs) > 1 and all(seg.kind == "lut" for seg in segs):

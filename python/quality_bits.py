@@ -43,15 +43,16 @@ ROWS = {
 }
 
 
-def run_row(name, seed, args, ref_state, proc):
+def run_row(name, seed, args, ref, proc):
+    import copy
+
     import torch
     from bivlm_kernels import evaluation
     from bivlm_kernels.models import testbed
     from bivlm_kernels.quant import ComponentConfig, QuantConfig, quantize_model
     bits, g, opts, over, _ = ROWS[name]
     torch.manual_seed(seed)
-    model, _ = testbed.load_testbed()
-    model.load_state_dict(ref_state)
+    model = copy.deepcopy(ref)                  # the fp32 testbed, built once per script run
     calib = testbed.calibration_data(proc, args.n_calib, mix=args.mix, seed=seed)
     cfg = QuantConfig(language=ComponentConfig("gtq", bits=bits, group_size=g, options=dict(opts)),
                       overrides={k: dict(v, options=dict(v.get("options", {})), method="gtq")
@@ -175,11 +176,10 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     ref, proc = testbed.load_testbed()
-    ref_state = {k: v.clone() for k, v in ref.state_dict().items()}
     results = []
     for name in args.rows:
         for seed in seeds:
-            results.append(run_row(name, seed, args, ref_state, proc))
+            results.append(run_row(name, seed, args, ref, proc))
             print(json.dumps(results[-1]), flush=True)
             write(results, args, final=False)
     write(results, args, final=True)
