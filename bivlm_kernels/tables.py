@@ -8,9 +8,10 @@ g = 32 in 2.5; llama.cpp's K-quants do the same (4- or 6-bit scales under an fp1
 A segment with ``table_bits = t`` (t in :data:`TABLE_BITS`, 0 = the float tables of version 1) and a table
 ``form`` (:data:`TABLE_FORMS`) stores, instead of ``codebook`` or ``scales`` / ``zeros``::
 
-    qtable  int32 [N, ceil(G * E * t / 32)]   G = Ks / g groups, E fields per group, t bits each, packed
+    qtable  int32 [N, ceil(G * E / (32 // t))] G = Ks / g groups, E fields per group, t bits each, packed
                                               like codes (field f of a row at bit (f % (32 // t)) * t of
-                                              word f // (32 // t), least significant first)
+                                              word f // (32 // t), least significant first; t = 6 puts
+                                              five fields in a word and leaves its top 2 bits zero)
     tgrid   float [N, 2]                      the row's two grid constants, in the layer's dtype
 
 Field ``f = j * E + e`` of a row is field ``e`` of group ``j``::
@@ -19,6 +20,8 @@ Field ``f = j * E + e`` of a row is field ``e`` of group ``j``::
         | j+1,e3 | j+1,e2 | j+1,e1 | j+1,e0 | j,e3 | j,e2 | j,e1 | j,e0 |
     form "grid" (E = 2: scale field s, min field m), t = 4: one int32 word holds four groups
         | j+3,m | j+3,s | j+2,m | j+2,s | j+1,m | j+1,s | j,m | j,s |
+    form "grid", t = 6 (llama.cpp's Q4_K uses 6-bit scales and mins): fields 5w .. 5w+4 in word w
+        |00| f+4 | f+3 | f+2 | f+1 |  f  |      (f = 5w; bits 31-30 unused, counted in the honest bits)
 
 Meaning (computed in fp32, then rounded once to the layer's dtype: the *expanded* version-1 tables, which every
 kernel consumes):
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-TABLE_BITS = (0, 4, 8)       # 0: float tables (version 1)
+TABLE_BITS = (0, 4, 6, 8)    # 0: float tables (version 1)
 TABLE_FORMS = ("entries", "grid")
 
 
@@ -60,8 +63,8 @@ def fields_per_group(form: str, bits: int) -> int:
 
 
 def qtable_width(groups: int, form: str, bits: int, table_bits: int) -> int:
-    """int32 words per row of ``qtable``."""
-    return -(-groups * fields_per_group(form, bits) * table_bits // 32)
+    """int32 words per row of ``qtable`` (``32 // t`` fields per word)."""
+    return -(-groups * fields_per_group(form, bits) // (32 // table_bits))
 
 
 def pack_fields(fields: torch.Tensor, table_bits: int) -> torch.Tensor:
@@ -78,7 +81,7 @@ def pack_fields(fields: torch.Tensor, table_bits: int) -> torch.Tensor:
     per = 32 // table_bits
     words = -(-f.shape[1] // per)
     f = torch.nn.functional.pad(f, (0, words * per - f.shape[1])).view(f.shape[0], words, per)
-    shifts = torch.arange(0, 32, table_bits, dtype=torch.int64, device=f.device)
+    shifts = torch.arange(per, dtype=torch.int64, device=f.device) * table_bits
     w = (f << shifts).sum(-1)                                  # disjoint bit fields: sum == or
     return torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)
 
@@ -88,7 +91,7 @@ def unpack_fields(qtable: torch.Tensor, table_bits: int, groups: int, per_group:
     check_table_bits(table_bits)
     if qtable.dtype != torch.int32 or qtable.dim() != 2:
         raise ValueError(f"qtable must be a 2-D int32 tensor, got {qtable.dtype} {tuple(qtable.shape)}")
-    shifts = torch.arange(0, 32, table_bits, dtype=torch.int64, device=qtable.device)
+    shifts = torch.arange(32 // table_bits, dtype=torch.int64, device=qtable.device) * table_bits
     f = (qtable.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << table_bits) - 1)
     return f.reshape(qtable.shape[0], -1)[:, :groups * per_group].reshape(qtable.shape[0], groups, per_group)
 

@@ -39,7 +39,7 @@ ROWS = {
     "3.0": (2, 16, {"form": "grid", "table_bits": 4, **FP16},
             {r"mlp\.down_proj$": {"bits": 4, "group_size": 32, "options": {"form": "grid", "table_bits": 4, **FP16}}},
             "< 40.8 at <= 3.06 bits (IQ3_XXS)"),
-    "4.3": (4, 32, {"form": "grid", "table_bits": 4, **FP16}, {}, "< 22.5 at <= 4.5 bits (IQ4_NL)"),
+    "4.5": (4, 32, {"form": "grid", "table_bits": 6, **FP16}, {}, "< 22.5 at <= 4.5 bits (IQ4_NL)"),
 }
 
 

@@ -11,6 +11,10 @@ CONFIGS = [dict(bits=2, group_size=16, form="grid", table_bits=4),
            dict(bits=1, group_size=32, form="entries", table_bits=8),
            dict(bits=4, group_size=16, form="grid", table_bits=4),
            dict(bits=4, group_size=32, form="grid", table_bits=8),
+           dict(bits=4, group_size=32, form="grid", table_bits=6),
+           dict(bits=4, group_size=32, form="grid", table_bits=6, refit=True),
+           dict(bits=2, group_size=16, form="grid", table_bits=4, refit=True),
+           dict(bits=1, group_size=32, form="entries", table_bits=8, refit=True),
            dict(bits=2, group_size=16, form="grid", table_bits=0),
            dict(bits=4, group_size=32, form="grid", table_bits=0),
            dict(bits=2, group_size=16, form="grid", table_bits=4, act_order=True)]
@@ -29,7 +33,8 @@ def _rel(W, What, H):
 
 
 def _id(o):
-    return "b{bits}g{group_size}{form}t{table_bits}".format(**o) + ("ao" if o.get("act_order") else "")
+    return ("b{bits}g{group_size}{form}t{table_bits}".format(**o) + ("ao" if o.get("act_order") else "")
+            + ("rf" if o.get("refit") else ""))
 
 
 @pytest.mark.parametrize("opts", CONFIGS, ids=_id)
@@ -43,7 +48,7 @@ def test_packed_layer_reproduces_the_fitted_levels(opts):
     if tb:
         e = tables.fields_per_group(opts["form"], bits)
         perm = 32 / 40 if opts.get("act_order") else 0                  # int32 [K] over N = 40 rows
-        expect = bits + (-(-(96 // g) * e * tb // 32)) * 32 / 96 + 2 * 32 / 96 + perm
+        expect = bits + (-(-(96 // g) * e // (32 // tb))) * 32 / 96 + 2 * 32 / 96 + perm   # 32 // t per word
         assert qw.info["honest_bits"] == pytest.approx(expect)
         assert layer.spec.format_version == 2
     err = _rel(W, qw.dequantize(), H)
@@ -106,7 +111,9 @@ def test_grid_fit_is_at_least_min_max():
 
 @pytest.mark.parametrize("opts,match", [
     (dict(bits=4, form="entries"), r"form='entries' is not supported; allowed: \['grid'\]"),
-    (dict(table_bits=3), r"table_bits must be one of \(0, 4, 8\)"),
+    (dict(table_bits=3), r"table_bits must be one of \(0, 4, 6, 8\)"),
+    (dict(table_bits=0, refit=True), r"refit needs compressed tables \(table_bits one of \(4, 6, 8\)\)"),
+    (dict(refit=1), "refit must be True or False"),
     (dict(bits=1, group_size=16), "group_size 16 is too small for bits=1"),
     (dict(weighted="yes"), "weighted must be True or False"),
     (dict(bits=3), r"bits=3 is not supported by method 'gtq'; allowed: \[1, 2, 4\]"),

@@ -23,12 +23,14 @@ def _segment(kind, form, bits, n, width, g, tb, dtype, gen):
     return QuantizedSegment.compressed(bits, kind, form, codes, fields, grid.to(dtype), tb)
 
 
-@pytest.mark.parametrize("tb", [4, 8])
+@pytest.mark.parametrize("tb", [4, 6, 8])
 def test_pack_round_trip_and_bit_positions(tb):
     gen = torch.Generator().manual_seed(tb)
-    f = torch.randint(0, 1 << tb, (5, 7, 3), generator=gen)            # 21 fields: last word half used
+    f = torch.randint(0, 1 << tb, (5, 7, 3), generator=gen)            # 21 fields: last word partly used
     q = tables.pack_fields(f, tb)
-    assert q.dtype == torch.int32 and q.shape == (5, -(-21 * tb // 32))
+    assert q.dtype == torch.int32 and q.shape == (5, {4: 3, 6: 5, 8: 6}[tb])   # 32 // t fields per word
+    if tb == 6:                                                        # 5 fields per word, top 2 bits zero
+        assert int((q.to(torch.int64) >> 30).abs().max()) == 0
     assert torch.equal(tables.unpack_fields(q, tb, 7, 3), f)
     # documented position: field f of a row at bit (f % (32 // t)) * t of word f // (32 // t)
     one = torch.zeros(1, 7, 3, dtype=torch.long)
@@ -62,7 +64,7 @@ def test_expansion_formulas():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kind,form,bits", CASES)
-@pytest.mark.parametrize("tb", [4, 8])
+@pytest.mark.parametrize("tb", [4, 6, 8])
 def test_layer_matches_reference(kind, form, bits, tb, dtype):
     g = 32 if bits == 1 else 16
     n, k = 37, 5 * g if bits != 1 else 96                              # odd N; K not a multiple of 32 at g16
@@ -73,7 +75,7 @@ def test_layer_matches_reference(kind, form, bits, tb, dtype):
     assert sorted(layer.state_dict()) == ["bias", "segments.0.qtable", "segments.0.qweight", "segments.0.tgrid"]
     assert "v2" in repr(layer) and layer.spec.format_version == 2
     e = tables.fields_per_group(form, bits)
-    words = -(-(k // g) * e * tb // 32)
+    words = -(-(k // g) * e // (32 // tb))
     stored = n * (k * bits // 32 + words) * 32 + n * 2 * dtype.itemsize * 8       # codes, qtable, tgrid
     assert layer.weight_bits == pytest.approx(stored / (n * k))
     w = QuantizedWeight([seg], g).dequantize()

@@ -124,6 +124,9 @@ class QuantConfig:
       changes that layer's settings (``None`` instead of a dict keeps the layer in full precision).
     * ``device``: where each block and its activations go while being quantized (``None``: where the block
       already is). The rest of the model and the stored activations stay where they are / on the CPU.
+    * ``true_sequential`` (GPTQ's option of that name): within a block, quantize the linears stage by stage in
+      forward order (linears reading the same input, e.g. q/k/v, form one stage), each stage's Hessians taken
+      with the earlier stages already quantized; False: every Hessian from the full-precision block (one pass).
     """
     language: Optional[ComponentConfig] = field(default_factory=ComponentConfig)
     vision: Optional[ComponentConfig] = None
@@ -133,6 +136,7 @@ class QuantConfig:
     overrides: dict = field(default_factory=dict)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     device: Optional[str] = None
+    true_sequential: bool = False
 
     def __post_init__(self):
         for c in COMPONENTS:
@@ -203,6 +207,8 @@ class QuantConfig:
         for c in active:
             getattr(self, c).validate(where=c)
         self.calibration.validate()
+        if not isinstance(self.true_sequential, bool):
+            raise ValueError(f"true_sequential must be True or False, got {self.true_sequential!r}")
         for pat, ov in self.overrides.items():
             if ov is not None:
                 base = self.language or getattr(self, active[0])
@@ -228,7 +234,8 @@ class QuantConfig:
         return {**{c: (None if getattr(self, c) is None else getattr(self, c).to_dict()) for c in COMPONENTS},
                 "include": self.include, "exclude": list(self.exclude),
                 "overrides": {k: _jsonable(v) for k, v in self.overrides.items()},
-                "calibration": dataclasses.asdict(self.calibration), "device": None}
+                "calibration": dataclasses.asdict(self.calibration), "device": None,
+                "true_sequential": self.true_sequential}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":

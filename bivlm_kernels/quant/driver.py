@@ -397,15 +397,42 @@ def _quantize_component(model, cname, comp, cfg, batches, fwd_kwargs, in_device,
             block.to(dev)
             try:
                 _process_block(block, bname, i, i < last, comp, plan, hidden, records, dev, model, cname,
-                               report, bar)
+                               report, bar, cfg.true_sequential)
             finally:
                 block.to(home)
     finally:
         bar.close()
 
 
-def _process_block(block, bname, i, propagate, comp, plan, hidden, records, dev, model, cname, report, bar):
-    """Hessians (pass 1), quantize and replace the block's linears, then (pass 2) the next block's inputs."""
+def _stages(run, mine) -> list:
+    """The block's linears in forward order (first batch), grouped by input: linears called on the same tensor
+    (q/k/v; gate/up) form one stage. Linears the batch never reaches come last, as one stage."""
+    order, inputs, hooks = [], {}, []
+    for n, (lin, _) in mine.items():
+        def hook(mod, inp, out, n=n):
+            if n not in inputs:
+                order.append(n)
+                inputs[n] = inp[0]
+        hooks.append(lin.register_forward_hook(hook))
+    try:
+        run(0, {})
+    finally:
+        for h in hooks:
+            h.remove()
+    stages = []
+    for n in order:
+        if stages and inputs[n] is inputs[stages[-1][0]]:
+            stages[-1].append(n)
+        else:
+            stages.append([n])
+    rest = [n for n in mine if n not in inputs]
+    return stages + ([rest] if rest else [])
+
+
+def _process_block(block, bname, i, propagate, comp, plan, hidden, records, dev, model, cname, report, bar,
+                   true_sequential=False):
+    """Hessians (pass 1, per stage if ``true_sequential``), quantize and replace the block's linears, then
+    (pass 2) the next block's inputs."""
     cpu = torch.device("cpu")
     mine = {n: (lin, plan[n]) for n, lin in comp.linears().items()
             if (n == bname or n.startswith(bname + ".")) and n in plan}
@@ -414,24 +441,27 @@ def _process_block(block, bname, i, propagate, comp, plan, hidden, records, dev,
         key, args, kwargs = records[j][i]
         return _call_block(block, key, hidden[j].to(dev), _to(args, dev, memo), _to(kwargs, dev, memo))
 
-    if mine:
-        # Pass 1: the full-precision block on its (already quantized-upstream) inputs -> Hessians.
-        accs = {n: _make_accumulator(lin.in_features, dev) for n, (lin, _) in mine.items()}
-        rows = {n: 0 for n in mine}
+    stages = _stages(run, mine) if (mine and true_sequential) else ([list(mine)] if mine else [])
+    for stage in stages:
+        # Pass 1: the block on its (already quantized-upstream) inputs -> Hessians of this stage's linears (the
+        # earlier stages of the block already quantized when true_sequential, else the full-precision block).
+        accs = {n: _make_accumulator(mine[n][0].in_features, dev) for n in stage}
+        rows = {n: 0 for n in stage}
         hooks = []
-        for n, (lin, _) in mine.items():
+        for n in stage:
             def hook(mod, inp, out, n=n):
                 x = inp[0].detach()
                 rows[n] += x.numel() // x.shape[-1]
                 accs[n].add_batch(x)
-            hooks.append(lin.register_forward_hook(hook))
+            hooks.append(mine[n][0].register_forward_hook(hook))
         try:
             for j in range(len(hidden)):
                 run(j, {})
         finally:
             for h in hooks:
                 h.remove()
-        for n, (lin, (lcfg, g)) in mine.items():
+        for n in stage:
+            lin, (lcfg, g) = mine[n]
             bar.set_postfix_str(n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] if "." in n else n)
             _quantize_linear(model, cname, n, lin, lcfg, g, accs[n], rows[n], report)
             del accs[n]

@@ -11,8 +11,10 @@ Per layer ``W`` ``[N, K]`` with Hessian ``H``:
    around the rounded fit, the ones whose expanded levels (exactly what the kernels read) give the smallest
    weighted error. Codes are the nearest of those levels.
 
-Bits: ``b + E * t / g + 2 * 16 / K`` per weight (E = 2 for ``grid``, ``2**b`` for ``entries``; fp16 grids), e.g.
-2-bit g16 grid t4: 2.5 + 0.06 on 576-wide rows; 2-bit g16 entries t4: 3.0 + 0.06; 4-bit g32 grid t4: 4.25 + 0.06.
+Bits: ``b + E * t / g + 2 * 16 / K`` per weight (E = 2 for ``grid``, ``2**b`` for ``entries``; fp16 grids; t = 6
+packs 5 fields per 32-bit word, so 6.4 bits per field, rounded up to whole words per row), e.g. 2-bit g16 grid t4:
+2.5 + 0.06 on 576-wide rows; 2-bit g16 entries t4: 3.0 + 0.06; 4-bit g32 grid t4: 4.25 + 0.06; 4-bit g32 grid t6
+(Q4_K's 6-bit scales and mins): 4.44 + 0.06 at K = 576, 4.42 + 0.02 at K = 1536.
 ``table_bits = 0`` keeps float tables (version 1) with the same fitting.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ...formats import QuantizedSegment, QuantizedWeight
 from ..base import Method, MethodConfig, register_method
 from ..hessian import prepare_hessian
 from . import _tablefit as tf
+from ._refit import refit_fields
 from ._common import bits_info, check_choice, check_config, check_k, check_percdamp, gptq_columns, rounded
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -37,10 +40,12 @@ class GTQConfig(MethodConfig):
     """GTQ options. ``bits`` 1, 2 (lut) or 4 (affine); ``group_size`` 16 (2 and 4 bits) to 256.
 
     ``form``: ``"grid"`` (uniform levels ``c * scale - min`` per group) or ``"entries"`` (any ``2**bits`` levels
-    per group, lut only). ``table_bits``: 4 or 8 (compressed tables), 0 (float tables). ``weighted``: fit tables
+    per group, lut only). ``table_bits``: 4, 6 or 8 (compressed tables), 0 (float tables). ``weighted``: fit tables
     to the Hessian-diagonal-weighted error (True) or the plain one. ``compensate``: GPTQ error compensation
     (True) or round-to-nearest on the fitted tables. ``percdamp`` / ``blocksize`` as GPTQ; ``act_order``: code
     the columns in decreasing ``H_kk`` order, groups formed in that order (stored as ``perm``: 32 / N bits more).
+    ``refit`` (compressed tables only): once every code is known, refit all the row's tables to the full-Hessian
+    output error and round them with compensation (:mod:`._refit`); a row keeps them only if its error drops.
     ``table_dtype``
     (``"float16"``, ``"bfloat16"``, ``"float32"`` or None = the layer's dtype): the precision the tables are
     rounded to; a narrower one than the layer's is only allowed in an fp32 layer (it then stores them exactly),
@@ -55,6 +60,7 @@ class GTQConfig(MethodConfig):
     percdamp: float = 0.01
     blocksize: int = 128
     act_order: bool = False
+    refit: bool = False
     table_dtype: Optional[str] = None     # round tables to this ("float16" ...) in an fp32 layer; None: the layer's
     layer_name: Optional[str] = None
 
@@ -108,12 +114,17 @@ def gtq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GTQConfig) -> QuantizedW
         return lv, (lambda col_w, lv=lv: tf.nearest(col_w[:, None], lv)[:, 0])
 
     codes, loss = gptq_columns(Wc, U if cfg.compensate else None, g, cfg.blocksize, new_group)
+    extra = {}
+    if cfg.refit:
+        fields, e0, e1 = refit_fields(W, H, codes, fields, tgrid, kind, form, bits, g, tb)
+        extra = {"refit_gain": float(1 - e1.sum() / e0.sum().clamp_min(1e-30)),
+                 "refit_rows": float((e1 < e0).float().mean())}
     if tb:
         seg = QuantizedSegment.compressed(bits, kind, form, codes, fields, tgrid, tb)
     else:
         seg = _float_segment(kind, form, bits, codes, floats, dtype)   # from_quantized casts: exact
     qw = QuantizedWeight([seg], g, perm=None if perm is None else perm.to(torch.int32))
-    qw.info.update(method="gtq", form=form, table_bits=tb, gptq_loss=loss, **hinfo, **bits_info(qw, dtype))
+    qw.info.update(method="gtq", form=form, table_bits=tb, gptq_loss=loss, **extra, **hinfo, **bits_info(qw, dtype))
     return qw
 
 
@@ -151,12 +162,15 @@ class GTQ(Method):
         check_choice(c.form, "form", ("grid", "entries") if c.bits in (1, 2) else ("grid",))
         tables.check_table_bits(c.table_bits)
         check_choice(c.table_dtype, "table_dtype", (None, *_DTYPES))
-        for name in ("weighted", "compensate", "act_order"):
+        for name in ("weighted", "compensate", "act_order", "refit"):
             if not isinstance(getattr(c, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
         if not isinstance(c.blocksize, int) or isinstance(c.blocksize, bool) or c.blocksize <= 0:
             raise ValueError(f"blocksize must be a positive int, got {c.blocksize!r}")
         check_percdamp(c.percdamp)
+        if c.refit and not c.table_bits:
+            raise ValueError(f"refit needs compressed tables (table_bits one of {tables.TABLE_BITS[1:]}), "
+                             f"got table_bits={c.table_bits!r}")
 
     def _quantize(self, W: torch.Tensor, H: Optional[torch.Tensor]) -> QuantizedWeight:
         return gtq_quantize(W, H, self.config)
