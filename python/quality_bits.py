@@ -27,7 +27,8 @@ PEERS = [("IQ2_XXS", 2.06, 412), ("IQ2_XS", 2.31, 140), ("Q2_K", 2.63, 62), ("IQ
          ("Q3_K", 3.44, 26.8), ("Q4_0 + imatrix", 4.5, 22.7), ("IQ4_NL", 4.5, 22.5)]
 
 FP16 = {"table_dtype": "float16"}
-# name -> (bits, group size, options, overrides {layer regex: {"bits", "group_size", "options"}}, target)
+# name -> (bits, group size, options, overrides {layer regex: {"bits", "group_size", "options"}}, target[, run]);
+# run: settings of that row that override the command line ({"n_calib": ...})
 ROWS = {
     "1.5": (1, 32, {"form": "entries", "table_bits": 8, **FP16}, {},
             "< 6.5e3 at <= 1.75 bits (10x below Bi-VLM's 6.5e4)"),
@@ -39,7 +40,8 @@ ROWS = {
     "3.0": (2, 16, {"form": "grid", "table_bits": 4, **FP16},
             {r"mlp\.down_proj$": {"bits": 4, "group_size": 32, "options": {"form": "grid", "table_bits": 4, **FP16}}},
             "< 40.8 at <= 3.06 bits (IQ3_XXS)"),
-    "4.5": (4, 32, {"form": "grid", "table_bits": 6, **FP16}, {}, "< 22.5 at <= 4.5 bits (IQ4_NL)"),
+    "4.5": (4, 32, {"form": "grid", "table_bits": 6, **FP16}, {}, "< 22.5 at <= 4.5 bits (IQ4_NL)",
+            {"n_calib": 128}),
 }
 
 
@@ -50,10 +52,11 @@ def run_row(name, seed, args, ref, proc):
     from bivlm_kernels import evaluation
     from bivlm_kernels.models import testbed
     from bivlm_kernels.quant import ComponentConfig, QuantConfig, quantize_model
-    bits, g, opts, over, _ = ROWS[name]
+    bits, g, opts, over = ROWS[name][:4]
+    n_calib = _run_settings(name).get("n_calib", args.n_calib)
     torch.manual_seed(seed)
     model = copy.deepcopy(ref)                  # the fp32 testbed, built once per script run
-    calib = testbed.calibration_data(proc, args.n_calib, mix=args.mix, seed=seed)
+    calib = testbed.calibration_data(proc, n_calib, mix=args.mix, seed=seed)
     cfg = QuantConfig(language=ComponentConfig("gtq", bits=bits, group_size=g, options=dict(opts)),
                       overrides={k: dict(v, options=dict(v.get("options", {})), method="gtq")
                                  for k, v in over.items()})
@@ -65,7 +68,11 @@ def run_row(name, seed, args, ref, proc):
     b = evaluation.bits_summary(model)
     assert b["quantized_layers"] == {"lm": 210}, b["quantized_layers"]
     return {"row": name, "seed": seed, "bits16": b["quantized_bpw_fp16"], "ppl": ppl, "vqa": acc,
-            "quant_s": t_q, "n_calib": args.n_calib}
+            "quant_s": t_q, "n_calib": n_calib}
+
+
+def _run_settings(name):
+    return ROWS[name][5] if len(ROWS[name]) > 5 else {}
 
 
 def summary(vals, fmt):
@@ -95,7 +102,7 @@ def write(results, args, final):
         rs = [r for r in results if r["row"] == name]
         if not rs:
             continue
-        bits, g, opts, over, target = ROWS[name]
+        bits, g, opts, over, target = ROWS[name][:5]
         conf = f"{bits}-bit g{g} {opts.get('form')} t{opts.get('table_bits')}"
         for pat, o in over.items():
             conf += f"; `{pat}`: {o['bits']}-bit g{o['group_size']}".replace("|", "\\|")   # a table cell
@@ -157,7 +164,7 @@ def main():
     p.add_argument("--rows", default="all", help=f"comma-separated names of {list(ROWS)} or 'all'")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--limit", type=int, default=200, help="easy-VQA questions (0: skip)")
-    p.add_argument("--n-calib", type=int, default=32)
+    p.add_argument("--n-calib", type=int, default=32, help="calibration samples (a row may set its own)")
     p.add_argument("--mix", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None)
