@@ -28,7 +28,8 @@ PEERS = [("IQ2_XXS", 2.06, 412), ("IQ2_XS", 2.31, 140), ("Q2_K", 2.63, 62), ("IQ
 
 FP16 = {"table_dtype": "float16"}
 # name -> (bits, group size, options, overrides {layer regex: {"bits", "group_size", "options"}}, target[, run]);
-# run: settings of that row that override the command line ({"n_calib": ...})
+# run: settings of that row that override the command line ({"n_calib": ...}), or {"component": "vision"}: quantize
+# the vision tower (72 linears, DINOv2-S) instead of the language model (no llama.cpp peer: target None)
 ROWS = {
     "1.5": (1, 32, {"form": "entries", "table_bits": 8, **FP16}, {},
             "< 6.5e3 at <= 1.75 bits (10x below Bi-VLM's 6.5e4)"),
@@ -42,6 +43,8 @@ ROWS = {
             "< 40.8 at <= 3.06 bits (IQ3_XXS)"),
     "4.5": (4, 32, {"form": "grid", "table_bits": 6, **FP16}, {}, "< 22.5 at <= 4.5 bits (IQ4_NL)",
             {"n_calib": 128}),
+    "v1.5": (1, 32, {"form": "entries", "table_bits": 8, **FP16}, {}, None, {"component": "vision", "n_calib": 128}),
+    "v2.6": (2, 16, {"form": "grid", "table_bits": 4, **FP16}, {}, None, {"component": "vision", "n_calib": 128}),
 }
 
 
@@ -57,7 +60,8 @@ def run_row(name, seed, args, ref, proc):
     torch.manual_seed(seed)
     model = copy.deepcopy(ref)                  # the fp32 testbed, built once per script run
     calib = testbed.calibration_data(proc, n_calib, mix=args.mix, seed=seed)
-    cfg = QuantConfig(language=ComponentConfig("gtq", bits=bits, group_size=g, options=dict(opts)),
+    comp = _run_settings(name).get("component", "language")
+    cfg = QuantConfig(**{"language": None, comp: ComponentConfig("gtq", bits=bits, group_size=g, options=dict(opts))},
                       overrides={k: dict(v, options=dict(v.get("options", {})), method="gtq")
                                  for k, v in over.items()})
     t0 = time.time()
@@ -66,13 +70,17 @@ def run_row(name, seed, args, ref, proc):
     ppl = evaluation.perplexity(model, proc.tokenizer)["perplexity"]
     acc = evaluation.vqa_accuracy(model, proc, limit=args.limit)["accuracy"] if args.limit else float("nan")
     b = evaluation.bits_summary(model)
-    assert b["quantized_layers"] == {"lm": 210}, b["quantized_layers"]
+    assert b["quantized_layers"] == ({"lm": 210} if comp == "language" else {"vision": 72}), b["quantized_layers"]
     return {"row": name, "seed": seed, "bits16": b["quantized_bpw_fp16"], "ppl": ppl, "vqa": acc,
             "quant_s": t_q, "n_calib": n_calib}
 
 
 def _run_settings(name):
     return ROWS[name][5] if len(ROWS[name]) > 5 else {}
+
+
+def _ppl(v):
+    return f"{v:.2f}" if v < 100 else f"{v:.1f}"
 
 
 def summary(vals, fmt):
@@ -111,11 +119,15 @@ def write(results, args, final):
         calib = sorted({r.get("n_calib", 32) for r in rs})        # records before n_calib was kept: 32
         if calib != [32]:
             conf += f", {'/'.join(map(str, calib))} calibration samples"
+        if _run_settings(name).get("component") == "vision":
+            conf += "; vision tower only"
         ppls, b = [r["ppl"] for r in rs], max(r["bits16"] for r in rs)
-        lim_b, lim_p = _target(target)
-        met = "yes" if b <= lim_b and max(ppls) < lim_p else "no"
-        lines.append(f"| {name} | {conf} | {b:.3f} | {summary(ppls, lambda v: f'{v:.1f}')} | "
-                     f"{summary([r['vqa'] for r in rs], lambda v: f'{100 * v:.1f}%')} | {target} | {met} |")
+        met = "–"
+        if target is not None:
+            lim_b, lim_p = _target(target)
+            met = "yes" if b <= lim_b and max(ppls) < lim_p else "no"
+        lines.append(f"| {name} | {conf} | {b:.3f} | {summary(ppls, _ppl)} | "
+                     f"{summary([r['vqa'] for r in rs], lambda v: f'{100 * v:.1f}%')} | {target or '–'} | {met} |")
     lines += ["", "llama.cpp on the same model and text, as fixed reference points (source: the project's PEERS.md "
               "and issue 19, which give no measurement date; read 2026-12-01. llama.cpp commit 0c1e570 from the "
               "llama-cpp-python 0.3.36 source package, every matrix quantized \"flat\" in 256-weight runs with an "
