@@ -67,16 +67,28 @@ def run_row(name, seed, args, ref, proc):
     t0 = time.time()
     model, _ = quantize_model(model, cfg, calib, progress=False)
     t_q = time.time() - t0
-    ppl = evaluation.perplexity(model, proc.tokenizer)["perplexity"]
+    ev = evaluation.perplexity(model, proc.tokenizer, max_tokens=args.ppl_tokens)
+    ppl = ev["perplexity"]
     acc = evaluation.vqa_accuracy(model, proc, limit=args.limit)["accuracy"] if args.limit else float("nan")
     b = evaluation.bits_summary(model)
     assert b["quantized_layers"] == ({"lm": 210} if comp == "language" else {"vision": 72}), b["quantized_layers"]
     return {"row": name, "seed": seed, "bits16": b["quantized_bpw_fp16"], "ppl": ppl, "vqa": acc,
-            "quant_s": t_q, "n_calib": n_calib}
+            "quant_s": t_q, "n_calib": n_calib, "ppl_tokens": ev["tokens"]}
 
 
 def _run_settings(name):
     return ROWS[name][5] if len(ROWS[name]) > 5 else {}
+
+
+_FP32_PPL = {1022: 21.06, 6643: 22.47}     # the fp32 testbed on the first 1,024 tokens / the whole eval text
+
+
+def _tokens(results):
+    """Predicted tokens of the perplexity (records before ``ppl_tokens`` was kept used the whole text: 6,643)."""
+    n = sorted({r.get("ppl_tokens", 6643) for r in results})
+    if len(n) != 1:
+        raise ValueError(f"these runs measured perplexity on different token counts {n}: not one table")
+    return n[0]
 
 
 def _ppl(v):
@@ -99,7 +111,8 @@ def write(results, args, final):
              f"{sorted({r['seed'] for r in results})} (min – max in brackets).",
              "- Honest bits: every buffer but the bias of the 210 LM linears, with the tables and grids in fp16 "
              "(they are rounded to fp16 by `table_dtype='float16'`), size-weighted.",
-             f"- Perplexity: the README's GPL-3.0 text (1,022 tokens; fp32: 21.06). easy-VQA: first {args.limit} "
+             f"- Perplexity: the first {_tokens(results)} predicted tokens of the README's GPL-3.0 text (fp32: "
+             f"{_FP32_PPL.get(_tokens(results), '?')}), as for the llama.cpp rows. easy-VQA: first {args.limit} "
              f"test questions (fp32: 76.0 %). 32 calibration samples (unless the row says otherwise), mix "
              f"{args.mix}.", ""]
     if not final:
@@ -178,6 +191,9 @@ def main():
     p.add_argument("--limit", type=int, default=200, help="easy-VQA questions (0: skip)")
     p.add_argument("--n-calib", type=int, default=32, help="calibration samples (a row may set its own)")
     p.add_argument("--mix", type=float, default=0.5)
+    p.add_argument("--ppl-tokens", type=int, default=1024,
+                   help="perplexity on the first this many tokens of the eval text (1024: the README's and the "
+                        "llama.cpp peers' 1,022 predicted tokens)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--from", dest="parts", nargs="+", default=None,
