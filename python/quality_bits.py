@@ -109,7 +109,8 @@ def write(results, args, final):
              f"{_cpu_model()}; torch threads as in the commands at the end). Method "
              f"`gtq` (bivlm_kernels/quant/methods/gtq.py); each row is the median over calibration seeds "
              f"{sorted({r['seed'] for r in results})} (min – max in brackets).",
-             "- Honest bits: every buffer but the bias of the 210 LM linears, with the tables and grids in fp16 "
+             "- Honest bits: every buffer but the bias of the quantized linears (the 210 LM linears; the 72 vision "
+             "linears in the `v` rows, whose perplexity is the fp32 LM's), with the tables and grids in fp16 "
              "(they are rounded to fp16 by `table_dtype='float16'`), size-weighted.",
              f"- Perplexity: the first {_tokens(results)} predicted tokens of the README's GPL-3.0 text (fp32: "
              f"{_FP32_PPL.get(_tokens(results), '?')}), as for the llama.cpp rows. easy-VQA: first {args.limit} "
