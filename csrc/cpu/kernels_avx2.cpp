@@ -237,6 +237,19 @@ void block_t(const Segment& s, const Activations& a, int64_t n, int64_t i0, floa
   const float* xr[MT];
   for (int t = 0; t < MT; ++t) xr[t] = a.xt + (i0 + t) * a.ldx + a.col;
   const __m256i m15 = _mm256_set1_epi32(15);
+  // Software prefetch of the next block's rows (n + R ..), at the place this block reads: at K = 4096 a row of
+  // 2-bit codes is 1 KiB (16 lines), too short a stream for the hardware prefetcher to ramp up before it ends, and
+  // a call streams every row once from DRAM. Rows past N are not prefetched.
+  const int64_t tab_row = groups * (AFF ? 1 : (1 << BITS)) * (s.dtype == DType::kFloat ? 4 : 2);   // table bytes
+  const char* pq[R];
+  const char* pt[R];
+  int npf = 0;
+  for (int r = 0; r < R; ++r) {
+    if (n + R + r < s.n) {
+      pq[npf] = reinterpret_cast<const char*>(q[r] + R * wpr);
+      pt[npf++] = static_cast<const char*>(s.table0) + (n + R + r) * tab_row;
+    }
+  }
   __m256 acc[R][MT], gacc[R][MT];
   float zacc[R][MT];
   for (int r = 0; r < R; ++r)
@@ -247,7 +260,14 @@ void block_t(const Segment& s, const Activations& a, int64_t n, int64_t i0, floa
       cb[r] = AFF ? _mm256_setzero_ps() : load_codebook<BITS == 4 ? 2 : BITS>(s, (n + r) * groups + gi);
       for (int t = 0; t < MT; ++t) gacc[r][t] = _mm256_setzero_ps();
     }
+    for (int i = 0; i < npf; ++i) {          // the group's table bytes of the next rows (64 B covers >= 1 group)
+      _mm_prefetch(pt[i] + gi * (tab_row / groups), _MM_HINT_T0);
+      if (AFF) _mm_prefetch(static_cast<const char*>(s.table1) + (pt[i] - static_cast<const char*>(s.table0)) +
+                            gi * (tab_row / groups), _MM_HINT_T0);
+    }
     for (int64_t c = gi * cpg; c < (gi + 1) * cpg; ++c) {
+      if ((c & 1) == 0)                       // 2 chunks of 8 words = one 64-byte line per row
+        for (int i = 0; i < npf; ++i) _mm_prefetch(pq[i] + 32 * c, _MM_HINT_T0);
       __m256i v[R];
       for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + 8 * c));
 #pragma GCC unroll 16
