@@ -104,6 +104,7 @@ def summary(vals, fmt):
 def write(results, args, final):
     import torch
     import transformers
+    tokens = _tokens(results)
     lines = ["# Quality per honest bit: testbed LM, fp16 tables, against llama.cpp\n",
              f"- torch {torch.__version__}, transformers {transformers.__version__}, CPU ({platform.machine()}, "
              f"{_cpu_model()}; torch threads as in the commands at the end). Method "
@@ -112,10 +113,10 @@ def write(results, args, final):
              "- Honest bits: every buffer but the bias of the quantized linears (the 210 LM linears; the 72 vision "
              "linears in the `v` rows, whose perplexity is the fp32 LM's), with the tables and grids in fp16 "
              "(they are rounded to fp16 by `table_dtype='float16'`), size-weighted.",
-             f"- Perplexity: the first {_tokens(results)} predicted tokens of the README's GPL-3.0 text (fp32: "
-             f"{_FP32_PPL.get(_tokens(results), '?')}), as for the llama.cpp rows. easy-VQA: first {args.limit} "
-             f"test questions (fp32: 76.0 %). 32 calibration samples (unless the row says otherwise), mix "
-             f"{args.mix}.", ""]
+             f"- Perplexity: the first {tokens} predicted tokens of the README's GPL-3.0 text (fp32: "
+             f"{_FP32_PPL.get(tokens, '?')}), as for the llama.cpp rows. easy-VQA: first {args.limit} "
+             f"test questions (fp32: 76.0 %). {args.n_calib} calibration samples (unless the row says otherwise), "
+             f"mix {args.mix}.", ""]
     if not final:
         lines.insert(1, "**Partial: the run was still going when this was written.**\n")
     lines += ["| row | configuration | honest bits | perplexity | easy-VQA | target | met |",
@@ -131,7 +132,7 @@ def write(results, args, final):
         if opts.get("act_order"):
             conf += ", act_order"
         calib = sorted({r.get("n_calib", 32) for r in rs})        # records before n_calib was kept: 32
-        if calib != [32]:
+        if calib != [args.n_calib]:
             conf += f", {'/'.join(map(str, calib))} calibration samples"
         if _run_settings(name).get("component") == "vision":
             conf += "; vision tower only"

@@ -441,7 +441,7 @@ def _process_block(block, bname, i, propagate, comp, plan, hidden, records, dev,
         key, args, kwargs = records[j][i]
         return _call_block(block, key, hidden[j].to(dev), _to(args, dev, memo), _to(kwargs, dev, memo))
 
-    stages = _stages(run, mine) if (mine and true_sequential) else ([list(mine)] if mine else [])
+    stages = [] if not mine else _stages(run, mine) if true_sequential else [list(mine)]
     for stage in stages:
         # Pass 1: the block on its (already quantized-upstream) inputs -> Hessians of this stage's linears (the
         # earlier stages of the block already quantized when true_sequential, else the full-precision block).

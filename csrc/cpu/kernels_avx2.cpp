@@ -240,14 +240,16 @@ void block_t(const Segment& s, const Activations& a, int64_t n, int64_t i0, floa
   // Software prefetch of the next block's rows (n + R ..), at the place this block reads: at K = 4096 a row of
   // 2-bit codes is 1 KiB (16 lines), too short a stream for the hardware prefetcher to ramp up before it ends, and
   // a call streams every row once from DRAM. Rows past N are not prefetched.
-  const int64_t tab_row = groups * (AFF ? 1 : (1 << BITS)) * (s.dtype == DType::kFloat ? 4 : 2);   // table bytes
+  const int64_t tab_group = (AFF ? 1 : (1 << BITS)) * (s.dtype == DType::kFloat ? 4 : 2);   // table bytes/group
+  const char* const t0 = static_cast<const char*>(s.table0);
+  const char* const t1 = static_cast<const char*>(s.table1);   // affine zeros (same layout), else unused
   const char* pq[R];
-  const char* pt[R];
+  int64_t pt[R];                                               // byte offset of the next row's tables
   int npf = 0;
   for (int r = 0; r < R; ++r) {
     if (n + R + r < s.n) {
       pq[npf] = reinterpret_cast<const char*>(q[r] + R * wpr);
-      pt[npf++] = static_cast<const char*>(s.table0) + (n + R + r) * tab_row;
+      pt[npf++] = (n + R + r) * groups * tab_group;
     }
   }
   __m256 acc[R][MT], gacc[R][MT];
@@ -261,9 +263,8 @@ void block_t(const Segment& s, const Activations& a, int64_t n, int64_t i0, floa
       for (int t = 0; t < MT; ++t) gacc[r][t] = _mm256_setzero_ps();
     }
     for (int i = 0; i < npf; ++i) {          // the group's table bytes of the next rows (64 B covers >= 1 group)
-      _mm_prefetch(pt[i] + gi * (tab_row / groups), _MM_HINT_T0);
-      if (AFF) _mm_prefetch(static_cast<const char*>(s.table1) + (pt[i] - static_cast<const char*>(s.table0)) +
-                            gi * (tab_row / groups), _MM_HINT_T0);
+      _mm_prefetch(t0 + pt[i] + gi * tab_group, _MM_HINT_T0);
+      if (AFF) _mm_prefetch(t1 + pt[i] + gi * tab_group, _MM_HINT_T0);
     }
     for (int64_t c = gi * cpg; c < (gi + 1) * cpg; ++c) {
       if ((c & 1) == 0)                       // 2 chunks of 8 words = one 64-byte line per row

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ... import tables
-from ...quant.hessian import fix_dead_inputs
+from ..hessian import fix_dead_inputs
+from ._tablefit import levels
 
 
 def _gram_grid(C: torch.Tensor, H: torch.Tensor, hw: torch.Tensor, g: int):
@@ -114,13 +114,7 @@ def refit_fields(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, fields: 
 
 def _exact_error(w, H, c, f, tgrid, kind, form, bits):
     """``(w - w_hat) H (w - w_hat)^T`` per row with ``w_hat`` from the expanded tables (what the kernels read)."""
-    t = tables.expand_fields(kind, form, bits, f, tgrid)
-    R, G = f.shape[:2]
-    cb = c.long().view(R, G, -1)
-    if kind == "lut":
-        wh = t[0].float().gather(2, cb)
-    else:
-        s, z = t[0].float(), t[1].float()
-        wh = (cb.float() - z[..., None]) * s[..., None]
-    d = w - wh.reshape(R, -1)
+    R, G, E = f.shape
+    lv = levels(kind, form, bits, f.reshape(R * G, E), tgrid.repeat_interleave(G, 0))     # [R * G, 2**b]
+    d = w - lv.gather(1, c.long().view(R * G, -1)).view(R, -1)
     return ((d @ H) * d).sum(-1)
