@@ -73,7 +73,9 @@ def interleaved_us(fns: dict, block_s: float, rounds: int = 5) -> dict:
     timers, number = {}, {}
     for name, (fn, _calls) in fns.items():
         fn()                                                  # warm-up (first-call lazy loads)
-        timers[name] = tb.Timer("fn()", globals={"fn": fn})
+        # Timer runs its statement with num_threads threads (default 1, whatever set_num_threads said):
+        # pass the current count, or every "all threads" row silently measures one thread.
+        timers[name] = tb.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         one = timers[name].timeit(1).median
         number[name] = max(1, int(block_s / max(one, 1e-7)))
         if one > 0.5:

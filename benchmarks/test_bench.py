@@ -320,3 +320,18 @@ def test_device_check_refuses_without_gpu(tmp_path):
     r = _device_check({"OUT": str(tmp_path / "o")})
     assert r.returncode == 3 and "no GPU here" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_harness_cpu_timer_keeps_thread_count():
+    """bench_cpu times its "threads = T" rows with T threads: torch.utils.benchmark.Timer defaults to one thread
+    whatever set_num_threads said, which once made every 2-thread row of cpu_kernels*.md a 1-thread one."""
+    import bench_cpu
+    before = torch.get_num_threads()
+    want = 2 if before != 2 else 3
+    seen = []
+    try:
+        torch.set_num_threads(want)
+        bench_cpu.interleaved_us({"probe": (lambda: seen.append(torch.get_num_threads()), 1)}, 1e-4, rounds=2)
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {want}, f"timed with {sorted(set(seen))} threads, asked for {want}"
