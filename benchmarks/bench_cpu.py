@@ -49,15 +49,21 @@ CYCLE_BYTES = 64 << 20
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor() or "unknown", set()
+    model, flags, ids = platform.processor() or "unknown", set(), {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if key == "model name":
+                model = val.strip()
+            elif key in ("cpu family", "model", "cpu MHz") and key not in ids:
+                ids[key] = val.strip()          # "AMD EPYC" alone does not say Zen 1 (family 23 model 1) or Zen 3
+            elif key == "flags":
+                flags = set(val.split())
     except OSError:
         pass
+    if ids:
+        model += " (" + ", ".join(f"{k} {v}" for k, v in ids.items()) + ")"
     want = ("avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_bf16")
     return {"model": model, "cores": os.cpu_count(), "flags": " ".join(f for f in want if f in flags)}
 
