@@ -5,6 +5,8 @@ weight-only CPU kernel (``aten._weight_int4pack_mm_for_cpu``, the in-process pee
     python benchmarks/bench_cpu.py --quick         # 4096x4096 and 576x1536, M in {1, 64}, all threads
     python benchmarks/bench_cpu.py --quick --shapes 4096x4096,11008x4096,576x1536   # the floors' shapes
 
+Each run also writes the table as an SVG bar chart next to it (``plot_cpu.py``).
+
 Per (shape N x K, M, threads): medians in µs per call of ``torch.utils.benchmark`` blocks, all candidates timed
 in turn over 5 rounds (interleaved, so background load hits them alike). At M < 64 every timed statement runs
 several copies of the layer in turn (enough copies for about 64 MiB of weights) and is divided by the number of
@@ -243,6 +245,8 @@ def main(argv=None) -> int:
     for n, k in shapes:
         bench_shape(n, k, ms, threads, block_s, rows, mem_rows)
     write_md(out, rows, mem_rows, info, args, load0, os.getloadavg()[0], time.time() - t0)
+    import plot_cpu                                     # the same table as an SVG bar chart, next to it
+    plot_cpu.main([str(out)])
     return 0
 
 

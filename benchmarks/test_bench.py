@@ -335,3 +335,23 @@ def test_harness_cpu_timer_keeps_thread_count():
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {want}, f"timed with {sorted(set(seen))} threads, asked for {want}"
+
+
+def test_harness_plot_cpu_bars_follow_the_times(tmp_path):
+    """plot_cpu recomputes each bar from the µs columns (dense fp32 / candidate): a 4x-faster layer's bar is 4x
+    as tall as a 1x one's, and the SVG parses."""
+    import re
+    import xml.dom.minidom
+    import plot_cpu
+    head = ("| shape N×K | M | thr | fp32 µs | bf16 µs | torch int4 (bf16 x) µs | Q1 fp32 µs (×fp32) | "
+            "Q2 fp32 µs (×fp32) | Q4 fp32 µs (×fp32) |\n|---|---|---|---|---|---|---|---|---|\n")
+    table = tmp_path / "t.md"
+    table.write_text("# x\n\n" + head + "| 64x64 | 1 | 1 | 400 | 1 | 400 | 100 (9.9x) | 200 (9.9x) | 400 (9.9x) |\n")
+    assert plot_cpu.main([str(table)]) == 0
+    text = table.with_suffix(".svg").read_text()
+    xml.dom.minidom.parseString(text)
+    bars = {t: float(h) for h, t in re.findall(r'height="([0-9.]+)" fill="[^"]+"><title>[^<]*?(1-bit|2-bit|4-bit|torch int4): ', text)}
+    assert set(bars) == {"1-bit", "2-bit", "4-bit", "torch int4"}
+    assert bars["1-bit"] == pytest.approx(4 * bars["4-bit"], rel=1e-2)
+    assert bars["2-bit"] == pytest.approx(2 * bars["4-bit"], rel=1e-2)
+    assert bars["torch int4"] == pytest.approx(bars["4-bit"], rel=1e-2)
