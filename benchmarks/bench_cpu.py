@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import RESULTS_DIR, command_line, fmt, git_info, md_table  # noqa: E402
+import plot_cpu  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -245,8 +246,7 @@ def main(argv=None) -> int:
     for n, k in shapes:
         bench_shape(n, k, ms, threads, block_s, rows, mem_rows)
     write_md(out, rows, mem_rows, info, args, load0, os.getloadavg()[0], time.time() - t0)
-    import plot_cpu                                     # the same table as an SVG bar chart, next to it
-    plot_cpu.main([str(out)])
+    plot_cpu.main([str(out)])                           # the same table as an SVG bar chart, next to it
     return 0
 
 

@@ -350,7 +350,8 @@ def test_harness_plot_cpu_bars_follow_the_times(tmp_path):
     assert plot_cpu.main([str(table)]) == 0
     text = table.with_suffix(".svg").read_text()
     xml.dom.minidom.parseString(text)
-    bars = {t: float(h) for h, t in re.findall(r'height="([0-9.]+)" fill="[^"]+"><title>[^<]*?(1-bit|2-bit|4-bit|torch int4): ', text)}
+    bar = r'height="([0-9.]+)" fill="[^"]+"><title>[^<]*?(1-bit|2-bit|4-bit|torch int4): '
+    bars = {t: float(h) for h, t in re.findall(bar, text)}
     assert set(bars) == {"1-bit", "2-bit", "4-bit", "torch int4"}
     assert bars["1-bit"] == pytest.approx(4 * bars["4-bit"], rel=1e-2)
     assert bars["2-bit"] == pytest.approx(2 * bars["4-bit"], rel=1e-2)
