@@ -232,8 +232,8 @@ def classify_region(body: List[Instr]) -> str:
     """What a block jumped over by a forward branch holds: 'prefetch', 'compute', 'reload' or 'other'."""
     if any(is_weight_load(i) for i in body):
         return "prefetch"
-    if any(i.base == "LDS" for i in body) and any(i.base == "FFMA" for i in body):
-        return "epilogue"     # the tensor-core GEMV's slot-block epilogue (reads S, SQ from shared memory)
+    if any(i.base == "FFMA" for i in body) and not any(i.base in ("HMMA", "HGMMA", "IMMA") for i in body):
+        return "epilogue"     # the tensor-core GEMVs' slot-block epilogue (FFMAs into y, no mma)
     if any(i.base in FMA_OPS for i in body):
         return "compute"
     if any(i.base in ("LDG", "LD", "LDS", "LDC") for i in body):
@@ -316,27 +316,30 @@ def _run(cmd: List[str], **kw) -> subprocess.CompletedProcess:
 _GEMV = re.compile(r"gemv_kernelI(6__half|13__nv_bfloat16|f)Li(\d+)ELi(\d+)ELi(\d+)E")
 _DT = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}
 _TC = re.compile(r"gemv_tc_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)ELi(\d+)E")     # <T, BITS, MT, G>
+_TC1 = re.compile(r"gemv_tc_b1_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)E")           # <T, MT, G>
 _TC2 = re.compile(r"gemv_tc_b2_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)E")           # <T, MT, G>
 
 
-def tc_shape(mt: int) -> Tuple[int, int, int]:
-    """(n8 tiles, group slots S, m16 tiles per warp R) of gemv_tc_b1_kernel for bucket MT (gemv_tc.cuh TcShape)."""
-    return (2 if mt > 8 else 1), (1 if mt >= 8 else 8 // mt), (2 if mt > 8 else 4)
+def tc_shape(mt: int, bits: int) -> Tuple[int, int, int]:
+    """(n8 tiles, group slots S, m16 tiles per warp R) of the slot-block kernels for bucket MT: 1 bit
+    gemv_tc_b1_kernel (gemv_tc1.cuh Tc1Shape), 4 bits gemv_tc_kernel (gemv_tc.cuh TcShape)."""
+    return (2 if mt > 8 else 1), (1 if mt >= 8 else 8 // mt), (2 if mt > 8 and bits == 4 else 4)
 
 
-def tc_rows(name: str, m, instrs, props, arch: int, two_bit: bool = False) -> List[dict]:
+def tc_rows(name: str, m, instrs, props, arch: int, fixed_bits: int = 0) -> List[dict]:
     """One row for a tensor-core instantiation (g is a template argument). Each iteration of its loop decodes the
     streaming loads' 128 / bits weights per 16 bytes. The 1/4-bit kernel's slot-block epilogue (the forward-branch
     blocks that read S from shared memory) runs (chunks per iteration) x (256 / bits) / (S g) times per iteration,
     whatever the number of copies the unrolling made; ``static`` counts every copy once. The 2-bit kernel has no
     epilogue (executed = static)."""
-    if two_bit:
-        dt, bits, mt, g = _DT[m.group(1)], 2, int(m.group(2)), int(m.group(3))
+    two_bit = fixed_bits == 2
+    if fixed_bits:
+        dt, bits, mt, g = _DT[m.group(1)], fixed_bits, int(m.group(2)), int(m.group(3))
     else:
         dt, bits, mt, g = _DT[m.group(1)], int(m.group(2)), int(m.group(3)), int(m.group(4))
     st = loop_stats(instrs)
     p = props.get(name, {})
-    nt, slots, r_tiles = tc_shape(mt)
+    nt, slots, r_tiles = tc_shape(mt, bits)
     if two_bit:
         r_tiles, slots = 4, 1
     wpi = st["weight_bytes"] * 8 // bits if st else 0
@@ -445,9 +448,13 @@ def measure_cubin(cubin: str, ptxas_log: str, cuobjdump: str, arch: int) -> Tupl
         if tc:
             rows += tc_rows(name, tc, instrs, props, arch)
             continue
+        tc1 = _TC1.search(name)
+        if tc1:
+            rows += tc_rows(name, tc1, instrs, props, arch, fixed_bits=1)
+            continue
         tc2 = _TC2.search(name)
         if tc2:
-            rows += tc_rows(name, tc2, instrs, props, arch, two_bit=True)
+            rows += tc_rows(name, tc2, instrs, props, arch, fixed_bits=2)
             continue
         m = _GEMV.search(name)
         if not m:

@@ -73,8 +73,8 @@ def repack_tc(qweight, codebook, k: int, group_size: int):
     return (repack_tc1 if codebook.shape[-1] == 2 else repack_tc2)(qweight, codebook, k, group_size)
 
 
-def unrepack_tc(qtc, table, n: int, k: int, group_size: int):
-    return (unrepack_tc1 if table.shape[-1] == 2 else unrepack_tc2)(qtc, table, n, k, group_size)
+def unrepack_tc(qtc, table, n: int, k: int, group_size: int, bits: int):
+    return (unrepack_tc1 if bits == 1 else unrepack_tc2)(qtc, table, n, k, group_size)
 
 
 def repack_tables(bits: int, qweight, tables, k: int, group_size: int):
@@ -84,22 +84,48 @@ def repack_tables(bits: int, qweight, tables, k: int, group_size: int):
     return repack_tc(qweight, tables[0], k, group_size)
 
 
+# The decode plan of csrc/gemv_tc1.cuh (Tc1Plan): version u of a word and bit position p (lo half p, hi half
+# p + 16) of A register reg = 2 j + r of step i (i = 0..3 of the word). Versions: fp16 q, q << 3, q << 8,
+# rotl(q, 11); bf16 q << 2u.
+def _tc1_ver(bf16: bool, i: int, reg: int) -> int:
+    if bf16:
+        return 2 * (i & 1) + (reg & 1)
+    return ((3 if reg & 1 else 1), reg & 1, reg, 2 + (reg & 1))[i]
+
+
+def _tc1_pos(bf16: bool, i: int, j: int) -> int:
+    if bf16:
+        return 14 + j if i < 2 else 7 - j
+    return (14 + j, 8 + j, 8 if j else 10, 9 + j)[i]
+
+
+def _tc1_source_bit(bf16: bool, u: int, b: int) -> int:
+    """The bit of the stored word that lands at bit b of version u."""
+    if bf16:
+        return b - 2 * u
+    return (b, b - 3, b - 8, (b - 11) % 32)[u]
+
+
 @functools.lru_cache(maxsize=None)
-def _bit_map() -> Tuple[torch.Tensor, torch.Tensor]:
-    """(row in tile, column in chunk) of every (lane, word, bit) of a (tile, chunk): two int64 [32, 4, 32]."""
-    row = torch.empty(32, 4, 32, dtype=torch.int64)
-    col = torch.empty(32, 4, 32, dtype=torch.int64)
+def _bit_map(bf16: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(row in tile, column in chunk) of every (lane, word, bit) of a tc1 (tile, chunk): two int64 [32, 4, 32]."""
+    row = torch.full((32, 4, 32), -1, dtype=torch.int64)
+    col = torch.full((32, 4, 32), -1, dtype=torch.int64)
     for lane in range(32):
         gid, t = lane >> 2, lane & 3
         for w in range(4):
             for i in range(4):
                 s = 4 * w + i
                 kbase = 32 * (s // 2) + 8 * t + 4 * (s % 2)
-                for r in range(2):
-                    j = 2 * i + r
-                    for bit, off in ((14 - 2 * j, 0), (30 - 2 * j, 1), (15 - 2 * j, 2), (31 - 2 * j, 3)):
+                for reg in range(4):
+                    j, r = reg >> 1, reg & 1
+                    u, p = _tc1_ver(bf16, i, reg), _tc1_pos(bf16, i, j)
+                    for half in range(2):
+                        bit = _tc1_source_bit(bf16, u, p + 16 * half)
+                        assert 0 <= bit < 32 and row[lane, w, bit] < 0, "the tc1 plan must cover each bit once"
                         row[lane, w, bit] = gid + 8 * r
-                        col[lane, w, bit] = kbase + off
+                        col[lane, w, bit] = kbase + 2 * j + half
+    assert (row >= 0).all()
     return row, col
 
 
@@ -161,19 +187,75 @@ def _untile_table(table: torch.Tensor, n: int, groups: int) -> torch.Tensor:
 _ROWS_PER_PASS = 4096   # bounds the temporaries of a repack (a few bytes per weight of one pass)
 
 
+def _tc1_gt(dtype: torch.dtype) -> int:
+    """Groups per k16 step of the table product: fp16 tables take two bf16 pieces per entry, bf16 one."""
+    return 4 if dtype == torch.float16 else 8
+
+
+@functools.lru_cache(maxsize=None)
+def _table_map(gt: int) -> Tuple[torch.Tensor, ...]:
+    """For the A operand of the table product, [32 lanes, 4 regs, 2 halves]: row in tile, group in step, entry
+    (0: c0, 1: c1), bf16 piece."""
+    shape = (32, 4, 2)
+    row, grp, ent, piece = (torch.empty(shape, dtype=torch.int64) for _ in range(4))
+    for lane in range(32):
+        gid, t = lane >> 2, lane & 3
+        for reg in range(4):
+            jj, r = reg >> 1, reg & 1
+            for half in range(2):
+                row[lane, reg, half] = gid + 8 * r
+                if gt == 8:    # virtual k 2t + half (+ 8 jj): group t + 4 jj, entry = half
+                    grp[lane, reg, half], ent[lane, reg, half], piece[lane, reg, half] = t + 4 * jj, half, 0
+                else:          # virtual k 2t + half (+ 8 jj): group t // 2 + 2 jj, entry t % 2, piece = half
+                    grp[lane, reg, half], ent[lane, reg, half], piece[lane, reg, half] = t // 2 + 2 * jj, t % 2, half
+    return row, grp, ent, piece
+
+
 def repack_tc1(qweight: torch.Tensor, codebook: torch.Tensor, k: int, group_size: int):
-    """(qtc int32 [tiles, chunks, 32, 4], table [tiles + 1, tgroups, 8, 2, 2]) of a 1-bit lut weight."""
+    """(qtc int32 [tiles, chunks, 32, 4], table [tiles + 1, tgroups, 8, 2, E]) of a 1-bit lut weight (E = 6 for
+    fp16 codebooks, 4 for bf16; the table's bytes are the layout of the module docstring)."""
     n = qweight.shape[0]
     if codebook.dim() != 3 or codebook.shape[0] != n or codebook.shape[2] != 2 or k % group_size:
         raise ValueError(f"repack_tc1 needs a 1-bit codebook [N, K/g, 2] with K % g == 0; got codebook "
                          f"{tuple(codebook.shape)}, N={n}, K={k}, g={group_size}")
-    qtc = _pack_codes(qweight, 1, k, 256, *_bit_map(), None, 1)
-    return qtc, _tile_table(codebook, tc_tiles(n), tc_table_groups(k, group_size))
+    if codebook.dtype not in TC_DTYPES:
+        raise ValueError(f"repack_tc1 needs a float16 or bfloat16 codebook, got {codebook.dtype}")
+    bf16 = codebook.dtype == torch.bfloat16
+    qtc = _pack_codes(qweight, 1, k, 256, *_bit_map(bf16), None, 1)
+    tiles, tg, gt, dev = tc_tiles(n), tc_table_groups(k, group_size), _tc1_gt(codebook.dtype), codebook.device
+    cb = torch.zeros((tiles + 1) * 16, tg, 2, dtype=codebook.dtype, device=dev)
+    cb[:n, : codebook.shape[1]] = codebook
+    # D = c1 - c0 in fp32: [tile][group pair][gid][group % 2][row half]
+    d = (cb[..., 1].float() - cb[..., 0].float()).view(tiles + 1, 2, 8, tg // 2, 2)     # [T, r, gid, gp, e]
+    d = d.permute(0, 3, 2, 4, 1).reshape(tiles + 1, tg * 16).view(torch.int32)
+    # c0, c1 as bf16 pieces (exact: an fp16 value is hi + lo)
+    hi = cb.to(torch.bfloat16)
+    lo = (cb.float() - hi.float()).to(torch.bfloat16)
+    if not torch.equal(hi.float() + lo.float(), cb.float()):
+        raise ValueError("repack_tc1: a codebook entry is not the sum of two bf16 pieces (inf or nan?)")
+    pieces = torch.stack((hi, lo), dim=-1).view(tiles + 1, 16, tg // gt, gt, 2, 2)      # [T, row, ts, j, e, piece]
+    row, grp, ent, piece = (m.to(dev) for m in _table_map(gt))
+    a = pieces[:, row, :, grp, ent, piece]                       # [32, 4, 2, T, ts]
+    a = a.permute(3, 4, 0, 1, 2).contiguous().view(torch.int32)  # [T, ts, 32, 4] words
+    table = torch.cat((d, a.reshape(tiles + 1, -1)), dim=1).contiguous()
+    e = 6 if gt == 4 else 4
+    return qtc, table.view(codebook.dtype).view(tiles + 1, tg, 8, 2, e)
 
 
 def unrepack_tc1(qtc: torch.Tensor, table: torch.Tensor, n: int, k: int, group_size: int):
-    """The v1 (qweight, codebook) of a tc1 repack: the inverse of :func:`repack_tc1` (tests, the reference)."""
-    return _unpack_codes(qtc, 1, n, k, 256, *_bit_map(), None, 1), _untile_table(table, n, k // group_size)
+    """The v1 (qweight, codebook) of a tc1 repack: the inverse of :func:`repack_tc1` (tests, the reference). The
+    codebook is read back from the table product's pieces."""
+    bf16 = table.dtype == torch.bfloat16
+    gt = _tc1_gt(table.dtype)
+    tiles1, tg = table.shape[0], table.shape[1]
+    words = table.reshape(tiles1, -1).view(torch.int32)[:, tg * 16:]
+    a = words.contiguous().view(torch.bfloat16).view(tiles1, tg // gt, 32, 4, 2)     # [T, ts, lane, reg, half]
+    row, grp, ent, piece = (m.to(table.device) for m in _table_map(gt))
+    pieces = torch.zeros(tiles1, 16, tg // gt, gt, 2, 2, dtype=torch.bfloat16, device=table.device)
+    pieces[:, row, :, grp, ent, piece] = a.permute(2, 3, 4, 0, 1)
+    cb = (pieces[..., 0].float() + pieces[..., 1].float()).to(table.dtype)            # [T, 16, ts, j, e]
+    cb = cb.reshape(tiles1 * 16, tg, 2)[:n, : k // group_size].contiguous()
+    return _unpack_codes(qtc, 1, n, k, 256, *_bit_map(bf16), None, 1), cb
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def reference_tc_linear(x, qtc, table, n, k, bits, group_size, bias=None, out_dt
     if bits == 4:
         qweight, scales, zeros = repack.unrepack_tc4(qtc, table, n, k, group_size)
         return ops.reference_affine_linear(x, qweight, scales, zeros, bits, group_size, bias, out_dtype)
-    qweight, codebook = repack.unrepack_tc(qtc, table, n, k, group_size)
+    qweight, codebook = repack.unrepack_tc(qtc, table, n, k, group_size, bits)
     return ops.reference_lut_linear(x, qweight, codebook, bits, group_size, bias, out_dtype)
 
 

@@ -1,35 +1,26 @@
-// gemv_tc.cuh -- tensor-core decode GEMV for 1-bit lut weights, M = 1 .. 16, on the load-time "tc1" repack.
+// gemv_tc.cuh -- tensor-core decode GEMV for 4-bit affine weights, M = 1 .. 16, on the load-time "tc4" repack;
+// and what the tensor-core kernels share (TcParams, tc_mma, tc_pair, TcShape, the dispatch over dtype x M x g).
 //
-// y[i, n] = sum_k x[i, k] w[n, k] (+ bias[n]),  w[n, k] = c0 + (c1 - c0) b[n, k],  b in {0, 1},  (c0, c1) the
-// codebook of (n, k / g). fp32 accumulation on the tensor cores (mma.sync.m16n8k16, fp16 or bf16 operands).
+// y[i, n] = sum_k x[i, k] w[n, k] (+ bias[n]),  w[n, k] = (c - z) s,  (s, z) the scale and zero of (n, k / g).
+// fp32 accumulation on the tensor cores (mma.sync.m16n8k16, fp16 or bf16 operands).
 //
 // Roles: A (16 x 16) = weights of 16 output rows (an "m16 tile"), decoded in registers; B (16 x 8) = activations.
+// The codes are decoded to exact small integers c (tc4_decode), so per group the tensor cores sum D = sum c x and
 //
-// Decode (the hot loop; see the repack in bivlm_kernels/repack.py for where each bit sits). A fragment register
-// holds two 16-bit values. With q a 32-bit code word shifted left by 2j, one LOP3 gives two weights:
+//     y += s D - s z S,     S_g = sum_(k in g) x
 //
-//     P register  (q << 2j) & 0x40004000              bit 14 / 30 -> 0x4000 = 2.0 or 0:    v = 2b
-//     Q register  ((q << 2j) & 0x80008000) ^ 0xBC00BC00  bit 15 / 31 -> +1 or -1 (fp16):   v = 2b - 1
-//                 (bf16: ^ 0xBF80BF80)
-//
-// so a word feeds 16 registers with 7 shifts + 16 LOP3 (23 instructions per 32 weights). The P registers are
-// the fragment's columns 0..7 (a0, a1), the Q registers columns 8..15 (a2, a3) -- the same for every row, so
-//
-//     D_g = sum_(k in g) v x = 2 P_g - SQ_g,    P_g = sum_(k in g) b x,   SQ_g = sum over the Q columns of x
-//     2 y = sum_g  2 c0_g S_g + 2 (c1 - c0)_g P_g  =  sum_g  c0_g (2 S_g) + (c1 - c0)_g (D_g + SQ_g)
-//
-// S_g and SQ_g depend on x only: the block computes them for its k range into shared memory first (a prologue of
-// ~3 instructions per activation, shared by the block's 64 R rows). The epilogue (3 FP ops per accumulator) runs
-// once per "slot block": for M <= 4 the 8 columns of B are M rows of x x S = 8/M group slots, column n = m * S + slot
-// holding x only where the group of the k step has that slot, so S groups accumulate side by side and one
-// epilogue serves them all (M = 1: every 8 groups).
+// S_g depends on x only: the block computes it for its k range into shared memory first (a prologue of ~3
+// instructions per activation, shared by the block's 64 R rows). The epilogue (2 FFMA per accumulator) runs once
+// per "slot block": for M <= 4 the 8 columns of B are M rows of x x S = 8/M group slots, column n = m * S + slot
+// holding x only where the group of the k step has that slot, so S groups accumulate side by side and one epilogue
+// serves them all (M = 1: every 8 groups).
 //
 //   B columns (M = 1):   n = 0      1      2    ...   7            slot = group % 8
 //                       x(g0)  x(g1)  x(g2)  ...  x(g7)   then the epilogue, then g8 .. g15 ...
 //
 // Work: grid = (tiles / (4 R), splits); a warp owns R m16 tiles (16 R rows) and the k range of its split; each
-// lane loads one 16-byte word group per tile per 256-k chunk (prefetched one chunk ahead), and one 16-byte load
-// of x per row of x per 32 k (shared by all tiles).
+// lane loads one 16-byte word group per tile per 64-k chunk (prefetched one chunk ahead), and one 16-byte load
+// of x per row of x per 32 k (shared by all tiles). The 1-bit kernel (gemv_tc1.cuh) keeps these slots.
 #pragma once
 
 #include <type_traits>
@@ -75,12 +66,12 @@ struct TcParams {
   int m;
   const uint4* q;          // repacked codes [tiles][chunks][32 lanes] x 16 bytes
   const T* tab;            // repacked tables [tiles + 1][tgroups][8][2 rows: g, g + 8][entries]; tile `tiles`
-                           // is zeros (the zero source of the B operand); entries: (c0, c1), 4 (2 bits), (s, z)
+                           // is zeros (the zero source of the B operand); entries: 4 (2 bits), (s, z) (4 bits);
+                           // 1 bit: a byte layout of D and bf16 table pieces (gemv_tc1.cuh)
   int n, k;
   int tiles, chunks, tgroups;
   int chunks_per_split;    // a multiple of the slot block's chunks
-  int sgroups;             // 1 / 4 bits: groups of one split in shared memory (chunks_per_split k / G, rounded
-                           // up to S); 2 bits: 0
+  int sgroups;             // 1 / 4 bits: groups of one split in shared memory (4 bits: rounded up to S); 2: 0
   const T* bias;           // [n] or nullptr
   T* out;                  // [m, n] when out_f32 == nullptr
   float* out_f32;          // [splits, m, n] partials, or nullptr
@@ -114,12 +105,11 @@ struct TcShape {
   static constexpr int R = MT > 8 ? 2 : 4;
 };
 
-// BITS = 1: lut (c0, c1), the decode above. BITS = 4: affine (scale, zero) with the same slots and epilogue:
-// LOP3 puts a code into the mantissa of a magic fp16 / bf16 constant (1024 + c, or 1024 + 16 c for the high
-// nibble; bf16: 128 + c) and one HFMA2 leaves c exactly, so D = sum c x and y += s D - s z S per group.
+// BITS = 4 (the template argument keeps the kernel's name): LOP3 puts a code into the mantissa of a magic fp16 /
+// bf16 constant (1024 + c, or 1024 + 16 c for the high nibble; bf16: 128 + c) and one HFMA2 leaves c exactly.
 template <typename T, int BITS, int MT, int G>
 __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T> p) {
-  static_assert(BITS == 1 || BITS == 4, "the slot-block tensor-core kernel decodes 1-bit lut or 4-bit affine");
+  static_assert(BITS == 4, "this slot-block tensor-core kernel decodes 4-bit affine (1 bit: gemv_tc1.cuh)");
   constexpr int NT = TcShape<MT>::NT, S = TcShape<MT>::S, R = TcShape<MT>::R;
   constexpr int CK = 256 / BITS;       // k of one chunk (16 bytes of codes per lane per m16 tile)
   constexpr int STEPS = CK / 16;       // k16 steps per chunk (16 or 4)
@@ -130,7 +120,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
   const int c_begin = blockIdx.y * p.chunks_per_split;
   const int c_end = min(p.chunks, c_begin + p.chunks_per_split);
 
-  // Prologue: S and SQ of every (row of x, group) of this split -> smem sums[0 / 1][m][group - first group].
+  // Prologue: S of every (row of x, group) of this split -> smem sums[m][group - first group].
   // Each thread sums 8 consecutive activations (one 16-byte load); the G/8 lanes of a group add up by shuffles.
   BIVLM_DYNAMIC_SMEM(float, sums);
   {
@@ -140,22 +130,15 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
       for (int e0 = 0; e0 < total; e0 += kGemvThreads) {
         const int e8 = e0 + static_cast<int>(threadIdx.x);
         const int kx = c_begin * CK + e8 * 8;
-        float sv = 0.0f, sq = 0.0f;
+        float sv = 0.0f;
         if (e8 < total && kx < k_lim && mi < p.m) {
           float f[8];
           load8(p.x + static_cast<int64_t>(mi) * p.ldx + kx, f);
-          sq = (f[2] + f[3]) + (f[6] + f[7]);
-          sv = ((f[0] + f[1]) + (f[4] + f[5])) + sq;
+          sv = ((f[0] + f[1]) + (f[4] + f[5])) + ((f[2] + f[3]) + (f[6] + f[7]));
         }
 #pragma unroll
-        for (int off = 1; off < G / 8; off <<= 1) {
-          sv += ptx::shfl_xor(sv, off);
-          sq += ptx::shfl_xor(sq, off);
-        }
-        if (e8 < total && e8 % (G / 8) == 0) {
-          sums[mi * p.sgroups + e8 / (G / 8)] = BITS == 1 ? 2.0f * sv : sv;   // 1 bit: 2 S (it accumulates 2 y)
-          sums[(MT + mi) * p.sgroups + e8 / (G / 8)] = sq;
-        }
+        for (int off = 1; off < G / 8; off <<= 1) sv += ptx::shfl_xor(sv, off);
+        if (e8 < total && e8 % (G / 8) == 0) sums[mi * p.sgroups + e8 / (G / 8)] = sv;
       }
     }
   }
@@ -183,10 +166,9 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
 #pragma unroll
       for (int e = 0; e < 4; ++e) d[r][nt][e] = y[r][nt][e] = 0.0f;
 
-  // Fold the slot block that starts at group gf into y (which holds 2 y: y2 += 2 c0 S + (c1 - c0)(D + SQ), so no
-  // halving per group); reset the block accumulators.
+  // Fold the slot block that starts at group gf into y: y += s D - s z S; reset the block accumulators.
   auto epilogue = [&](int gf) {
-    float sv[NT][2], sq[NT][2];  // S, SQ of this lane's columns 2t, 2t + 1
+    float sv[NT][2];  // S of this lane's columns 2t, 2t + 1
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -195,7 +177,6 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
         const int mi = S > 1 ? col / S : nt * 8 + col;
         const int gl = gf - g_begin + (S > 1 ? col % S : 0);
         sv[nt][e2] = sums[mi * p.sgroups + gl];
-        sq[nt][e2] = sums[(MT + mi) * p.sgroups + gl];
       }
     }
 #pragma unroll
@@ -207,13 +188,9 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
         const int grp = S > 1 ? gf + (2 * t + e2) % S : gf;
         const uint2 v = ptx::ld_nc_v2(tb + static_cast<int64_t>(grp) * 32);
         const float2 lo = tc_pair(v.x, T()), hi = tc_pair(v.y, T());   // rows gid, gid + 8: (c0, c1) / (s, z)
-        if constexpr (BITS == 1) {
-          c0[e2][0] = lo.x, h[e2][0] = lo.y - lo.x;
-          c0[e2][1] = hi.x, h[e2][1] = hi.y - hi.x;
-        } else {                       // y += s D + (-s z) S: "c0" = -s z, "h" = s
-          c0[e2][0] = -lo.x * lo.y, h[e2][0] = lo.x;
-          c0[e2][1] = -hi.x * hi.y, h[e2][1] = hi.x;
-        }
+        // y += s D + (-s z) S: "c0" = -s z, "h" = s
+        c0[e2][0] = -lo.x * lo.y, h[e2][0] = lo.x;
+        c0[e2][1] = -hi.x * hi.y, h[e2][1] = hi.x;
       }
       if (S == 1) c0[1][0] = c0[0][0], c0[1][1] = c0[0][1], h[1][0] = h[0][0], h[1][1] = h[0][1];
 #pragma unroll
@@ -221,8 +198,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int e2 = e & 1, rh = e >> 1;
-          const float dd = BITS == 1 ? d[r][nt][e] + sq[nt][e2] : d[r][nt][e];
-          y[r][nt][e] = fmaf(h[e2][rh], dd, fmaf(c0[e2][rh], sv[nt][e2], y[r][nt][e]));
+          y[r][nt][e] = fmaf(h[e2][rh], d[r][nt][e], fmaf(c0[e2][rh], sv[nt][e2], y[r][nt][e]));
           d[r][nt][e] = 0.0f;
         }
       }
@@ -238,7 +214,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
     for (int r = 0; r < R; ++r) qa[r] = ptx::ld_cs_v4(qbase + (static_cast<int64_t>(r) * p.chunks + c_begin) * 32);
   }
 
-  // One chunk (256 k at 1 bit, 64 at 4) with codes cq; prefetches chunk c + 1 into nq.
+  // One chunk (64 k) with codes cq; prefetches chunk c + 1 into nq.
   auto chunk = [&](int c, const uint4 (&cq)[R], uint4 (&nq)[R]) {
     if (c + 1 < c_end) {
 #pragma unroll
@@ -266,7 +242,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
         bx[nt] = ptx::ld_nc_v4(xg[nt][CK >= G ? pp * 32 / G : 0] + (CK >= G ? (pp * 32) % G : pp * 32));
 #pragma unroll
       for (int hs = 0; hs < 2; ++hs) {
-        const int s = pp * 2 + hs, w = s >> 2, i = s & 3;
+        const int s = pp * 2 + hs;
         uint32_t b[NT][2];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
@@ -276,16 +252,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           uint32_t a[4];
-          if constexpr (BITS == 1) {
-            const uint32_t q = w == 0 ? cq[r].x : w == 1 ? cq[r].y : w == 2 ? cq[r].z : cq[r].w;
-            const uint32_t q0 = q << (4 * i), q1 = q << (4 * i + 2);
-            a[0] = q0 & 0x40004000u, a[1] = q1 & 0x40004000u;
-            a[2] = ptx::lop3<0x6A>(q0, 0x80008000u, TcBits<T>::kNegOne2);
-            a[3] = ptx::lop3<0x6A>(q1, 0x80008000u, TcBits<T>::kNegOne2);
-          } else {
-            const uint32_t q = s == 0 ? cq[r].x : s == 1 ? cq[r].y : s == 2 ? cq[r].z : cq[r].w;
-            tc4_decode<!std::is_same<T, __half>::value>(q, a);
-          }
+          const uint32_t q = s == 0 ? cq[r].x : s == 1 ? cq[r].y : s == 2 ? cq[r].z : cq[r].w;
+          tc4_decode<!std::is_same<T, __half>::value>(q, a);
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) tc_mma(d[r][nt], a, b[nt], T());
         }
@@ -309,8 +277,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
 
   // Output: sum the slots of each row of x (columns 2t, 2t+1 of this lane, then lanes xor 1, 2), write.
   const bool add_bias = p.bias != nullptr && blockIdx.y == 0;
-  auto write = [&](int mi, int row, float v2) {  // 1 bit: y holds 2 y (halving is exact)
-    store_output(p.out, p.out_f32, p.bias, add_bias, blockIdx.y, p.m, p.n, mi, row, BITS == 1 ? 0.5f * v2 : v2);
+  auto write = [&](int mi, int row, float v) {
+    store_output(p.out, p.out_f32, p.bias, add_bias, blockIdx.y, p.m, p.n, mi, row, v);
   };
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -354,8 +322,8 @@ cudaError_t launch_tc_config(const void* x, int64_t m, int64_t ldx, const TcWeig
   p.n = static_cast<int>(w.n);
   p.k = static_cast<int>(w.k);
   p.tiles = static_cast<int>(tc_tiles(w.n));
-  p.chunks = static_cast<int>(BITS == 1 ? tc_chunks(w.k) : tc4_chunks(w.k));
-  p.tgroups = static_cast<int>(BITS == 1 ? tc_table_groups(w.k, w.group_size) : tc4_table_groups(w.k, w.group_size));
+  p.chunks = static_cast<int>(tc4_chunks(w.k));
+  p.tgroups = static_cast<int>(tc4_table_groups(w.k, w.group_size));
   p.chunks_per_split = chunks_per_split;
   constexpr int S = TcShape<MT>::S;
   p.sgroups = ((chunks_per_split * (256 / BITS) + G - 1) / G + S - 1) / S * S;
@@ -365,7 +333,7 @@ cudaError_t launch_tc_config(const void* x, int64_t m, int64_t ldx, const TcWeig
   constexpr int tiles_per_block = kTcWarps * TcShape<MT>::R;
   const dim3 grid(static_cast<unsigned>((p.tiles + tiles_per_block - 1) / tiles_per_block),
                   static_cast<unsigned>(splits));
-  const size_t smem = 2u * MT * static_cast<size_t>(p.sgroups) * sizeof(float);
+  const size_t smem = static_cast<size_t>(MT) * p.sgroups * sizeof(float);
   BIVLM_LAUNCH(grid, kGemvThreads, smem, stream, gemv_tc_kernel<T, BITS, MT, G>)(p);
   return cudaGetLastError();
 }
@@ -401,7 +369,7 @@ cudaError_t dispatch_tc(const void* x, int64_t m, int64_t ldx, const TcWeight& w
              : dispatch_tc_mt<Launch, __nv_bfloat16, 128>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
 }
 
-// The 1- and 4-bit kernel of this file as a Launch of dispatch_tc.
+// The 4-bit kernel of this file as a Launch of dispatch_tc.
 template <int BITS>
 struct TcLaunch {
   template <typename T, int MT, int G, class... A>
@@ -410,7 +378,7 @@ struct TcLaunch {
   }
 };
 
-// The 1-bit tensor-core GEMV's dispatch (gemv_tc_b1.cu).
+// The 1-bit tensor-core GEMV's dispatch over dtype x M bucket x g (gemv_tc_b1.cu; kernel in gemv_tc1.cuh).
 cudaError_t launch_tc1(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
                        int chunks_per_split, void* out, float* out_f32, cudaStream_t stream);
 

@@ -1,8 +1,9 @@
 // gemv_tc_b1.cu -- host side of the tensor-core GEMVs: format check, split-K policy, dispatch; and the
-// instantiations of the 1-bit kernel (gemv_tc.cuh) over dtype x M bucket x group size (2 bits: gemv_tc_b2.cu).
+// instantiations of the 1-bit kernel (gemv_tc1.cuh) over dtype x M bucket x group size (2 bits: gemv_tc_b2.cu,
+// 4 bits: gemv_tc_b4.cu).
 #include <cstdint>
 
-#include "gemv_tc.cuh"
+#include "gemv_tc1.cuh"
 
 namespace bivlm {
 
@@ -22,12 +23,27 @@ int64_t chunks_of(const TcWeight& w) {
   return w.bits == 2 ? tc2_chunks(w.k) : w.bits == 4 ? tc4_chunks(w.k) : tc_chunks(w.k);
 }
 
-int tiles_per_block(int bits, int mt) { return detail::kTcWarps * (bits == 2 || mt <= 8 ? 4 : 2); }
+int tiles_per_block(int bits, int mt) { return detail::kTcWarps * (bits != 4 || mt <= 8 ? 4 : 2); }
 
-// The block keeps S and SQ of its split's groups in shared memory (8 MT bytes per group): at most 32 KiB, so a
-// split spans at most 16 G / MT chunks (a multiple of block_chunks for every bucket).
-int64_t max_chunks_per_split(int bits, int mt, int g) {
-  return bits == 2 ? INT32_MAX : 16 * bits * static_cast<int64_t>(g) / mt;
+// The block keeps per-group values of its split in shared memory, at most 32 KiB. 4 bits: S and SQ (8 MT bytes per
+// group), so at most 16 G / MT chunks (a multiple of block_chunks for every bucket). 1 bit: S, V and the table
+// product's B fragments (tc1_smem_bytes), as many whole slot blocks as fit.
+int64_t max_chunks_per_split(int bits, int mt, int g, DType dtype) {
+  if (bits == 2) return INT32_MAX;
+  if (bits == 4) return 16 * bits * static_cast<int64_t>(g) / mt;
+  const int gt = dtype == DType::kHalf ? detail::Tc1Plan<__half>::kGt : detail::Tc1Plan<__nv_bfloat16>::kGt;
+  const int64_t bc = block_chunks(1, mt, g);
+  int64_t best = bc;
+  for (int64_t c = bc; c <= 4096; c += bc) {
+    const int sg = static_cast<int>(c * 256 / g);
+    const int ts = tc1_table_steps(sg, gt);
+    const size_t bytes = mt == 1 ? detail::tc1_smem_bytes<1>(sg, ts) : mt == 2 ? detail::tc1_smem_bytes<2>(sg, ts)
+                         : mt == 4 ? detail::tc1_smem_bytes<4>(sg, ts) : mt == 8 ? detail::tc1_smem_bytes<8>(sg, ts)
+                         : detail::tc1_smem_bytes<16>(sg, ts);
+    if (bytes > 32768) break;
+    best = c;
+  }
+  return best;
 }
 
 int64_t chunks_per_split(int64_t m, const TcWeight& w, int splits) {
@@ -50,7 +66,7 @@ int gemv_tc_num_splits(int64_t m, const TcWeight& w, int sm_count) {
   const int64_t target = 4 * static_cast<int64_t>(sm_count > 0 ? sm_count : 1);
   int64_t splits = cdiv(target, row_blocks);
   const int64_t max_splits = cdiv(chunks_of(w), block_chunks(w.bits, mt, w.group_size));
-  const int64_t min_splits = cdiv(chunks_of(w), max_chunks_per_split(w.bits, mt, w.group_size));
+  const int64_t min_splits = cdiv(chunks_of(w), max_chunks_per_split(w.bits, mt, w.group_size, w.dtype));
   if (splits > max_splits) splits = max_splits;
   if (splits > 32) splits = 32;
   if (splits < min_splits) splits = min_splits;  // may exceed 32 for K > 32 * 16 G / MT: correct, rare
@@ -70,13 +86,13 @@ cudaError_t launch_gemv_tc(const void* x, int64_t m, int64_t ldx, const TcWeight
   if (!gemv_tc_supported(w.bits, w.group_size, w.dtype) || m < 1 || m > kGemvMaxM || w.n < 1 ||
       w.k < w.group_size || w.k % w.group_size != 0 || w.n > INT32_MAX / 2 || w.k > INT32_MAX / 2 || splits < 1 ||
       (splits > 1 && out_f32 == nullptr) || (out == nullptr && out_f32 == nullptr) || w.qtc == nullptr ||
-      w.table == nullptr || !aligned(w.qtc, 16) || !aligned(w.table, w.bits == 2 ? 16 : 8)) {
+      w.table == nullptr || !aligned(w.qtc, 16) || !aligned(w.table, w.bits == 4 ? 8 : 16)) {
     return cudaErrorInvalidValue;
   }
   // x is read 16 bytes at a time at columns that are multiples of 8.
   if (x == nullptr || !aligned(x, 16) || (ldx * 2) % 16 != 0 || ldx < w.k) return cudaErrorInvalidValue;
   const int64_t cps = chunks_per_split(m, w, splits);
-  if (cdiv(chunks_of(w), cps) != splits || cps > max_chunks_per_split(w.bits, detail::gemv_mt(m), w.group_size))
+  if (cdiv(chunks_of(w), cps) != splits || cps > max_chunks_per_split(w.bits, detail::gemv_mt(m), w.group_size, w.dtype))
     return cudaErrorInvalidValue;  // not what gemv_tc_num_splits gave
   if (w.bits == 2) return detail::launch_tc2(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);
   if (w.bits == 4) return detail::launch_tc4(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);
@@ -85,9 +101,20 @@ cudaError_t launch_gemv_tc(const void* x, int64_t m, int64_t ldx, const TcWeight
 
 namespace detail {
 
+namespace {
+
+struct Tc1Launch {
+  template <typename T, int MT, int G, class... A>
+  static cudaError_t run(A... a) {
+    return launch_tc1_config<T, MT, G>(a...);
+  }
+};
+
+}  // namespace
+
 cudaError_t launch_tc1(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
                        int cps, void* out, float* out_f32, cudaStream_t stream) {
-  return dispatch_tc<TcLaunch<1>>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+  return dispatch_tc<Tc1Launch>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
 }
 
 }  // namespace detail

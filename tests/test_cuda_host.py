@@ -381,17 +381,21 @@ def _linear_tolerance(c, w, splits):
 
 
 def _tc_tolerance(c, splits):
-    """The tensor-core path's fp32 bound: per group it sums 2b x - [Q] x on the tensor cores (one rounding per k16
-    step, the host's model of the mma) and S, SQ the same way, then y += c0 S + h (D + SQ): every term is bounded by
-    (|c0| + |c1 - c0|) |x|, with n = g/16 + 2 + K/g + 8 + splits roundings along the way."""
+    """The tensor-core paths' fp32 bound (one rounding per k16 step: the host's model of the mma).
+    1 bit (gemv_tc1.cuh): per group the tensor cores sum v x with v = v0 + 2 b, |v| <= 10 (fp16; bf16 6), then
+    2 y += D acc per group, plus the table product c0 (2 S + V) - c1 V in bf16 pieces (|S| <= sum |x|,
+    |V| <= 8 sum |x|): every term is bounded by 10 (|c0| + |c1|) |x| (|D| <= |c0| + |c1|), with
+    n = g/16 + 2 + 4 K/g + 8 + splits roundings (the piece splits cost 2^-26 relative, less than one).
+    4 bits: y += s D - s z S per group, terms bounded by s (15 + |z|) |x|, n = g/16 + 2 + K/g + 8 + splits."""
     x = c.x_full[:, : c.k].double()
     if c.fmt == "lut1":
         cb = c.tables[0].double()
-        mag = (cb[..., 0].abs() + (cb[..., 1] - cb[..., 0]).abs()).repeat_interleave(c.g, dim=1)
+        mag = (10 * (cb[..., 0].abs() + cb[..., 1].abs())).repeat_interleave(c.g, dim=1)
+        n_terms = c.g // 16 + 2 + 4 * c.k // c.g + 8 + splits
     else:   # affine4: y = s sum c x - s z S per group
         sc, z = (t.double() for t in c.tables)
         mag = (sc.abs() * (15 + z.abs())).repeat_interleave(c.g, dim=1)
-    n_terms = c.g // 16 + 2 + c.k // c.g + 8 + splits
+        n_terms = c.g // 16 + 2 + c.k // c.g + 8 + splits
     u = 2.0 ** -24
     acc = n_terms * u / (1 - n_terms * u) * (x.abs() @ mag.T)
     if c.bias is not None:
@@ -449,7 +453,7 @@ def _instantiations():
     for t in ("__half", "__nv_bfloat16"):
         for mt in (1, 2, 4, 8, 16):
             for g in (64, 128):
-                names.add(f"bivlm::detail::gemv_tc_kernel<{t}, 1, {mt}, {g}>")
+                names.add(f"bivlm::detail::gemv_tc_b1_kernel<{t}, {mt}, {g}>")
                 names.add(f"bivlm::detail::gemv_tc_kernel<{t}, 4, {mt}, {g}>")
                 names.add(f"bivlm::detail::gemv_tc_b2_kernel<{t}, {mt}, {g}>")
     return names

@@ -20,10 +20,18 @@ def test_repack_round_trip(n, k, g, dtype):
     q, cb = _weight(n, k, g, dtype)
     qtc, table = repack.repack_tc1(q, cb, k, g)
     assert qtc.shape == (repack.tc_tiles(n), repack.tc_chunks(k), 32, 4) and qtc.dtype == torch.int32
-    assert table.shape == (repack.tc_tiles(n) + 1, repack.tc_table_groups(k, g), 8, 2, 2)
+    e = 6 if dtype == torch.float16 else 4                       # D fp32 + c0, c1 as bf16 pieces
+    assert table.shape == (repack.tc_tiles(n) + 1, repack.tc_table_groups(k, g), 8, 2, e)
+    assert table.dtype == dtype
     assert not table[-1].any()                                   # the zero tile the kernel reads for idle slots
     q2, cb2 = repack.unrepack_tc1(qtc, table, n, k, g)
     assert torch.equal(q2, q) and torch.equal(cb2, cb)
+    # the D region: D[row, group] = c1 - c0 in fp32 at [tile][group // 2][gid][group % 2][row // 8]
+    d = table.reshape(table.shape[0], -1).view(torch.int32)[:, : table.shape[1] * 16].contiguous().view(torch.float32)
+    row, grp = n - 1, k // g - 1
+    tile, r16 = divmod(row, 16)
+    idx = ((grp // 2) * 8 + r16 % 8) * 4 + (grp % 2) * 2 + r16 // 8
+    assert float(d[tile, idx]) == float(cb[row, grp, 1].float() - cb[row, grp, 0].float())
 
 
 @pytest.mark.parametrize("n,k,g", [(1, 64, 64), (67, 576, 64), (16, 128, 128), (130, 1152, 128)])
@@ -47,14 +55,18 @@ def test_tc2_bit_map_documented_positions():
     assert (int(row[6, 3, 0]), int(col[6, 3, 0]), int(cbit[6, 3, 0])) == (9, 116 + 3, 1)   # j = 3, b = 3: wraps
 
 
-def test_bit_map_is_a_bijection_with_the_documented_positions():
-    row, col = repack._bit_map()
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bit_map_is_a_bijection_with_the_documented_positions(bf16):
+    row, col = repack._bit_map(bf16)
     pairs = set(zip(row.flatten().tolist(), col.flatten().tolist()))
     assert len(pairs) == 16 * 256                                # every (row, column) of a tile x chunk once
-    # lane 5 = (gid 1, t 1), word 1, bit 14 (j = 0: step 4, row gid, column kbase + 0): kbase = 32*2 + 8 + 0
-    assert (int(row[5, 1, 14]), int(col[5, 1, 14])) == (1, 72)
-    assert (int(row[5, 1, 31]), int(col[5, 1, 31])) == (1, 75)   # bit 31 - 2j (j = 0): kbase + 3
-    assert (int(row[5, 1, 12]), int(col[5, 1, 12])) == (9, 72)   # j = 1: row gid + 8
+    # lane 5 = (gid 1, t 1), word 1, step i = 0 (step 4: pair 2, half 0, kbase = 32*2 + 8 + 0 = 72)
+    if bf16:   # A register a0 (row gid, columns 72, 73): version q, bits 14 / 30; a1 (row gid + 8): q << 2
+        assert [(int(row[5, 1, b]), int(col[5, 1, b])) for b in (14, 30, 12, 28)] == [(1, 72), (1, 73), (9, 72),
+                                                                                     (9, 73)]
+    else:      # a0: version q << 3, bits 14 / 30 of it = stored bits 11 / 27; a1: rotl(q, 11): bits 3 / 19
+        assert [(int(row[5, 1, b]), int(col[5, 1, b])) for b in (11, 27, 3, 19)] == [(1, 72), (1, 73), (9, 72),
+                                                                                    (9, 73)]
 
 
 def _spy():

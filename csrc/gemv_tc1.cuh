@@ -1,0 +1,407 @@
+// gemv_tc1.cuh -- tensor-core decode GEMV for 1-bit lut weights, M = 1 .. 16, on the load-time "tc1" repack
+// (bivlm_kernels/repack.py draws it bit by bit).
+//
+// y[i, n] = sum_k x[i, k] w[n, k] (+ bias[n]),  w = c0 + D b,  b in {0, 1},  D = c1 - c0,  (c0, c1) the codebook
+// of (n, k / g). mma.sync.m16n8k16: A = 16 weight rows (decoded in registers), B = x (8 columns), fp32 accumulation.
+//
+// Decode: one LOP3 makes two weights, v = (word & bit pair) ^ C. A code bit at position p of a 16-bit half gives
+// v = v0 + 2b exactly (the step is 2 at every position used), with v0 fixed by p:
+//
+//     fp16  p = 15: C = -1 -> {-1, +1}   p = 14: C = 0 -> {0, 2}   p = 10 (exponent bit 0): C = 2 -> {2, 4}
+//           p = 9, 8 (mantissa bits 1, 2): C = 4 -> {4, 6},  C = 8 -> {8, 10}
+//     bf16  p = 15, 14 as fp16;  p = 7 (exponent bit 0): C = 2 -> {2, 4};  p = 6 (mantissa bit 1): C = 4 -> {4, 6}
+//
+// A word (32 codes) is read through 4 versions -- the word and 3 shifts -- so that every bit sits at a used
+// position of some version: 3 shifts + 16 LOP3 per 32 weights (Tc1Plan). So per group the tensor cores sum
+// acc = sum v x = V + 2 P with P = sum b x and V = sum v0 x (x only), and
+//
+//     2 y = sum_g D_g acc_g  +  sum_g [ c0_g (2 S_g + V_g) - c1_g V_g ]          S_g = sum_(k in g) x
+//
+// * the first sum is the per-group epilogue: one FFMA per accumulator, D in fp32 from the table;
+// * the second is a small product over groups, done once per split on the tensor cores in bf16 (exact: c0 and
+//   c1 split into bf16 pieces by the repack -- two each for fp16 tables --, and 2S + V, V into three bf16 pieces
+//   each, so the error is that of fp32); its B operand is built by the block into shared memory first:
+//   S_g and V_g come from an mma of x with a constant A (row 0 all ones, row 1 the v0 pattern), then are split.
+//
+// Group slots (M <= 4): the 8 B columns are M rows of x x S = 8/M group slots, column n = m S + slot holding x only
+// where the k step's group has that slot (others read the zero tile after the tables), so one epilogue serves S
+// groups (M = 1: every 8). Work: grid = (tiles / (4 R), splits); a warp owns R m16 tiles and the split's k range;
+// each lane loads 16 bytes of codes per tile per 256-k chunk (prefetched one chunk ahead) and one 16-byte load of
+// x per row of x per 32 k, shared by the R tiles.
+#pragma once
+
+#include "gemv_tc.cuh"
+
+namespace bivlm {
+namespace detail {
+
+// The decode plan of a dtype: which version of the word (ver) and which bit position p (both halves: p, p + 16)
+// make A register reg = 2 j + r (j: fragment columns 0-7 / 8-15, r: row gid / gid + 8) of step i of a word.
+template <typename T>
+struct Tc1Plan;
+template <>
+struct Tc1Plan<__half> {
+  static constexpr int kGt = 4;   // groups per k16 step of the table product (c0, c1 each two bf16 pieces)
+  __host__ __device__ static constexpr int ver(int i, int reg) {
+    return i == 0 ? (reg & 1 ? 3 : 1) : i == 1 ? (reg & 1) : i == 2 ? reg : 2 + (reg & 1);
+  }
+  __host__ __device__ static constexpr int pos(int i, int j) {
+    return i == 0 ? 14 + j : i == 1 ? 8 + j : i == 2 ? (j ? 8 : 10) : 9 + j;
+  }
+  __device__ __forceinline__ static uint32_t version(uint32_t q, int v) {
+    return v == 0 ? q : v == 1 ? q << 3 : v == 2 ? q << 8 : (q << 11) | (q >> 21);
+  }
+  // C of position p in both halves (= v0, the value of a 0 code)
+  __host__ __device__ static constexpr uint32_t c(int p) {
+    return p == 15 ? 0xBC00BC00u : p == 14 ? 0u : p == 10 ? 0x40004000u : p == 9 ? 0x44004400u : 0x48004800u;
+  }
+};
+template <>
+struct Tc1Plan<__nv_bfloat16> {
+  static constexpr int kGt = 8;   // (c0, c1) are one bf16 piece each
+  __host__ __device__ static constexpr int ver(int i, int reg) { return 2 * (i & 1) + (reg & 1); }
+  __host__ __device__ static constexpr int pos(int i, int j) { return i < 2 ? 14 + j : 7 - j; }
+  __device__ __forceinline__ static uint32_t version(uint32_t q, int v) { return q << (2 * v); }
+  __host__ __device__ static constexpr uint32_t c(int p) {
+    return p == 15 ? 0xBF80BF80u : p == 14 ? 0u : p == 7 ? 0x40004000u : 0x40804080u;
+  }
+};
+
+template <int MT>
+struct Tc1Shape {
+  static constexpr int NT = MT > 8 ? 2 : 1;
+  static constexpr int S = MT >= 8 ? 1 : 8 / MT;
+  static constexpr int R = 4;
+};
+
+// Shared memory of a block: S, V as fp32 [MT][sgroups][2], then the B operand of the table product,
+// uint32 [tsteps][NT][3 pieces][32 lanes][2].
+template <int MT>
+inline size_t tc1_smem_bytes(int sgroups, int tsteps) {
+  return static_cast<size_t>(MT) * sgroups * 2 * sizeof(float) +
+         static_cast<size_t>(tsteps) * Tc1Shape<MT>::NT * 3 * 64 * sizeof(uint32_t);
+}
+
+// Three bf16 pieces (as raw bits) whose sum is v to about 2^-26 |v|.
+__device__ __forceinline__ void bf16_pieces(float v, uint32_t (&h)[3]) {
+#pragma unroll
+  for (int l = 0; l < 3; ++l) {
+    const __nv_bfloat16 b = from_float<__nv_bfloat16>(v);
+    h[l] = *reinterpret_cast<const uint16_t*>(&b);
+    v -= to_float(b);
+  }
+}
+
+template <typename T, int MT, int G>
+__global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams<T> p) {
+  using Plan = Tc1Plan<T>;
+  constexpr int NT = Tc1Shape<MT>::NT, S = Tc1Shape<MT>::S, R = Tc1Shape<MT>::R, GT = Plan::kGt;
+  constexpr int CK = 256;              // k of one chunk (16 bytes of codes per lane per m16 tile)
+  constexpr int BK = S * G;            // k of one slot block (one epilogue)
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int gid = lane >> 2, t = lane & 3;
+  const int tile0 = (blockIdx.x * kTcWarps + warp) * R;
+  const int c_begin = blockIdx.y * p.chunks_per_split;
+  const int c_end = min(p.chunks, c_begin + p.chunks_per_split);
+  const int g_begin = c_begin * CK / G;
+  const int g_end = max(g_begin, min(p.k, c_end * CK) / G);
+  const int ngs = g_end - g_begin;            // groups of this split (<= p.sgroups)
+  const int ts0 = g_begin / GT;               // first table-product step (it may start before g_begin)
+  const int nts = (g_end + GT - 1) / GT - ts0;
+  // Per-tile table: D fp32 [tgroups / 2][8 gid][2 groups][2 rows], then the A operand of the table product
+  // uint32 [tgroups / GT][32 lanes][4]; tile `tiles` is zeros (the zero source of B).
+  const int64_t tile_words = static_cast<int64_t>(p.tgroups) * (16 + 128 / GT);
+  const uint32_t* tab = reinterpret_cast<const uint32_t*>(p.tab);
+  const T* zero_src = reinterpret_cast<const T*>(tab + p.tiles * tile_words);   // >= 512 zero elements
+
+  BIVLM_DYNAMIC_SMEM(float, smem);
+  float* sv = smem;                                                          // [MT][sgroups][2]: S, V
+  uint32_t* bt = reinterpret_cast<uint32_t*>(smem + MT * p.sgroups * 2);    // [nts][NT][3][32][2]
+
+  // Prologue 1: S_g and V_g of every (row of x, group) of the split, on the tensor cores. A: row 0 = ones, row 1 =
+  // the v0 of each column for step type i (the step's index in its word); B: x, column = row of x (plain layout).
+  {
+    uint32_t ac[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      ac[i][1] = ac[i][3] = 0u;
+      ac[i][0] = gid == 0 ? TcBits<T>::kOne2 : gid == 1 ? Plan::c(Plan::pos(i, 0)) : 0u;
+      ac[i][2] = gid == 0 ? TcBits<T>::kOne2 : gid == 1 ? Plan::c(Plan::pos(i, 1)) : 0u;
+    }
+    const T* xr[NT];   // this lane's B column: row nt * 8 + gid of x (rows past m: the zero tile)
+    int64_t xstride[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int mi = nt * 8 + gid;
+      xr[nt] = mi < p.m ? p.x + static_cast<int64_t>(mi) * p.ldx + 8 * t : zero_src + 8 * t;
+      xstride[nt] = mi < p.m ? 1 : 0;
+    }
+    for (int gl = warp; gl < ngs; gl += kTcWarps) {
+      const int k0 = (g_begin + gl) * G;
+      float c[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[nt][e] = 0.0f;
+#pragma unroll
+      for (int pp = 0; pp < G / 32; ++pp) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint4 bx = ptx::ld_nc_v4(xr[nt] + xstride[nt] * (k0 + 32 * pp));
+          const uint32_t b0[2] = {bx.x, bx.y}, b1[2] = {bx.z, bx.w};
+          tc_mma(c[nt], ac[2 * (pp & 1)], b0, T());       // step type i = 2 (pair % 2) + half
+          tc_mma(c[nt], ac[2 * (pp & 1) + 1], b1, T());
+        }
+      }
+      if (gid < 2) {   // lanes 0-3: row 0 (S), lanes 4-7: row 1 (V); columns 2t, 2t + 1 = rows of x
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int mi = nt * 8 + 2 * t + e;
+            if (mi < MT) sv[(mi * p.sgroups + gl) * 2 + gid] = c[nt][e];
+          }
+      }
+    }
+  }
+  __syncthreads();
+  // Prologue 2: the table product's B fragments, [step][nt][piece][lane][b0, b1]. Virtual k row r of a step:
+  // bf16: group r / 2, part r % 2; fp16: group r / 4, part (r / 2) % 2 (two table pieces per entry). Part 0 meets
+  // c0 (value 2 S + V), part 1 meets c1 (value -V). Column n: slot layout as the main loop's B.
+  for (int e = threadIdx.x; e < nts * NT * 32; e += kGemvThreads) {
+    const int ln = e % 32, nt = (e / 32) % NT, ts = e / (32 * NT);
+    const int n = ln >> 2, tt = ln & 3;
+    const int mi = S > 1 ? n / S : nt * 8 + n, slot = S > 1 ? n % S : 0;
+    uint32_t h[2][2][3];   // [b0 / b1][half][piece]
+#pragma unroll
+    for (int jb = 0; jb < 2; ++jb)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int r = 2 * tt + 8 * jb + hf;
+        const int j = GT == 8 ? r / 2 : r / 4, part = GT == 8 ? r % 2 : (r / 2) % 2;
+        const int gg = (ts0 + ts) * GT + j;
+        float v = 0.0f;
+        if (gg >= g_begin && gg < g_end && mi < p.m && gg % S == slot) {
+          const float* q = sv + (mi * p.sgroups + gg - g_begin) * 2;
+          v = part == 0 ? 2.0f * q[0] + q[1] : -q[1];
+        }
+        bf16_pieces(v, h[jb][hf]);
+      }
+#pragma unroll
+    for (int l = 0; l < 3; ++l)
+#pragma unroll
+      for (int jb = 0; jb < 2; ++jb)
+        bt[((ts * NT + nt) * 3 + l) * 64 + ln * 2 + jb] = h[jb][0][l] | (h[jb][1][l] << 16);
+  }
+  __syncthreads();
+  if (tile0 >= p.tiles) return;  // whole warp (tiles is a multiple of 4, R divides 4)
+
+  // B column n = gid of each n8 tile: row of x (m) and group slot.
+  const T* xrow[NT];
+  bool xok[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int mi = nt * 8 + (S > 1 ? gid / S : gid);
+    xok[nt] = mi < p.m;
+    xrow[nt] = p.x + (xok[nt] ? static_cast<int64_t>(mi) * p.ldx : 0);
+  }
+  const int my_slot = gid % S;
+
+  float d[R][NT][4], y[R][NT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) d[r][nt][e] = y[r][nt][e] = 0.0f;
+
+  // Fold the slot block that starts at group gf: y2 += D acc for each accumulator (its column's group), reset acc.
+  auto epilogue = [&](int gf) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float* dt = reinterpret_cast<const float*>(tab + (tile0 + r) * tile_words);
+      float h[2][2];   // [column e2 of this lane][row half]
+      if constexpr (S > 1) {
+        const int g0 = gf + (2 * t) % S;    // even: the lane's two columns are groups g0, g0 + 1
+        const uint4 v = ptx::ld_nc_v4(dt + ((g0 / 2) * 8 + gid) * 4);
+        h[0][0] = __uint_as_float(v.x), h[0][1] = __uint_as_float(v.y);
+        h[1][0] = __uint_as_float(v.z), h[1][1] = __uint_as_float(v.w);
+      } else {
+        const uint2 v = ptx::ld_nc_v2(dt + ((gf / 2) * 8 + gid) * 4 + (gf % 2) * 2);
+        h[0][0] = h[1][0] = __uint_as_float(v.x);
+        h[0][1] = h[1][1] = __uint_as_float(v.y);
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          y[r][nt][e] = fmaf(h[e & 1][e >> 1], d[r][nt][e], y[r][nt][e]);
+          d[r][nt][e] = 0.0f;
+        }
+    }
+  };
+
+  const uint4* qbase = p.q + static_cast<int64_t>(tile0) * p.chunks * 32 + lane;
+  uint4 qa[R], qb[R];  // code words of the current chunk / the next one (the roles swap every chunk)
+#pragma unroll
+  for (int r = 0; r < R; ++r) qa[r] = qb[r] = make_uint4(0u, 0u, 0u, 0u);
+  if (c_begin < c_end) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) qa[r] = ptx::ld_cs_v4(qbase + (static_cast<int64_t>(r) * p.chunks + c_begin) * 32);
+  }
+
+  // One chunk (256 k) with codes cq; prefetches chunk c + 1 into nq.
+  auto chunk = [&](int c, const uint4 (&cq)[R], uint4 (&nq)[R]) {
+    if (c + 1 < c_end) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) nq[r] = ptx::ld_cs_v4(qbase + (static_cast<int64_t>(r) * p.chunks + c + 1) * 32);
+    }
+    // Group gi of the chunk feeds this lane's B column when its slot is the lane's (k < K: always, the split ends
+    // at K's last chunk and a group past K has zero codes and D = 0, but its x must not be read).
+    constexpr int GPC = CK / G;
+    const T* xg[NT][GPC];
+#pragma unroll
+    for (int gi = 0; gi < GPC; ++gi) {
+      const int k0 = c * CK + gi * G;
+      const unsigned grp = static_cast<unsigned>(c) * GPC + gi;
+      const bool use = (S == 1 || grp % S == static_cast<unsigned>(my_slot)) && k0 < p.k;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) xg[nt][gi] = (xok[nt] && use) ? xrow[nt] + k0 + 8 * t : zero_src + 8 * t;
+    }
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {      // word w of each tile: steps 4 w + i
+      uint32_t v[R][4];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const uint32_t q = w == 0 ? cq[r].x : w == 1 ? cq[r].y : w == 2 ? cq[r].z : cq[r].w;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) v[r][u] = Plan::version(q, u);
+      }
+#pragma unroll
+      for (int pp2 = 0; pp2 < 2; ++pp2) {   // the word's two 32-k pairs (steps 4 w + 2 pp2 + hs)
+        const int pp = 2 * w + pp2;
+        uint4 bx[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) bx[nt] = ptx::ld_nc_v4(xg[nt][pp * 32 / G] + (pp * 32) % G);
+#pragma unroll
+        for (int hs = 0; hs < 2; ++hs) {
+          const int i = 2 * pp2 + hs, s = 4 * w + i;
+          uint32_t b[NT][2];
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            b[nt][0] = hs ? bx[nt].z : bx[nt].x;
+            b[nt][1] = hs ? bx[nt].w : bx[nt].y;
+          }
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            uint32_t a[4];
+#pragma unroll
+            for (int reg = 0; reg < 4; ++reg) {
+              const int pos = Plan::pos(i, reg >> 1);
+              a[reg] = ptx::lop3<0x6A>(v[r][Plan::ver(i, reg)], (1u << pos) | (1u << (pos + 16)), Plan::c(pos));
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) tc_mma(d[r][nt], a, b[nt], T());
+          }
+          if constexpr (BK < CK) {
+            if (((s + 1) * 16) % BK == 0) epilogue((c * CK + (s + 1) * 16 - BK) / G);
+          }
+        }
+      }
+    }
+    if constexpr (BK >= CK) {
+      if (((c + 1) * CK) % BK == 0) epilogue(((c + 1) * CK - BK) / G);
+    }
+  };
+
+  for (int c = c_begin; c < c_end; c += 2) {
+    chunk(c, qa, qb);
+    if (c + 1 < c_end) chunk(c + 1, qb, qa);
+  }
+  if constexpr (BK > CK) {  // a split that ends inside a slot block (the last one): fold the partial block
+    if (c_begin < c_end && (c_end * CK) % BK != 0) epilogue((c_end * CK / BK) * BK / G);
+  }
+
+  // The table product: y2 += [c0 pieces, c1 pieces] x [2 S + V, -V] (three pieces), bf16 on the tensor cores.
+  for (int ts = 0; ts < nts; ++ts) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uint4 av = ptx::ld_nc_v4(tab + (tile0 + r) * tile_words + static_cast<int64_t>(p.tgroups) * 16 +
+                                     (static_cast<int64_t>(ts0 + ts) * 32 + lane) * 4);
+      const uint32_t a[4] = {av.x, av.y, av.z, av.w};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int l = 0; l < 3; ++l) {
+          const uint2 bv = *reinterpret_cast<const uint2*>(bt + ((ts * NT + nt) * 3 + l) * 64 + lane * 2);
+          const uint32_t b[2] = {bv.x, bv.y};
+          ptx::mma_m16n8k16_bf16(y[r][nt], a, b, y[r][nt]);
+        }
+    }
+  }
+
+  // Output: sum the slots of each row of x (columns 2t, 2t+1 of this lane, then lanes xor 1, 2), write y = y2 / 2.
+  const bool add_bias = p.bias != nullptr && blockIdx.y == 0;
+  auto write = [&](int mi, int row, float v2) {
+    store_output(p.out, p.out_f32, p.bias, add_bias, blockIdx.y, p.m, p.n, mi, row, 0.5f * v2);
+  };
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row0 = (tile0 + r) * 16 + gid;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if constexpr (S > 1) {
+        float v[2] = {y[r][nt][0] + y[r][nt][1], y[r][nt][2] + y[r][nt][3]};
+#pragma unroll
+        for (int rh = 0; rh < 2; ++rh) {
+#pragma unroll
+          for (int off = 1; off < S / 2; off <<= 1) v[rh] += ptx::shfl_xor(v[rh], off);
+        }
+        const int mi = (2 * t) / S;
+        if (t % (S / 2) == 0 && mi < p.m) {
+#pragma unroll
+          for (int rh = 0; rh < 2; ++rh)
+            if (row0 + 8 * rh < p.n) write(mi, row0 + 8 * rh, v[rh]);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int mi = nt * 8 + 2 * t + (e & 1), row = row0 + 8 * (e >> 1);
+          if (mi < p.m && row < p.n) write(mi, row, y[r][nt][e]);
+        }
+      }
+    }
+  }
+}
+
+// Launch one instantiation (grid from the repacked sizes). sgroups / tsteps: the largest split's groups and
+// table-product steps (sizes shared memory).
+template <typename T, int MT, int G>
+cudaError_t launch_tc1_config(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
+                              int chunks_per_split, void* out, float* out_f32, cudaStream_t stream) {
+  TcParams<T> p;
+  p.x = static_cast<const T*>(x);
+  p.ldx = ldx;
+  p.m = static_cast<int>(m);
+  p.q = static_cast<const uint4*>(w.qtc);
+  p.tab = static_cast<const T*>(w.table);
+  p.n = static_cast<int>(w.n);
+  p.k = static_cast<int>(w.k);
+  p.tiles = static_cast<int>(tc_tiles(w.n));
+  p.chunks = static_cast<int>(tc_chunks(w.k));
+  p.tgroups = static_cast<int>(tc_table_groups(w.k, w.group_size));
+  p.chunks_per_split = chunks_per_split;
+  p.sgroups = chunks_per_split * 256 / G;
+  p.bias = static_cast<const T*>(bias);
+  p.out = static_cast<T*>(out);
+  p.out_f32 = out_f32;
+  constexpr int tiles_per_block = kTcWarps * Tc1Shape<MT>::R;
+  const dim3 grid(static_cast<unsigned>((p.tiles + tiles_per_block - 1) / tiles_per_block),
+                  static_cast<unsigned>(splits));
+  const int tsteps = tc1_table_steps(p.sgroups, Tc1Plan<T>::kGt);
+  BIVLM_LAUNCH(grid, kGemvThreads, tc1_smem_bytes<MT>(p.sgroups, tsteps), stream, gemv_tc_b1_kernel<T, MT, G>)(p);
+  return cudaGetLastError();
+}
+
+}  // namespace detail
+}  // namespace bivlm
