@@ -222,23 +222,26 @@ def repack_tc1(qweight: torch.Tensor, codebook: torch.Tensor, k: int, group_size
         raise ValueError(f"repack_tc1 needs a float16 or bfloat16 codebook, got {codebook.dtype}")
     bf16 = codebook.dtype == torch.bfloat16
     qtc = _pack_codes(qweight, 1, k, 256, *_bit_map(bf16), None, 1)
+    t4, chunks = qtc.shape[0] // 4, qtc.shape[1]      # memory order [tiles / 4][chunks][4 tiles][32][4]
+    qtc = qtc.view(t4, 4, chunks, 32, 4).transpose(1, 2).contiguous().view(t4 * 4, chunks, 32, 4)
     tiles, tg, gt, dev = tc_tiles(n), tc_table_groups(k, group_size), _tc1_gt(codebook.dtype), codebook.device
     cb = torch.zeros((tiles + 1) * 16, tg, 2, dtype=codebook.dtype, device=dev)
     cb[:n, : codebook.shape[1]] = codebook
-    # D = c1 - c0 in fp32: [tile][group pair][gid][group % 2][row half]
-    d = (cb[..., 1].float() - cb[..., 0].float()).view(tiles + 1, 2, 8, tg // 2, 2)     # [T, r, gid, gp, e]
-    d = d.permute(0, 3, 2, 4, 1).reshape(tiles + 1, tg * 16).view(torch.int32)
+    # D = c1 - c0 in fp32: [tile // 4][group pair][tile % 4][gid][group % 2][row half]
+    d = (cb[: tiles * 16, :, 1].float() - cb[: tiles * 16, :, 0].float())
+    d = d.view(tiles // 4, 4, 2, 8, tg // 2, 2).permute(0, 4, 1, 3, 5, 2).reshape(-1).view(torch.int32)
     # c0, c1 as bf16 pieces (exact: an fp16 value is hi + lo)
     hi = cb.to(torch.bfloat16)
     lo = (cb.float() - hi.float()).to(torch.bfloat16)
     if not torch.equal(hi.float() + lo.float(), cb.float()):
         raise ValueError("repack_tc1: a codebook entry is not the sum of two bf16 pieces (inf or nan?)")
-    pieces = torch.stack((hi, lo), dim=-1).view(tiles + 1, 16, tg // gt, gt, 2, 2)      # [T, row, ts, j, e, piece]
+    pieces = torch.stack((hi, lo), dim=-1)[: tiles * 16].view(tiles, 16, tg // gt, gt, 2, 2)  # [T, row, ts, j, e, p]
     row, grp, ent, piece = (m.to(dev) for m in _table_map(gt))
     a = pieces[:, row, :, grp, ent, piece]                       # [32, 4, 2, T, ts]
     a = a.permute(3, 4, 0, 1, 2).contiguous().view(torch.int32)  # [T, ts, 32, 4] words
-    table = torch.cat((d, a.reshape(tiles + 1, -1)), dim=1).contiguous()
     e = 6 if gt == 4 else 4
+    zero = torch.zeros(tg * 8 * e, dtype=torch.int32, device=dev)   # one tile: the kernel's zero source
+    table = torch.cat((d, a.reshape(-1), zero))
     return qtc, table.view(codebook.dtype).view(tiles + 1, tg, 8, 2, e)
 
 
@@ -247,14 +250,16 @@ def unrepack_tc1(qtc: torch.Tensor, table: torch.Tensor, n: int, k: int, group_s
     codebook is read back from the table product's pieces."""
     bf16 = table.dtype == torch.bfloat16
     gt = _tc1_gt(table.dtype)
-    tiles1, tg = table.shape[0], table.shape[1]
-    words = table.reshape(tiles1, -1).view(torch.int32)[:, tg * 16:]
-    a = words.contiguous().view(torch.bfloat16).view(tiles1, tg // gt, 32, 4, 2)     # [T, ts, lane, reg, half]
+    tiles, tg = table.shape[0] - 1, table.shape[1]
+    words = table.reshape(-1).view(torch.int32)[tiles * tg * 16: tiles * tg * 16 + tiles * tg * 128 // gt]
+    a = words.contiguous().view(torch.bfloat16).view(tiles, tg // gt, 32, 4, 2)       # [T, ts, lane, reg, half]
     row, grp, ent, piece = (m.to(table.device) for m in _table_map(gt))
-    pieces = torch.zeros(tiles1, 16, tg // gt, gt, 2, 2, dtype=torch.bfloat16, device=table.device)
+    pieces = torch.zeros(tiles, 16, tg // gt, gt, 2, 2, dtype=torch.bfloat16, device=table.device)
     pieces[:, row, :, grp, ent, piece] = a.permute(2, 3, 4, 0, 1)
     cb = (pieces[..., 0].float() + pieces[..., 1].float()).to(table.dtype)            # [T, 16, ts, j, e]
-    cb = cb.reshape(tiles1 * 16, tg, 2)[:n, : k // group_size].contiguous()
+    cb = cb.reshape(tiles * 16, tg, 2)[:n, : k // group_size].contiguous()
+    t4, chunks = qtc.shape[0] // 4, qtc.shape[1]
+    qtc = qtc.reshape(t4, chunks, 4, 32, 4).transpose(1, 2).reshape(t4 * 4, chunks, 32, 4)
     return _unpack_codes(qtc, 1, n, k, 256, *_bit_map(bf16), None, 1), cb
 
 

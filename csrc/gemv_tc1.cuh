@@ -108,10 +108,12 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
   const int ngs = g_end - g_begin;            // groups of this split (<= p.sgroups)
   const int ts0 = g_begin / GT;               // first table-product step (it may start before g_begin)
   const int nts = (g_end + GT - 1) / GT - ts0;
-  // Per-tile table: D fp32 [tgroups / 2][8 gid][2 groups][2 rows], then the A operand of the table product
-  // uint32 [tgroups / GT][32 lanes][4]; tile `tiles` is zeros (the zero source of B).
+  // Table: D fp32 [tiles / 4][tgroups / 2][4 tiles][8 gid][2 groups][2 rows] (a warp's 4 tiles side by side),
+  // then the A operand of the table product uint32 [tiles][tgroups / GT][32 lanes][4], then one tile's worth of
+  // zeros (the zero source of B).
   const int64_t tile_words = static_cast<int64_t>(p.tgroups) * (16 + 128 / GT);
   const uint32_t* tab = reinterpret_cast<const uint32_t*>(p.tab);
+  const uint32_t* tab_a = tab + static_cast<int64_t>(p.tiles) * p.tgroups * 16;
   const T* zero_src = reinterpret_cast<const T*>(tab + p.tiles * tile_words);   // >= 512 zero elements
 
   BIVLM_DYNAMIC_SMEM(float, smem);
@@ -196,16 +198,23 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
   __syncthreads();
   if (tile0 >= p.tiles) return;  // whole warp (tiles is a multiple of 4, R divides 4)
 
-  // B column n = gid of each n8 tile: row of x (m) and group slot.
-  const T* xrow[NT];
+  // B column n = gid of each n8 tile: row of x (m) and group slot. x of chunk c: xbase + c * xstep (rows past m:
+  // the zero tile, step 0).
+  const T* xbase[NT];
+  int xstep[NT];
   bool xok[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int mi = nt * 8 + (S > 1 ? gid / S : gid);
     xok[nt] = mi < p.m;
-    xrow[nt] = p.x + (xok[nt] ? static_cast<int64_t>(mi) * p.ldx : 0);
+    xbase[nt] = (xok[nt] ? p.x + static_cast<int64_t>(mi) * p.ldx : zero_src) + 8 * t;
+    xstep[nt] = xok[nt] ? CK : 0;
   }
   const int my_slot = gid % S;
+  // D of this lane's rows: pair gp of tile r at dq + gp * 128 + r * 32 (float4: groups 2 gp, 2 gp + 1 x rows
+  // gid, gid + 8).
+  const float* dq = reinterpret_cast<const float*>(tab) + static_cast<int64_t>(tile0 / 4) * (p.tgroups / 2) * 128 +
+                    gid * 4;
 
   float d[R][NT][4], y[R][NT][4];
 #pragma unroll
@@ -215,59 +224,64 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
 #pragma unroll
       for (int e = 0; e < 4; ++e) d[r][nt][e] = y[r][nt][e] = 0.0f;
 
-  // Fold the slot block that starts at group gf: y2 += D acc for each accumulator (its column's group), reset acc.
-  auto epilogue = [&](int gf) {
+  // y2 += D acc for each accumulator (h[column e2][row half]: D of its column's group), reset acc.
+  auto fold = [&](int r, const float (&h)[2][2]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        y[r][nt][e] = fmaf(h[e & 1][e >> 1], d[r][nt][e], y[r][nt][e]);
+        d[r][nt][e] = 0.0f;
+      }
+  };
+  // Fold the slot block that starts at group gf (S > 1: the lane's two columns are groups g0, g0 + 1, a pair).
+  auto epilogue_slots = [&](int gf) {
+    const float* dp = dq + ((gf + (2 * t) % S) / 2) * 128;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const float* dt = reinterpret_cast<const float*>(tab + (tile0 + r) * tile_words);
-      float h[2][2];   // [column e2 of this lane][row half]
-      if constexpr (S > 1) {
-        const int g0 = gf + (2 * t) % S;    // even: the lane's two columns are groups g0, g0 + 1
-        const uint4 v = ptx::ld_nc_v4(dt + ((g0 / 2) * 8 + gid) * 4);
-        h[0][0] = __uint_as_float(v.x), h[0][1] = __uint_as_float(v.y);
-        h[1][0] = __uint_as_float(v.z), h[1][1] = __uint_as_float(v.w);
-      } else {
-        const uint2 v = ptx::ld_nc_v2(dt + ((gf / 2) * 8 + gid) * 4 + (gf % 2) * 2);
-        h[0][0] = h[1][0] = __uint_as_float(v.x);
-        h[0][1] = h[1][1] = __uint_as_float(v.y);
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          y[r][nt][e] = fmaf(h[e & 1][e >> 1], d[r][nt][e], y[r][nt][e]);
-          d[r][nt][e] = 0.0f;
-        }
+      const uint4 v = ptx::ld_nc_v4(dp + r * 32);
+      const float h[2][2] = {{__uint_as_float(v.x), __uint_as_float(v.y)}, {__uint_as_float(v.z), __uint_as_float(v.w)}};
+      fold(r, h);
     }
   };
 
-  const uint4* qbase = p.q + static_cast<int64_t>(tile0) * p.chunks * 32 + lane;
+  // Codes: [tiles / 4][chunks][4 tiles][32 lanes] x 16 bytes (a warp's 4 tiles side by side per chunk).
+  const uint4* qp = p.q + (static_cast<int64_t>(tile0 / 4) * p.chunks + c_begin) * 128 + lane;
   uint4 qa[R], qb[R];  // code words of the current chunk / the next one (the roles swap every chunk)
 #pragma unroll
   for (int r = 0; r < R; ++r) qa[r] = qb[r] = make_uint4(0u, 0u, 0u, 0u);
   if (c_begin < c_end) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) qa[r] = ptx::ld_cs_v4(qbase + (static_cast<int64_t>(r) * p.chunks + c_begin) * 32);
+    for (int r = 0; r < R; ++r) qa[r] = ptx::ld_cs_v4(qp + r * 32);
   }
+  // Running pointers of the chunk being decoded: x (per n8 tile), D (S = 1), the codes of the next chunk.
+  constexpr int GPC = CK / G;
+  const T* xp[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) xp[nt] = xbase[nt] + static_cast<int64_t>(c_begin) * xstep[nt];
+  const float* dp = dq + static_cast<int64_t>(c_begin) * (GPC / 2) * 128;
+  qp += 128;
 
-  // One chunk (256 k) with codes cq; prefetches chunk c + 1 into nq.
-  auto chunk = [&](int c, const uint4 (&cq)[R], uint4 (&nq)[R]) {
+  // One chunk (256 k) with codes cq; prefetches chunk c + 1 into nq. tail: the chunk reaches past K (its groups
+  // past K read x from the zero tile; their codes are 0 and D = 0).
+  auto chunk = [&](int c, const uint4 (&cq)[R], uint4 (&nq)[R], bool tail) {
     if (c + 1 < c_end) {
 #pragma unroll
-      for (int r = 0; r < R; ++r) nq[r] = ptx::ld_cs_v4(qbase + (static_cast<int64_t>(r) * p.chunks + c + 1) * 32);
+      for (int r = 0; r < R; ++r) nq[r] = ptx::ld_cs_v4(qp + r * 32);
     }
-    // Group gi of the chunk feeds this lane's B column when its slot is the lane's (k < K: always, the split ends
-    // at K's last chunk and a group past K has zero codes and D = 0, but its x must not be read).
-    constexpr int GPC = CK / G;
+    // Group gi of the chunk feeds this lane's B column when its slot is the lane's (and k < K).
     const T* xg[NT][GPC];
 #pragma unroll
-    for (int gi = 0; gi < GPC; ++gi) {
-      const int k0 = c * CK + gi * G;
-      const unsigned grp = static_cast<unsigned>(c) * GPC + gi;
-      const bool use = (S == 1 || grp % S == static_cast<unsigned>(my_slot)) && k0 < p.k;
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) xg[nt][gi] = (xok[nt] && use) ? xrow[nt] + k0 + 8 * t : zero_src + 8 * t;
+      for (int gi = 0; gi < GPC; ++gi) {
+        bool use = S == 1 || (static_cast<unsigned>(c) * GPC + gi) % S == static_cast<unsigned>(my_slot);
+        if (tail) use = use && c * CK + gi * G < p.k;   // a constant at every (inlined) call
+        xg[nt][gi] = use ? xp[nt] + gi * G : zero_src + 8 * t;
+      }
     }
+    const float* dc = dp;   // S = 1: the D pairs of this chunk
+    float4 dpair[R];
 #pragma unroll
     for (int w = 0; w < 4; ++w) {      // word w of each tile: steps 4 w + i
       uint32_t v[R][4];
@@ -303,31 +317,59 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) tc_mma(d[r][nt], a, b[nt], T());
           }
-          if constexpr (BK < CK) {
-            if (((s + 1) * 16) % BK == 0) epilogue((c * CK + (s + 1) * 16 - BK) / G);
+          if constexpr (S == 1) {
+            if (((s + 1) * 16) % G == 0) {   // end of group gi of the chunk: D from the pair's float4
+              const int gi = (s + 1) * 16 / G - 1;
+#pragma unroll
+              for (int r = 0; r < R; ++r) {
+                if (gi % 2 == 0) {
+                  const uint4 u4 = ptx::ld_nc_v4(dc + (gi / 2) * 128 + r * 32);
+                  dpair[r] = make_float4(__uint_as_float(u4.x), __uint_as_float(u4.y), __uint_as_float(u4.z),
+                                         __uint_as_float(u4.w));
+                }
+                const float h0 = gi % 2 ? dpair[r].z : dpair[r].x, h1 = gi % 2 ? dpair[r].w : dpair[r].y;
+                const float h[2][2] = {{h0, h1}, {h0, h1}};
+                fold(r, h);
+              }
+            }
+          } else if constexpr (BK < CK) {
+            if (((s + 1) * 16) % BK == 0) epilogue_slots((c * CK + (s + 1) * 16 - BK) / G);
           }
         }
       }
     }
-    if constexpr (BK >= CK) {
-      if (((c + 1) * CK) % BK == 0) epilogue(((c + 1) * CK - BK) / G);
+    if constexpr (S > 1 && BK >= CK) {
+      if (((c + 1) * CK) % BK == 0) epilogue_slots(((c + 1) * CK - BK) / G);
     }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xp[nt] += xstep[nt];
+    dp += (GPC / 2) * 128;
+    qp += 128;
   };
 
-  for (int c = c_begin; c < c_end; c += 2) {
-    chunk(c, qa, qb);
-    if (c + 1 < c_end) chunk(c + 1, qb, qa);
+  // Chunks wholly inside K two at a time (the code roles alternate), then at most one more and the tail chunk.
+  const int c_full = (p.k % CK == 0 || c_end < p.chunks) ? c_end : c_end - 1;
+  int c = c_begin;
+  for (; c + 1 < c_full; c += 2) {
+    chunk(c, qa, qb, false);
+    chunk(c + 1, qb, qa, false);
+  }
+  if (c < c_full) {
+    chunk(c, qa, qb, false);
+    if (c + 1 < c_end) chunk(c + 1, qb, qa, true);
+  } else if (c < c_end) {
+    chunk(c, qa, qb, true);
   }
   if constexpr (BK > CK) {  // a split that ends inside a slot block (the last one): fold the partial block
-    if (c_begin < c_end && (c_end * CK) % BK != 0) epilogue((c_end * CK / BK) * BK / G);
+    if (c_begin < c_end && (c_end * CK) % BK != 0) epilogue_slots((c_end * CK / BK) * BK / G);
   }
 
   // The table product: y2 += [c0 pieces, c1 pieces] x [2 S + V, -V] (three pieces), bf16 on the tensor cores.
   for (int ts = 0; ts < nts; ++ts) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const uint4 av = ptx::ld_nc_v4(tab + (tile0 + r) * tile_words + static_cast<int64_t>(p.tgroups) * 16 +
-                                     (static_cast<int64_t>(ts0 + ts) * 32 + lane) * 4);
+      const uint4 av = ptx::ld_nc_v4(tab_a + ((static_cast<int64_t>(tile0 + r) * (p.tgroups / GT) + ts0 + ts) * 32 +
+                                              lane) * 4);
       const uint32_t a[4] = {av.x, av.y, av.z, av.w};
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)

@@ -26,12 +26,13 @@ def test_repack_round_trip(n, k, g, dtype):
     assert not table[-1].any()                                   # the zero tile the kernel reads for idle slots
     q2, cb2 = repack.unrepack_tc1(qtc, table, n, k, g)
     assert torch.equal(q2, q) and torch.equal(cb2, cb)
-    # the D region: D[row, group] = c1 - c0 in fp32 at [tile][group // 2][gid][group % 2][row // 8]
-    d = table.reshape(table.shape[0], -1).view(torch.int32)[:, : table.shape[1] * 16].contiguous().view(torch.float32)
+    # the D region: D[row, group] = c1 - c0 in fp32 at [tile // 4][group // 2][tile % 4][gid][group % 2][row // 8]
+    d = table.reshape(-1).view(torch.float32)
+    tg = table.shape[1]
     row, grp = n - 1, k // g - 1
     tile, r16 = divmod(row, 16)
-    idx = ((grp // 2) * 8 + r16 % 8) * 4 + (grp % 2) * 2 + r16 // 8
-    assert float(d[tile, idx]) == float(cb[row, grp, 1].float() - cb[row, grp, 0].float())
+    idx = ((((tile // 4) * (tg // 2) + grp // 2) * 4 + tile % 4) * 8 + r16 % 8) * 4 + (grp % 2) * 2 + r16 // 8
+    assert float(d[idx]) == float(cb[row, grp, 1].float() - cb[row, grp, 0].float())
 
 
 @pytest.mark.parametrize("n,k,g", [(1, 64, 64), (67, 576, 64), (16, 128, 128), (130, 1152, 128)])
