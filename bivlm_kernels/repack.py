@@ -1,42 +1,54 @@
-"""Load-time repacks of lut weights for the tensor-core GEMVs: "tc1" (1 bit, ``csrc/gemv_tc.cuh``) and "tc2"
-(2 bits, ``csrc/gemv_tc2.cuh``, at the end of this file).
+"""Load-time repacks of lut / affine weights for the tensor-core GEMVs: "tc1" (1 bit, ``csrc/gemv_tc1.cuh``), "tc2"
+(2 bits, ``csrc/gemv_tc2.cuh``) and "tc4" (4-bit affine, ``csrc/gemv_tc.cuh``), the last two at the end of this file.
 
 Checkpoints keep the neutral ``bivlm-packed`` v1 layout (:mod:`bivlm_kernels.formats`); the CUDA backend builds
 this repack on the first call (cached by :mod:`bivlm_kernels.repack_cache`). Pure PyTorch, any device.
 
-Codes
-=====
+tc1 codes
+=========
 
 The weight is cut into m16 tiles (16 output rows; rows padded to a multiple of 64 with code 0) and 256-k chunks
-(k padded with code 0). Each (tile, chunk) is 512 bytes: 16 bytes per lane of a warp, lane = 4 gid + t::
+(k padded with code 0). Each (tile, chunk) is 512 bytes: 16 bytes per lane of a warp, lane = 4 gid + t. A warp's
+4 tiles lie side by side per chunk (one pointer walks all four)::
 
-    qtc  int32 [tiles, chunks, 32 lanes, 4 words]
+    qtc  int32 [tiles, chunks, 32 lanes, 4 words], memory order [tiles / 4][chunks][4 tiles][32 lanes][4 words]
 
-Word w of a lane holds the codes of k16 steps s = 4w + i (i = 0..3) of rows gid (r = 0) and gid + 8 (r = 1). With
-j = 2i + r, the kernel shifts the word left by 2j and reads bits 14, 30 (the P register) and 15, 31 (the Q
-register); so, before the shift, those are bits 14 - 2j, 30 - 2j, 15 - 2j, 31 - 2j. Step s covers the 32-k pair
-p = s // 2 half hs = s % 2, and its four codes of this lane are the real columns ::
+Word w of a lane feeds k16 steps s = 4w + i (i = 0..3), rows gid (r = 0) and gid + 8 (r = 1): A registers
+reg = 2 j + r (j = 0: mma columns 2t, 2t + 1 = real columns kbase + 0, + 1; j = 1: 2t + 8, 2t + 9 = kbase + 2, + 3;
+low half the even column), kbase = 256 chunk + 32 (s // 2) + 8 t + 4 (s % 2). The kernel reads the word through
+four versions (fp16: q, q << 3, q << 8, rotl(q, 11); bf16: q << 2u) and takes register reg of step i from
+version ver(i, reg) at bit position p(i, j) of both halves (p, p + 16), where a code bit gives v0 + 2 b:
 
-    kbase = 256 chunk + 32 p + 8 t + 4 hs
-    bit 14 - 2j : column kbase + 0        bit 30 - 2j : kbase + 1        (P: mma columns 2t, 2t + 1)
-    bit 15 - 2j : column kbase + 2        bit 31 - 2j : kbase + 3        (Q: mma columns 2t + 8, 2t + 9)
+    fp16  p = 15 (v0 = -1), 14 (0), 10 (2), 9 (4), 8 (8)        bf16  p = 15 (-1), 14 (0), 7 (2), 6 (4)
 
-    word w:  bit 31 30 29 28 ...  17 16 | 15 14 13 12 ...  1  0
-             j:  0  0  1  1  ...   7  7 |  0  0  1  1  ...  7  7      (j = 2i + r: step 4w + i, row gid + 8r)
-             +   3  1  3  1  ...   3  1 |  2  0  2  0  ...  2  0      (column offset from kbase)
+So the stored word is (i: step in the word, r: row gid + 8 r, +: column offset from kbase)::
+
+    fp16  bit  31 30 29 28 27 26 25 24 23 22 21 20 19 18 17 16 | 15 14 13 12 11 10  9  8  7  6  5  4  3  2  1  0
+          i     3  3  2  0  0  2  1  1  2  1  1  0  0  3  3  2 |  3  3  2  0  0  2  1  1  2  1  1  0  0  3  3  2
+          r     1  1  1  0  0  0  0  0  1  1  1  1  1  0  0  0 |  1  1  1  0  0  0  0  0  1  1  1  1  1  0  0  0
+          +     2  0  2  3  1  1  3  1  1  3  1  3  1  3  1  3 |  3  1  3  2  0  0  2  0  0  2  0  2  0  2  0  2
+
+    bf16  bit  31 30 29 28 27 26 25 24 23 22 21 20 19 18 17 16 | 15 14 13 12 11 10  9  8  7  6  5  4  3  2  1  0
+          i     0  0  0  0  1  1  1  1  2  2  2  2  3  3  3  3 |  0  0  0  0  1  1  1  1  2  2  2  2  3  3  3  3
+          r     0  0  1  1  0  0  1  1  0  0  1  1  0  0  1  1 |  0  0  1  1  0  0  1  1  0  0  1  1  0  0  1  1
+          +     3  1  3  1  3  1  3  1  1  3  1  3  1  3  1  3 |  2  0  2  0  2  0  2  0  0  2  0  2  0  2  0  2
 
 so that lane t of the mma's B operand reads the 8 consecutive activations 32 p + 8 t .. + 7 of a row of x with
-one 16-byte load for two steps, and every row's "Q" columns are the same (k % 4 in {2, 3}).
+one 16-byte load for two steps, and v0 of a column depends on (k % 64) only (the kernel's prologue sums V = sum v0 x).
 
-Tables
-======
+tc1 table
+=========
 
-    table  [tiles + 1, tgroups, 8, 2, 2]  (dtype of the codebook)
-           [tile, group, gid, r, e] = codebook[16 tile + gid + 8 r, group, e];  tile `tiles` is all zeros: lanes
-           whose group slot is not the current step's read their B operand (x) from there
+``table`` has the codebook's dtype and shape [tiles + 1, tgroups, 8, 2, E] (E = 6 for fp16, 4 for bf16: 12 or 8
+bytes per (row, group)); its bytes are three regions::
 
-tgroups = groups of the padded k, rounded up to a multiple of 8 (the kernel's group slots); padding is 0. A lane
-reads the (c0, c1) of its two rows gid, gid + 8 with one 8-byte load.
+    D    fp32    [tiles / 4][tgroups / 2][4 tiles][8 gid][2: group % 2][2: row gid, gid + 8]     D = c1 - c0
+    A    uint32  [tiles][tgroups / GT][32 lanes][4 registers]     the A operand of the table product (bf16 pieces)
+    0    one tile's worth of zeros: lanes whose group slot is not the current step's read their x from there
+
+GT = 4 groups per k16 step for fp16 codebooks (an entry is hi + lo, two bf16 pieces, exactly: virtual k =
+4 j + 2 e + piece for group j, entry e), 8 for bf16 (virtual k = 2 j + e). tgroups = groups of the padded k,
+rounded up to a multiple of 8; padding is 0. A lane reads D of its two rows for two groups with one 16-byte load.
 """
 from __future__ import annotations
 
