@@ -139,13 +139,14 @@ def budget(bits: int, g: int, bandwidth: float, clock_ghz: float = CLOCK_GHZ) ->
 
 
 def ceilings(ipw: float, bits: int, g: int, m: int, bandwidth: float, clock_ghz: float = CLOCK_GHZ,
-             shape: Tuple[int, int] = SHAPE) -> dict:
-    """Issue- and memory-bound times (us) of one call and the speedup ceilings over fp16."""
+             shape: Tuple[int, int] = SHAPE, stream_bpw: Optional[float] = None) -> dict:
+    """Issue- and memory-bound times (us) of one call and the speedup ceilings over fp16. stream_bpw: the bits
+    per weight the kernel reads when its repacked layout streams more than the format holds."""
     n, k = shape
     io = 2 * m * k + 2 * m * n
     bw = COPY_FRACTION * bandwidth
     t_issue = n * k * ipw / issue_rate(clock_ghz)
-    t_mem = (n * k * bits_per_weight(bits, g) / 8 + io) / bw
+    t_mem = (n * k * (stream_bpw or bits_per_weight(bits, g)) / 8 + io) / bw
     t_fp16 = (2 * n * k + io) / bw
     return {"t_issue_us": t_issue * 1e6, "t_mem_us": t_mem * 1e6, "t_fp16_us": t_fp16 * 1e6,
             "ceiling": t_fp16 / max(t_issue, t_mem), "mem_ceiling": t_fp16 / t_mem}
@@ -350,7 +351,9 @@ def tc_rows(name: str, m, instrs, props, arch: int, fixed_bits: int = 0) -> List
         runs = chunks * chunk_k / (slots * g) if slots * g >= chunk_k else 0.0   # below: unconditional
         per_copy = st["epilogue"] / st["epilogue_regions"] if st["epilogue_regions"] else 0.0
         executed = st["static"] - st["epilogue"] + runs * per_copy
-    return [dict(path="cuda-tc", arch=arch, bits=bits, dtype=dt, m=mt, g=g, vec=4, kernel=name,
+    # The 1-bit repack streams D (fp32) and (c0, c1) per (row, group): 64 table bits, not the format's 32.
+    stream_bpw = 1 + 64 / g if bits == 1 else None
+    return [dict(path="cuda-tc", arch=arch, bits=bits, dtype=dt, m=mt, g=g, vec=4, kernel=name, stream_bpw=stream_bpw,
                  config=f"tc{bits}<{dt},{mt},{g}> R={r_tiles}" + ("" if two_bit else f" S={slots}"),
                  weights_per_iter=wpi or float("nan"),
                  unroll=1, static_ipw=st["static"] / wpi if wpi else float("nan"),
@@ -599,8 +602,8 @@ def table(rows: List[dict], clock: float, sm90: bool) -> List[str]:
                  f"{r['weights_per_iter']:g}", ipw, _f(r["static_ipw"])]
         cells += ([_f(bud)] if sm90 else []) + [str(r["registers"]), spill_s]
         if sm90:
-            h200 = ceilings(r["ipw"], r["bits"], r["g"], r["m"], GPUS["H200"], clock)
-            h100 = ceilings(r["ipw"], r["bits"], r["g"], r["m"], GPUS["H100"], clock)
+            h200 = ceilings(r["ipw"], r["bits"], r["g"], r["m"], GPUS["H200"], clock, stream_bpw=r.get("stream_bpw"))
+            h100 = ceilings(r["ipw"], r["bits"], r["g"], r["m"], GPUS["H100"], clock, stream_bpw=r.get("stream_bpw"))
             st = r["stats"] or {}
             flight = (st.get("weight_bytes", 0) * WARP * resident_warps(r["registers"]) / 1024
                       if r["path"] == "cuda" and r["registers"] else None)
@@ -630,7 +633,7 @@ def summary(rows: List[dict], clock: float, dtype: str = "fp16", g: int = 128) -
                 if r is None:
                     cells.append("—")
                     continue
-                ceil = ceilings(r["ipw"], b, g, m, GPUS["H200"], clock)["ceiling"]
+                ceil = ceilings(r["ipw"], b, g, m, GPUS["H200"], clock, stream_bpw=r.get("stream_bpw"))["ceiling"]
                 cells.append(f"{r['ipw']:.2f} ({ceil:.1f}x)")
             out.append(f"| {b} bit | " + " | ".join(cells) + f" | {budget(b, g, GPUS['H200'], clock):.2f} |")
         out.append("")
@@ -715,6 +718,9 @@ def main(argv=None) -> int:
              f"thread-instructions/s; streaming at {COPY_FRACTION:.0%} of the HBM bandwidth (H200 4.8 TB/s, "
              f"H100 3.35 TB/s); budget = rate x bpw / (8 x 0.9 x BW) (the issue's rounded 1.2 / 2.4 / 4.0 are this "
              f"formula at 1.98 GHz: `--clock-ghz 1.98`); shape {SHAPE[0]}x{SHAPE[1]}. "
+             "Memory times and ceilings use the bytes a kernel streams: the 1-bit tensor-core repack reads 64 table "
+             "bits per (row, group) (D in fp32 and the two entries), 1.5 bits per weight at g = 128 where the format "
+             "holds 1.25; the budgets stay those of the format's bits (stricter). "
              "`instr/w` = main-loop instructions on the executed path per weight (✓ within / ✗ over the H200 "
              "budget); `static` = the whole loop span per weight. `KiB in flight/SM` = the loop's streaming weight "
              "loads per thread x threads resident by registers (4-warp blocks); Little's law at "

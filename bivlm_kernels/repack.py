@@ -39,16 +39,17 @@ one 16-byte load for two steps, and v0 of a column depends on (k % 64) only (the
 tc1 table
 =========
 
-``table`` has the codebook's dtype and shape [tiles + 1, tgroups, 8, 2, E] (E = 6 for fp16, 4 for bf16: 12 or 8
-bytes per (row, group)); its bytes are three regions::
+``table`` has the codebook's dtype and shape [tiles + 1, tgroups, 8, 2, 4] (8 bytes per (row, group)); its bytes
+are three regions::
 
     D    fp32    [tiles / 4][tgroups / 2][4 tiles][8 gid][2: group % 2][2: row gid, gid + 8]     D = c1 - c0
-    A    uint32  [tiles][tgroups / GT][32 lanes][4 registers]     the A operand of the table product (bf16 pieces)
+    A    dtype   [tiles][tgroups / 8][32 lanes][4 registers][2 halves]   (c0, c1), the A operand of the table
+                 product: register 2 jj + r of lane 4 gid + t = (c0, c1) of row gid + 8 r, group 8 step + t + 4 jj
     0    one tile's worth of zeros: lanes whose group slot is not the current step's read their x from there
 
-GT = 4 groups per k16 step for fp16 codebooks (an entry is hi + lo, two bf16 pieces, exactly: virtual k =
-4 j + 2 e + piece for group j, entry e), 8 for bf16 (virtual k = 2 j + e). tgroups = groups of the padded k,
-rounded up to a multiple of 8; padding is 0. A lane reads D of its two rows for two groups with one 16-byte load.
+tgroups = groups of the padded k, rounded up to a multiple of 8; padding is 0. A lane reads D of its two rows for
+two groups with one 16-byte load. The kernel streams both D and A: 64 bits per (row, group), 0.5 bit per weight
+at g = 128 on top of the codes (the v1 format's table is 32 bits per (row, group)).
 """
 from __future__ import annotations
 
@@ -199,33 +200,27 @@ def _untile_table(table: torch.Tensor, n: int, groups: int) -> torch.Tensor:
 _ROWS_PER_PASS = 4096   # bounds the temporaries of a repack (a few bytes per weight of one pass)
 
 
-def _tc1_gt(dtype: torch.dtype) -> int:
-    """Groups per k16 step of the table product: fp16 tables take two bf16 pieces per entry, bf16 one."""
-    return 4 if dtype == torch.float16 else 8
+TC1_GT = 8   # groups per k16 step of the table product (csrc/gemv_tc1.cuh Tc1Plan::kGt)
 
 
 @functools.lru_cache(maxsize=None)
-def _table_map(gt: int) -> Tuple[torch.Tensor, ...]:
+def _table_map() -> Tuple[torch.Tensor, ...]:
     """For the A operand of the table product, [32 lanes, 4 regs, 2 halves]: row in tile, group in step, entry
-    (0: c0, 1: c1), bf16 piece."""
+    (virtual k 2t + half (+ 8 for registers 2, 3) = group t (+ 4), entry = half: 0 c0, 1 c1)."""
     shape = (32, 4, 2)
-    row, grp, ent, piece = (torch.empty(shape, dtype=torch.int64) for _ in range(4))
+    row, grp, ent = (torch.empty(shape, dtype=torch.int64) for _ in range(3))
     for lane in range(32):
         gid, t = lane >> 2, lane & 3
         for reg in range(4):
             jj, r = reg >> 1, reg & 1
             for half in range(2):
-                row[lane, reg, half] = gid + 8 * r
-                if gt == 8:    # virtual k 2t + half (+ 8 jj): group t + 4 jj, entry = half
-                    grp[lane, reg, half], ent[lane, reg, half], piece[lane, reg, half] = t + 4 * jj, half, 0
-                else:          # virtual k 2t + half (+ 8 jj): group t // 2 + 2 jj, entry t % 2, piece = half
-                    grp[lane, reg, half], ent[lane, reg, half], piece[lane, reg, half] = t // 2 + 2 * jj, t % 2, half
-    return row, grp, ent, piece
+                row[lane, reg, half], grp[lane, reg, half], ent[lane, reg, half] = gid + 8 * r, t + 4 * jj, half
+    return row, grp, ent
 
 
 def repack_tc1(qweight: torch.Tensor, codebook: torch.Tensor, k: int, group_size: int):
-    """(qtc int32 [tiles, chunks, 32, 4], table [tiles + 1, tgroups, 8, 2, E]) of a 1-bit lut weight (E = 6 for
-    fp16 codebooks, 4 for bf16; the table's bytes are the layout of the module docstring)."""
+    """(qtc int32 [tiles, chunks, 32, 4], table [tiles + 1, tgroups, 8, 2, 4]) of a 1-bit lut weight (the table's
+    bytes are the layout of the module docstring)."""
     n = qweight.shape[0]
     if codebook.dim() != 3 or codebook.shape[0] != n or codebook.shape[2] != 2 or k % group_size:
         raise ValueError(f"repack_tc1 needs a 1-bit codebook [N, K/g, 2] with K % g == 0; got codebook "
@@ -236,40 +231,33 @@ def repack_tc1(qweight: torch.Tensor, codebook: torch.Tensor, k: int, group_size
     qtc = _pack_codes(qweight, 1, k, 256, *_bit_map(bf16), None, 1)
     t4, chunks = qtc.shape[0] // 4, qtc.shape[1]      # memory order [tiles / 4][chunks][4 tiles][32][4]
     qtc = qtc.view(t4, 4, chunks, 32, 4).transpose(1, 2).contiguous().view(t4 * 4, chunks, 32, 4)
-    tiles, tg, gt, dev = tc_tiles(n), tc_table_groups(k, group_size), _tc1_gt(codebook.dtype), codebook.device
+    tiles, tg, dev = tc_tiles(n), tc_table_groups(k, group_size), codebook.device
     cb = torch.zeros((tiles + 1) * 16, tg, 2, dtype=codebook.dtype, device=dev)
     cb[:n, : codebook.shape[1]] = codebook
     # D = c1 - c0 in fp32: [tile // 4][group pair][tile % 4][gid][group % 2][row half]
     d = (cb[: tiles * 16, :, 1].float() - cb[: tiles * 16, :, 0].float())
     d = d.view(tiles // 4, 4, 2, 8, tg // 2, 2).permute(0, 4, 1, 3, 5, 2).reshape(-1).view(torch.int32)
-    # c0, c1 as bf16 pieces (exact: an fp16 value is hi + lo)
-    hi = cb.to(torch.bfloat16)
-    lo = (cb.float() - hi.float()).to(torch.bfloat16)
-    if not torch.equal(hi.float() + lo.float(), cb.float()):
-        raise ValueError("repack_tc1: a codebook entry is not the sum of two bf16 pieces (inf or nan?)")
-    pieces = torch.stack((hi, lo), dim=-1)[: tiles * 16].view(tiles, 16, tg // gt, gt, 2, 2)  # [T, row, ts, j, e, p]
-    row, grp, ent, piece = (m.to(dev) for m in _table_map(gt))
-    a = pieces[:, row, :, grp, ent, piece]                       # [32, 4, 2, T, ts]
-    a = a.permute(3, 4, 0, 1, 2).contiguous().view(torch.int32)  # [T, ts, 32, 4] words
-    e = 6 if gt == 4 else 4
-    zero = torch.zeros(tg * 8 * e, dtype=torch.int32, device=dev)   # one tile: the kernel's zero source
+    # (c0, c1) in the A fragment order of the table product: [tile][step][lane][reg] words of two entries
+    steps = cb[: tiles * 16].view(tiles, 16, tg // TC1_GT, TC1_GT, 2)                # [T, row, ts, j, e]
+    row, grp, ent = (m.to(dev) for m in _table_map())
+    a = steps[:, row, :, grp, ent]                                # [32, 4, 2, T, ts]
+    a = a.permute(3, 4, 0, 1, 2).contiguous().view(torch.int32)   # [T, ts, 32, 4] words
+    zero = torch.zeros(tg * 32, dtype=torch.int32, device=dev)    # one tile: the kernel's zero source
     table = torch.cat((d, a.reshape(-1), zero))
-    return qtc, table.view(codebook.dtype).view(tiles + 1, tg, 8, 2, e)
+    return qtc, table.view(codebook.dtype).view(tiles + 1, tg, 8, 2, 4)
 
 
 def unrepack_tc1(qtc: torch.Tensor, table: torch.Tensor, n: int, k: int, group_size: int):
     """The v1 (qweight, codebook) of a tc1 repack: the inverse of :func:`repack_tc1` (tests, the reference). The
-    codebook is read back from the table product's pieces."""
+    codebook is read back from the table product's A operand."""
     bf16 = table.dtype == torch.bfloat16
-    gt = _tc1_gt(table.dtype)
     tiles, tg = table.shape[0] - 1, table.shape[1]
-    words = table.reshape(-1).view(torch.int32)[tiles * tg * 16: tiles * tg * 16 + tiles * tg * 128 // gt]
-    a = words.contiguous().view(torch.bfloat16).view(tiles, tg // gt, 32, 4, 2)       # [T, ts, lane, reg, half]
-    row, grp, ent, piece = (m.to(table.device) for m in _table_map(gt))
-    pieces = torch.zeros(tiles, 16, tg // gt, gt, 2, 2, dtype=torch.bfloat16, device=table.device)
-    pieces[:, row, :, grp, ent, piece] = a.permute(2, 3, 4, 0, 1)
-    cb = (pieces[..., 0].float() + pieces[..., 1].float()).to(table.dtype)            # [T, 16, ts, j, e]
-    cb = cb.reshape(tiles * 16, tg, 2)[:n, : k // group_size].contiguous()
+    words = table.reshape(-1).view(torch.int32)[tiles * tg * 16: tiles * tg * 32]
+    a = words.contiguous().view(table.dtype).view(tiles, tg // TC1_GT, 32, 4, 2)   # [T, ts, lane, reg, half]
+    row, grp, ent = (m.to(table.device) for m in _table_map())
+    steps = torch.zeros(tiles, 16, tg // TC1_GT, TC1_GT, 2, dtype=table.dtype, device=table.device)
+    steps[:, row, :, grp, ent] = a.permute(2, 3, 4, 0, 1)
+    cb = steps.reshape(tiles * 16, tg, 2)[:n, : k // group_size].contiguous()
     t4, chunks = qtc.shape[0] // 4, qtc.shape[1]
     qtc = qtc.reshape(t4, chunks, 4, 32, 4).transpose(1, 2).reshape(t4 * 4, chunks, 32, 4)
     return _unpack_codes(qtc, 1, n, k, 256, *_bit_map(bf16), None, 1), cb

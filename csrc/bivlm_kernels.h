@@ -82,7 +82,7 @@ cudaError_t launch_dequantize(const PackedWeight& w, void* out, cudaStream_t str
 //
 //   1 bit:  qtc    uint4 [tc_tiles(n)][tc_chunks(k)][32 lanes]      16 rows x 256 k of codes per (tile, chunk)
 //           table  dtype [tc_tiles(n) + 1][tc_table_groups(k, g)][8][2][tc1_table_entries]  a byte layout per tile:
-//                  D = c1 - c0 fp32, then c0, c1 as bf16 pieces in mma fragment order (gemv_tc1.cuh)
+//                  D = c1 - c0 fp32, then c0, c1 in mma fragment order (gemv_tc1.cuh)
 //   2 bits: qtc    uint4 [tc_tiles(n)][tc2_chunks(k)][32 lanes]     16 rows x 128 k
 //           table  dtype [tc_tiles(n) + 1][tc2_table_groups(k, g)][8][2][4]  the 4 entries of rows (g, g + 8)
 //   4 bits: qtc    uint4 [tc_tiles(n)][tc4_chunks(k)][32 lanes]     16 rows x 64 k (affine)
@@ -103,10 +103,9 @@ struct TcWeight {
 inline int64_t tc_tiles(int64_t n) { return ((n + 15) / 16 + 3) / 4 * 4; }
 inline int64_t tc_chunks(int64_t k) { return (k + 255) / 256; }
 inline int64_t tc_table_groups(int64_t k, int g) { return (tc_chunks(k) * 256 / g + 7) / 8 * 8; }
-// tc1: elements of the codebook dtype per (row, group) of the table (D fp32 + the table product's bf16 pieces of
-// c0, c1: two each for fp16, one each for bf16), and the table-product steps (kGt groups each) a split of sgroups
-// groups can overlap.
-inline int64_t tc1_table_entries(DType d) { return d == DType::kHalf ? 6 : 4; }
+// tc1: elements of the codebook dtype per (row, group) of the table (D fp32 + c0, c1 in mma fragment order), and
+// the table-product steps (kGt groups each) a split of sgroups groups can overlap.
+inline int64_t tc1_table_entries(DType) { return 4; }
 inline int tc1_table_steps(int sgroups, int gt) { return (sgroups + 2 * gt - 2) / gt; }
 inline int64_t tc2_chunks(int64_t k) { return (k + 127) / 128; }
 inline int64_t tc2_table_groups(int64_t k, int g) { return (tc2_chunks(k) * 128 / g + 7) / 8 * 8; }

@@ -18,10 +18,10 @@
 //     2 y = sum_g D_g acc_g  +  sum_g [ c0_g (2 S_g + V_g) - c1_g V_g ]          S_g = sum_(k in g) x
 //
 // * the first sum is the per-group epilogue: one FFMA per accumulator, D in fp32 from the table;
-// * the second is a small product over groups, done once per split on the tensor cores in bf16 (exact: c0 and
-//   c1 split into bf16 pieces by the repack -- two each for fp16 tables --, and 2S + V, V into three bf16 pieces
-//   each, so the error is that of fp32); its B operand is built by the block into shared memory first:
-//   S_g and V_g come from an mma of x with a constant A (row 0 all ones, row 1 the v0 pattern), then are split.
+// * the second is a small product over groups, done once per split on the tensor cores in bf16: A = the table's
+//   (c0, c1) in fragment order (an fp16 entry is split into two bf16 pieces here, exactly), B = 2S + V and -V as
+//   three bf16 pieces each, so its error is that of fp32. B is built by the block into shared memory first: S_g
+//   and V_g come from an mma of x with a constant A (row 0 all ones, row 1 the v0 pattern), then are split.
 //
 // Group slots (M <= 4): the 8 B columns are M rows of x x S = 8/M group slots, column n = m S + slot holding x only
 // where the k step's group has that slot (others read the zero tile after the tables), so one epilogue serves S
@@ -41,7 +41,7 @@ template <typename T>
 struct Tc1Plan;
 template <>
 struct Tc1Plan<__half> {
-  static constexpr int kGt = 4;   // groups per k16 step of the table product (c0, c1 each two bf16 pieces)
+  static constexpr int kGt = 8;   // groups per k16 step of the table product
   __host__ __device__ static constexpr int ver(int i, int reg) {
     return i == 0 ? (reg & 1 ? 3 : 1) : i == 1 ? (reg & 1) : i == 2 ? reg : 2 + (reg & 1);
   }
@@ -58,7 +58,7 @@ struct Tc1Plan<__half> {
 };
 template <>
 struct Tc1Plan<__nv_bfloat16> {
-  static constexpr int kGt = 8;   // (c0, c1) are one bf16 piece each
+  static constexpr int kGt = 8;
   __host__ __device__ static constexpr int ver(int i, int reg) { return 2 * (i & 1) + (reg & 1); }
   __host__ __device__ static constexpr int pos(int i, int j) { return i < 2 ? 14 + j : 7 - j; }
   __device__ __forceinline__ static uint32_t version(uint32_t q, int v) { return q << (2 * v); }
@@ -80,6 +80,16 @@ template <int MT>
 inline size_t tc1_smem_bytes(int sgroups, int tsteps) {
   return static_cast<size_t>(MT) * sgroups * 2 * sizeof(float) +
          static_cast<size_t>(tsteps) * Tc1Shape<MT>::NT * 3 * 64 * sizeof(uint32_t);
+}
+
+// An A register of two fp16 values as two of bf16 pieces, hi + lo = the values exactly (11 = 8 + 3 bits).
+__device__ __forceinline__ void bf16_split2(uint32_t h2, uint32_t& hi, uint32_t& lo) {
+  const float2 f = tc_pair(h2, __half());
+  const __nv_bfloat16 h0 = from_float<__nv_bfloat16>(f.x), h1 = from_float<__nv_bfloat16>(f.y);
+  const __nv_bfloat16 l0 = from_float<__nv_bfloat16>(f.x - to_float(h0));
+  const __nv_bfloat16 l1 = from_float<__nv_bfloat16>(f.y - to_float(h1));
+  hi = *reinterpret_cast<const uint16_t*>(&h0) | (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h1)) << 16);
+  lo = *reinterpret_cast<const uint16_t*>(&l0) | (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&l1)) << 16);
 }
 
 // Three bf16 pieces (as raw bits) whose sum is v to about 2^-26 |v|.
@@ -109,8 +119,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
   const int ts0 = g_begin / GT;               // first table-product step (it may start before g_begin)
   const int nts = (g_end + GT - 1) / GT - ts0;
   // Table: D fp32 [tiles / 4][tgroups / 2][4 tiles][8 gid][2 groups][2 rows] (a warp's 4 tiles side by side),
-  // then the A operand of the table product uint32 [tiles][tgroups / GT][32 lanes][4], then one tile's worth of
-  // zeros (the zero source of B).
+  // then the A operand of the table product, (c0, c1) pairs [tiles][tgroups / 8][32 lanes][4], then one tile's
+  // worth of zeros (the zero source of B).
   const int64_t tile_words = static_cast<int64_t>(p.tgroups) * (16 + 128 / GT);
   const uint32_t* tab = reinterpret_cast<const uint32_t*>(p.tab);
   const uint32_t* tab_a = tab + static_cast<int64_t>(p.tiles) * p.tgroups * 16;
@@ -168,8 +178,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
   }
   __syncthreads();
   // Prologue 2: the table product's B fragments, [step][nt][piece][lane][b0, b1]. Virtual k row r of a step:
-  // bf16: group r / 2, part r % 2; fp16: group r / 4, part (r / 2) % 2 (two table pieces per entry). Part 0 meets
-  // c0 (value 2 S + V), part 1 meets c1 (value -V). Column n: slot layout as the main loop's B.
+  // group r / 2, part r % 2: part 0 meets c0 (value 2 S + V), part 1 meets c1 (value -V). Column n: the slot
+  // layout of the main loop's B.
   for (int e = threadIdx.x; e < nts * NT * 32; e += kGemvThreads) {
     const int ln = e % 32, nt = (e / 32) % NT, ts = e / (32 * NT);
     const int n = ln >> 2, tt = ln & 3;
@@ -180,7 +190,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int r = 2 * tt + 8 * jb + hf;
-        const int j = GT == 8 ? r / 2 : r / 4, part = GT == 8 ? r % 2 : (r / 2) % 2;
+        const int j = r / 2, part = r % 2;
         const int gg = (ts0 + ts) * GT + j;
         float v = 0.0f;
         if (gg >= g_begin && gg < g_end && mi < p.m && gg % S == slot) {
@@ -370,14 +380,20 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
     for (int r = 0; r < R; ++r) {
       const uint4 av = ptx::ld_nc_v4(tab_a + ((static_cast<int64_t>(tile0 + r) * (p.tgroups / GT) + ts0 + ts) * 32 +
                                               lane) * 4);
-      const uint32_t a[4] = {av.x, av.y, av.z, av.w};
+      uint32_t a[2][4] = {{av.x, av.y, av.z, av.w}, {0u, 0u, 0u, 0u}};   // [piece]: bf16 tables have one
+      constexpr int AP = std::is_same<T, __half>::value ? 2 : 1;
+      if constexpr (AP == 2) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) bf16_split2(a[0][j], a[0][j], a[1][j]);
+      }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int l = 0; l < 3; ++l) {
           const uint2 bv = *reinterpret_cast<const uint2*>(bt + ((ts * NT + nt) * 3 + l) * 64 + lane * 2);
           const uint32_t b[2] = {bv.x, bv.y};
-          ptx::mma_m16n8k16_bf16(y[r][nt], a, b, y[r][nt]);
+#pragma unroll
+          for (int ap = 0; ap < AP; ++ap) ptx::mma_m16n8k16_bf16(y[r][nt], a[ap], b, y[r][nt]);
         }
     }
   }

@@ -236,7 +236,8 @@ at::Tensor tc_linear(const at::Tensor& x, const at::Tensor& qtc, const at::Tenso
   const int64_t tiles = tc_tiles(n);
   const int64_t chunks = bits == 2 ? tc2_chunks(k) : bits == 4 ? tc4_chunks(k) : tc_chunks(k);
   const int64_t tg = bits == 2 ? tc2_table_groups(k, g) : bits == 4 ? tc4_table_groups(k, g) : tc_table_groups(k, g);
-  const int64_t entries = bits == 2 ? 4 : 2;  // (c0, c1), 4 entries, or (scale, zero)
+  // 1 bit: D fp32 + (c0, c1) in fragment order (tc1_table_entries); 2 bits: 4 entries; 4 bits: (scale, zero)
+  const int64_t entries = bits == 1 ? tc1_table_entries(to_dtype(table.scalar_type())) : bits == 2 ? 4 : 2;
   TORCH_CHECK(qtc.is_cuda() && qtc.scalar_type() == at::kInt && qtc.is_contiguous() &&
                   qtc.sizes() == at::IntArrayRef({tiles, chunks, 32, 4}),
               "bivlm_cuda.", op, ": qtc must be a contiguous CUDA int32 [", tiles, ", ", chunks, ", 32, 4] for n=", n,

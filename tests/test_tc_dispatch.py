@@ -20,8 +20,7 @@ def test_repack_round_trip(n, k, g, dtype):
     q, cb = _weight(n, k, g, dtype)
     qtc, table = repack.repack_tc1(q, cb, k, g)
     assert qtc.shape == (repack.tc_tiles(n), repack.tc_chunks(k), 32, 4) and qtc.dtype == torch.int32
-    e = 6 if dtype == torch.float16 else 4                       # D fp32 + c0, c1 as bf16 pieces
-    assert table.shape == (repack.tc_tiles(n) + 1, repack.tc_table_groups(k, g), 8, 2, e)
+    assert table.shape == (repack.tc_tiles(n) + 1, repack.tc_table_groups(k, g), 8, 2, 4)   # D fp32 + (c0, c1)
     assert table.dtype == dtype
     assert not table[-1].any()                                   # the zero tile the kernel reads for idle slots
     q2, cb2 = repack.unrepack_tc1(qtc, table, n, k, g)
