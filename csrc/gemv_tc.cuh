@@ -105,6 +105,73 @@ struct TcShape {
   static constexpr int R = MT > 8 ? 2 : 4;
 };
 
+// The B fragment of k16 step hs (0 / 1) of a 32-k pair, from the lane's one 16-byte load of x for the pair.
+__device__ __forceinline__ void tc_b_frag(const uint4& bx, int hs, uint32_t (&b)[2]) {
+  b[0] = hs ? bx.z : bx.x;
+  b[1] = hs ? bx.w : bx.y;
+}
+
+// The parameters every tensor-core launcher fills the same way (chunks and tgroups: the repack's counts).
+template <typename T>
+TcParams<T> tc_params(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int64_t chunks,
+                      int64_t tgroups, int chunks_per_split, void* out, float* out_f32) {
+  TcParams<T> p;
+  p.x = static_cast<const T*>(x);
+  p.ldx = ldx;
+  p.m = static_cast<int>(m);
+  p.q = static_cast<const uint4*>(w.qtc);
+  p.tab = static_cast<const T*>(w.table);
+  p.n = static_cast<int>(w.n);
+  p.k = static_cast<int>(w.k);
+  p.tiles = static_cast<int>(tc_tiles(w.n));
+  p.chunks = static_cast<int>(chunks);
+  p.tgroups = static_cast<int>(tgroups);
+  p.chunks_per_split = chunks_per_split;
+  p.sgroups = 0;
+  p.bias = static_cast<const T*>(bias);
+  p.out = static_cast<T*>(out);
+  p.out_f32 = out_f32;
+  return p;
+}
+
+// Write a warp's accumulators y[R][NT][4] (times scale): with S > 1 group slots the slots of each row of x are
+// summed first (columns 2t, 2t + 1 of this lane, then lanes xor 1, 2).
+template <int S, typename T, int R, int NT>
+__device__ __forceinline__ void tc_store(const TcParams<T>& p, int tile0, int gid, int t, float (&y)[R][NT][4],
+                                         float scale) {
+  const bool add_bias = p.bias != nullptr && blockIdx.y == 0;
+  auto write = [&](int mi, int row, float v) {
+    store_output(p.out, p.out_f32, p.bias, add_bias, blockIdx.y, p.m, p.n, mi, row, scale * v);
+  };
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row0 = (tile0 + r) * 16 + gid;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if constexpr (S > 1) {
+        float v[2] = {y[r][nt][0] + y[r][nt][1], y[r][nt][2] + y[r][nt][3]};
+#pragma unroll
+        for (int rh = 0; rh < 2; ++rh) {
+#pragma unroll
+          for (int off = 1; off < S / 2; off <<= 1) v[rh] += ptx::shfl_xor(v[rh], off);
+        }
+        const int mi = (2 * t) / S;
+        if (t % (S / 2) == 0 && mi < p.m) {
+#pragma unroll
+          for (int rh = 0; rh < 2; ++rh)
+            if (row0 + 8 * rh < p.n) write(mi, row0 + 8 * rh, v[rh]);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int mi = nt * 8 + 2 * t + (e & 1), row = row0 + 8 * (e >> 1);
+          if (mi < p.m && row < p.n) write(mi, row, y[r][nt][e]);
+        }
+      }
+    }
+  }
+}
+
 // BITS = 4 (the template argument keeps the kernel's name): LOP3 puts a code into the mantissa of a magic fp16 /
 // bf16 constant (1024 + c, or 1024 + 16 c for the high nibble; bf16: 128 + c) and one HFMA2 leaves c exactly.
 template <typename T, int BITS, int MT, int G>
@@ -245,10 +312,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
         const int s = pp * 2 + hs;
         uint32_t b[NT][2];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          b[nt][0] = hs ? bx[nt].z : bx[nt].x;
-          b[nt][1] = hs ? bx[nt].w : bx[nt].y;
-        }
+        for (int nt = 0; nt < NT; ++nt) tc_b_frag(bx[nt], hs, b[nt]);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           uint32_t a[4];
@@ -275,61 +339,17 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
     if (c_begin < c_end && (c_end * CK) % BK != 0) epilogue((c_end * CK / BK) * BK / G);
   }
 
-  // Output: sum the slots of each row of x (columns 2t, 2t+1 of this lane, then lanes xor 1, 2), write.
-  const bool add_bias = p.bias != nullptr && blockIdx.y == 0;
-  auto write = [&](int mi, int row, float v) {
-    store_output(p.out, p.out_f32, p.bias, add_bias, blockIdx.y, p.m, p.n, mi, row, v);
-  };
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int row0 = (tile0 + r) * 16 + gid;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      if constexpr (S > 1) {
-        float v[2] = {y[r][nt][0] + y[r][nt][1], y[r][nt][2] + y[r][nt][3]};
-#pragma unroll
-        for (int rh = 0; rh < 2; ++rh) {
-#pragma unroll
-          for (int off = 1; off < S / 2; off <<= 1) v[rh] += ptx::shfl_xor(v[rh], off);
-        }
-        const int mi = (2 * t) / S;
-        if (t % (S / 2) == 0 && mi < p.m) {
-#pragma unroll
-          for (int rh = 0; rh < 2; ++rh)
-            if (row0 + 8 * rh < p.n) write(mi, row0 + 8 * rh, v[rh]);
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int mi = nt * 8 + 2 * t + (e & 1), row = row0 + 8 * (e >> 1);
-          if (mi < p.m && row < p.n) write(mi, row, y[r][nt][e]);
-        }
-      }
-    }
-  }
+  tc_store<S>(p, tile0, gid, t, y, 1.0f);
 }
 
 // Launch one instantiation (grid from the repacked sizes).
 template <typename T, int BITS, int MT, int G>
 cudaError_t launch_tc_config(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
                              int chunks_per_split, void* out, float* out_f32, cudaStream_t stream) {
-  TcParams<T> p;
-  p.x = static_cast<const T*>(x);
-  p.ldx = ldx;
-  p.m = static_cast<int>(m);
-  p.q = static_cast<const uint4*>(w.qtc);
-  p.tab = static_cast<const T*>(w.table);
-  p.n = static_cast<int>(w.n);
-  p.k = static_cast<int>(w.k);
-  p.tiles = static_cast<int>(tc_tiles(w.n));
-  p.chunks = static_cast<int>(tc4_chunks(w.k));
-  p.tgroups = static_cast<int>(tc4_table_groups(w.k, w.group_size));
-  p.chunks_per_split = chunks_per_split;
+  TcParams<T> p = tc_params<T>(x, m, ldx, w, bias, tc4_chunks(w.k), tc4_table_groups(w.k, w.group_size),
+                                 chunks_per_split, out, out_f32);
   constexpr int S = TcShape<MT>::S;
   p.sgroups = ((chunks_per_split * (256 / BITS) + G - 1) / G + S - 1) / S * S;
-  p.bias = static_cast<const T*>(bias);
-  p.out = static_cast<T*>(out);
-  p.out_f32 = out_f32;
   constexpr int tiles_per_block = kTcWarps * TcShape<MT>::R;
   const dim3 grid(static_cast<unsigned>((p.tiles + tiles_per_block - 1) / tiles_per_block),
                   static_cast<unsigned>(splits));

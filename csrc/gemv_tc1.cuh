@@ -312,10 +312,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
           const int i = 2 * pp2 + hs, s = 4 * w + i;
           uint32_t b[NT][2];
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            b[nt][0] = hs ? bx[nt].z : bx[nt].x;
-            b[nt][1] = hs ? bx[nt].w : bx[nt].y;
-          }
+          for (int nt = 0; nt < NT; ++nt) tc_b_frag(bx[nt], hs, b[nt]);
 #pragma unroll
           for (int r = 0; r < R; ++r) {
             uint32_t a[4];
@@ -398,38 +395,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
     }
   }
 
-  // Output: sum the slots of each row of x (columns 2t, 2t+1 of this lane, then lanes xor 1, 2), write y = y2 / 2.
-  const bool add_bias = p.bias != nullptr && blockIdx.y == 0;
-  auto write = [&](int mi, int row, float v2) {
-    store_output(p.out, p.out_f32, p.bias, add_bias, blockIdx.y, p.m, p.n, mi, row, 0.5f * v2);
-  };
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int row0 = (tile0 + r) * 16 + gid;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      if constexpr (S > 1) {
-        float v[2] = {y[r][nt][0] + y[r][nt][1], y[r][nt][2] + y[r][nt][3]};
-#pragma unroll
-        for (int rh = 0; rh < 2; ++rh) {
-#pragma unroll
-          for (int off = 1; off < S / 2; off <<= 1) v[rh] += ptx::shfl_xor(v[rh], off);
-        }
-        const int mi = (2 * t) / S;
-        if (t % (S / 2) == 0 && mi < p.m) {
-#pragma unroll
-          for (int rh = 0; rh < 2; ++rh)
-            if (row0 + 8 * rh < p.n) write(mi, row0 + 8 * rh, v[rh]);
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int mi = nt * 8 + 2 * t + (e & 1), row = row0 + 8 * (e >> 1);
-          if (mi < p.m && row < p.n) write(mi, row, y[r][nt][e]);
-        }
-      }
-    }
-  }
+  tc_store<S>(p, tile0, gid, t, y, 0.5f);   // y holds 2 y (halving is exact)
 }
 
 // Launch one instantiation (grid from the repacked sizes). sgroups / tsteps: the largest split's groups and
@@ -437,22 +403,9 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
 template <typename T, int MT, int G>
 cudaError_t launch_tc1_config(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
                               int chunks_per_split, void* out, float* out_f32, cudaStream_t stream) {
-  TcParams<T> p;
-  p.x = static_cast<const T*>(x);
-  p.ldx = ldx;
-  p.m = static_cast<int>(m);
-  p.q = static_cast<const uint4*>(w.qtc);
-  p.tab = static_cast<const T*>(w.table);
-  p.n = static_cast<int>(w.n);
-  p.k = static_cast<int>(w.k);
-  p.tiles = static_cast<int>(tc_tiles(w.n));
-  p.chunks = static_cast<int>(tc_chunks(w.k));
-  p.tgroups = static_cast<int>(tc_table_groups(w.k, w.group_size));
-  p.chunks_per_split = chunks_per_split;
+  TcParams<T> p = tc_params<T>(x, m, ldx, w, bias, tc_chunks(w.k), tc_table_groups(w.k, w.group_size),
+                                 chunks_per_split, out, out_f32);
   p.sgroups = chunks_per_split * 256 / G;
-  p.bias = static_cast<const T*>(bias);
-  p.out = static_cast<T*>(out);
-  p.out_f32 = out_f32;
   constexpr int tiles_per_block = kTcWarps * Tc1Shape<MT>::R;
   const dim3 grid(static_cast<unsigned>((p.tiles + tiles_per_block - 1) / tiles_per_block),
                   static_cast<unsigned>(splits));

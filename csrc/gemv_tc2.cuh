@@ -91,10 +91,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const TcParams
       for (int hs = 0; hs < 2; ++hs) {
         uint32_t b[NT][2];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          b[nt][0] = hs ? bx[nt].z : bx[nt].x;
-          b[nt][1] = hs ? bx[nt].w : bx[nt].y;
-        }
+        for (int nt = 0; nt < NT; ++nt) tc_b_frag(bx[nt], hs, b[nt]);
         const int gi = (w * 32 + hs * 16) / G;  // group of this step within the chunk (compile-time)
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -121,41 +118,15 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const TcParams
     if (c + 1 < c_end) chunk(c + 1, qb, tbb, qa, ta);
   }
 
-  const bool add_bias = p.bias != nullptr && blockIdx.y == 0;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int row0 = (tile0 + r) * 16 + gid;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int mi = nt * 8 + 2 * t + (e & 1), row = row0 + 8 * (e >> 1);
-        if (mi < p.m && row < p.n)
-          store_output(p.out, p.out_f32, p.bias, add_bias, blockIdx.y, p.m, p.n, mi, row, y[r][nt][e]);
-      }
-    }
-  }
+  tc_store<1>(p, tile0, gid, t, y, 1.0f);
 }
 
 template <typename T, int MT, int G>
 cudaError_t launch_tc2_config(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias,
                               int splits, int chunks_per_split, void* out, float* out_f32, cudaStream_t stream) {
-  TcParams<T> p;
-  p.x = static_cast<const T*>(x);
-  p.ldx = ldx;
-  p.m = static_cast<int>(m);
-  p.q = static_cast<const uint4*>(w.qtc);
-  p.tab = static_cast<const T*>(w.table);
-  p.n = static_cast<int>(w.n);
-  p.k = static_cast<int>(w.k);
-  p.tiles = static_cast<int>(tc_tiles(w.n));
-  p.chunks = static_cast<int>(tc2_chunks(w.k));
-  p.tgroups = static_cast<int>(tc2_table_groups(w.k, w.group_size));
-  p.chunks_per_split = chunks_per_split;
-  p.sgroups = 0;   // no S / SQ prologue at 2 bits
-  p.bias = static_cast<const T*>(bias);
-  p.out = static_cast<T*>(out);
-  p.out_f32 = out_f32;
+  // no S prologue at 2 bits (sgroups 0)
+  const TcParams<T> p = tc_params<T>(x, m, ldx, w, bias, tc2_chunks(w.k), tc2_table_groups(w.k, w.group_size),
+                                       chunks_per_split, out, out_f32);
   constexpr int tiles_per_block = kTcWarps * kTc2Tiles;
   const dim3 grid(static_cast<unsigned>((p.tiles + tiles_per_block - 1) / tiles_per_block),
                   static_cast<unsigned>(splits));
