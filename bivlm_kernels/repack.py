@@ -232,13 +232,13 @@ def repack_tc1(qweight: torch.Tensor, codebook: torch.Tensor, k: int, group_size
     t4, chunks = qtc.shape[0] // 4, qtc.shape[1]      # memory order [tiles / 4][chunks][4 tiles][32][4]
     qtc = qtc.view(t4, 4, chunks, 32, 4).transpose(1, 2).contiguous().view(t4 * 4, chunks, 32, 4)
     tiles, tg, dev = tc_tiles(n), tc_table_groups(k, group_size), codebook.device
-    cb = torch.zeros((tiles + 1) * 16, tg, 2, dtype=codebook.dtype, device=dev)
+    cb = torch.zeros(tiles * 16, tg, 2, dtype=codebook.dtype, device=dev)
     cb[:n, : codebook.shape[1]] = codebook
     # D = c1 - c0 in fp32: [tile // 4][group pair][tile % 4][gid][group % 2][row half]
-    d = (cb[: tiles * 16, :, 1].float() - cb[: tiles * 16, :, 0].float())
+    d = cb[..., 1].float() - cb[..., 0].float()
     d = d.view(tiles // 4, 4, 2, 8, tg // 2, 2).permute(0, 4, 1, 3, 5, 2).reshape(-1).view(torch.int32)
     # (c0, c1) in the A fragment order of the table product: [tile][step][lane][reg] words of two entries
-    steps = cb[: tiles * 16].view(tiles, 16, tg // TC1_GT, TC1_GT, 2)                # [T, row, ts, j, e]
+    steps = cb.view(tiles, 16, tg // TC1_GT, TC1_GT, 2)                # [T, row, ts, j, e]
     row, grp, ent = (m.to(dev) for m in _table_map())
     a = steps[:, row, :, grp, ent]                                # [32, 4, 2, T, ts]
     a = a.permute(3, 4, 0, 1, 2).contiguous().view(torch.int32)   # [T, ts, 32, 4] words

@@ -36,11 +36,11 @@ template <typename T>
 struct TcBits;
 template <>
 struct TcBits<__half> {
-  static constexpr uint32_t kOne2 = 0x3C003C00u, kNegOne2 = 0xBC00BC00u;
+  static constexpr uint32_t kOne2 = 0x3C003C00u;   // (1, 1)
 };
 template <>
 struct TcBits<__nv_bfloat16> {
-  static constexpr uint32_t kOne2 = 0x3F803F80u, kNegOne2 = 0xBF80BF80u;
+  static constexpr uint32_t kOne2 = 0x3F803F80u;
 };
 
 __device__ __forceinline__ void tc_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], __half) {

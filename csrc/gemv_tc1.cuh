@@ -74,12 +74,11 @@ struct Tc1Shape {
   static constexpr int R = 4;
 };
 
-// Shared memory of a block: S, V as fp32 [MT][sgroups][2], then the B operand of the table product,
+// Shared memory of a block: S, V as fp32 [mt][sgroups][2], then the B operand of the table product,
 // uint32 [tsteps][NT][3 pieces][32 lanes][2].
-template <int MT>
-inline size_t tc1_smem_bytes(int sgroups, int tsteps) {
-  return static_cast<size_t>(MT) * sgroups * 2 * sizeof(float) +
-         static_cast<size_t>(tsteps) * Tc1Shape<MT>::NT * 3 * 64 * sizeof(uint32_t);
+inline size_t tc1_smem_bytes(int mt, int sgroups, int tsteps) {
+  return static_cast<size_t>(mt) * sgroups * 2 * sizeof(float) +
+         static_cast<size_t>(tsteps) * (mt > 8 ? 2 : 1) * 3 * 64 * sizeof(uint32_t);
 }
 
 // An A register of two fp16 values as two of bf16 pieces, hi + lo = the values exactly (11 = 8 + 3 bits).
@@ -410,7 +409,7 @@ cudaError_t launch_tc1_config(const void* x, int64_t m, int64_t ldx, const TcWei
   const dim3 grid(static_cast<unsigned>((p.tiles + tiles_per_block - 1) / tiles_per_block),
                   static_cast<unsigned>(splits));
   const int tsteps = tc1_table_steps(p.sgroups, Tc1Plan<T>::kGt);
-  BIVLM_LAUNCH(grid, kGemvThreads, tc1_smem_bytes<MT>(p.sgroups, tsteps), stream, gemv_tc_b1_kernel<T, MT, G>)(p);
+  BIVLM_LAUNCH(grid, kGemvThreads, tc1_smem_bytes(MT, p.sgroups, tsteps), stream, gemv_tc_b1_kernel<T, MT, G>)(p);
   return cudaGetLastError();
 }
 

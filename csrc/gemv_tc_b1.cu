@@ -28,19 +28,15 @@ int tiles_per_block(int bits, int mt) { return detail::kTcWarps * (bits != 4 || 
 // The block keeps per-group values of its split in shared memory, at most 32 KiB. 4 bits: S and SQ (8 MT bytes per
 // group), so at most 16 G / MT chunks (a multiple of block_chunks for every bucket). 1 bit: S, V and the table
 // product's B fragments (tc1_smem_bytes), as many whole slot blocks as fit.
-int64_t max_chunks_per_split(int bits, int mt, int g, DType dtype) {
+int64_t max_chunks_per_split(int bits, int mt, int g) {
   if (bits == 2) return INT32_MAX;
   if (bits == 4) return 16 * bits * static_cast<int64_t>(g) / mt;
-  const int gt = dtype == DType::kHalf ? detail::Tc1Plan<__half>::kGt : detail::Tc1Plan<__nv_bfloat16>::kGt;
+  static_assert(detail::Tc1Plan<__half>::kGt == detail::Tc1Plan<__nv_bfloat16>::kGt, "one table-step size");
   const int64_t bc = block_chunks(1, mt, g);
   int64_t best = bc;
   for (int64_t c = bc; c <= 4096; c += bc) {
     const int sg = static_cast<int>(c * 256 / g);
-    const int ts = tc1_table_steps(sg, gt);
-    const size_t bytes = mt == 1 ? detail::tc1_smem_bytes<1>(sg, ts) : mt == 2 ? detail::tc1_smem_bytes<2>(sg, ts)
-                         : mt == 4 ? detail::tc1_smem_bytes<4>(sg, ts) : mt == 8 ? detail::tc1_smem_bytes<8>(sg, ts)
-                         : detail::tc1_smem_bytes<16>(sg, ts);
-    if (bytes > 32768) break;
+    if (detail::tc1_smem_bytes(mt, sg, tc1_table_steps(sg, detail::Tc1Plan<__half>::kGt)) > 32768) break;
     best = c;
   }
   return best;
@@ -66,7 +62,7 @@ int gemv_tc_num_splits(int64_t m, const TcWeight& w, int sm_count) {
   const int64_t target = 4 * static_cast<int64_t>(sm_count > 0 ? sm_count : 1);
   int64_t splits = cdiv(target, row_blocks);
   const int64_t max_splits = cdiv(chunks_of(w), block_chunks(w.bits, mt, w.group_size));
-  const int64_t min_splits = cdiv(chunks_of(w), max_chunks_per_split(w.bits, mt, w.group_size, w.dtype));
+  const int64_t min_splits = cdiv(chunks_of(w), max_chunks_per_split(w.bits, mt, w.group_size));
   if (splits > max_splits) splits = max_splits;
   if (splits > 32) splits = 32;
   if (splits < min_splits) splits = min_splits;  // may exceed 32 for K > 32 * 16 G / MT: correct, rare
@@ -92,7 +88,7 @@ cudaError_t launch_gemv_tc(const void* x, int64_t m, int64_t ldx, const TcWeight
   // x is read 16 bytes at a time at columns that are multiples of 8.
   if (x == nullptr || !aligned(x, 16) || (ldx * 2) % 16 != 0 || ldx < w.k) return cudaErrorInvalidValue;
   const int64_t cps = chunks_per_split(m, w, splits);
-  if (cdiv(chunks_of(w), cps) != splits || cps > max_chunks_per_split(w.bits, detail::gemv_mt(m), w.group_size, w.dtype))
+  if (cdiv(chunks_of(w), cps) != splits || cps > max_chunks_per_split(w.bits, detail::gemv_mt(m), w.group_size))
     return cudaErrorInvalidValue;  // not what gemv_tc_num_splits gave
   if (w.bits == 2) return detail::launch_tc2(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);
   if (w.bits == 4) return detail::launch_tc4(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);
