@@ -689,7 +689,9 @@ def main(argv=None) -> int:
         if args.check:
             return 2
 
+    import sass_budget_seg   # noqa: E402 (imports this module)
     rows: List[dict] = []
+    seg: List[dict] = []
     unmeasured: List[str] = []
     notes: List[str] = []
     for arch in args.arch:
@@ -701,6 +703,11 @@ def main(argv=None) -> int:
                 return 2
             rows += r
             unmeasured += [f"sm_{arch} {n}" for n in u]
+            try:
+                seg += sass_budget_seg.seg_rows(arch, args.cache_dir, nvcc, cuobjdump)
+            except RuntimeError as e:
+                print(f"sass_budget: {e}", file=sys.stderr)
+                return 2
         if not args.no_triton:
             try:
                 rows += triton_rows(arch, args.cache_dir)
@@ -739,6 +746,13 @@ def main(argv=None) -> int:
         if sel:
             lines += [f"## sm_{arch}" + ("" if arch == 90 else " (registers and spills; ceilings are for sm_90)"), ""]
             lines += table(sel, clock, sm90=arch == 90) + [""]
+    if seg:
+        lines += ["## The sub-2-bit layout in one launch (`gemv_tc_seg_kernel`, sm_90)", "",
+                  "f = the 2-bit (salient) share of the columns; `instr/w` = (1 - f) x 1-bit loop + f x 2-bit loop + "
+                  "gather, each measured in the fused kernel's own SASS; `limit` = 1.1 x ((1 - f) x 1-bit budget + "
+                  "f x 2-bit budget); the ceiling counts the streamed bits (1-bit repack, 2-bit repack, the int32 "
+                  "perm). See `benchmarks/sass_budget_seg.py`.", ""]
+        lines += sass_budget_seg.table(seg, clock) + [""]
     if not args.no_eager:
         e = eager_us()
         what = "`QuantLinear.forward`, 64x64, 1 bit g64, fp16, M = 1, reference backend"
@@ -756,7 +770,7 @@ def main(argv=None) -> int:
         lines += ["Kernels in the cubins that no row measures (add them to `benchmarks/sass_budget.py`): "
                   + ", ".join(f"`{u}`" for u in unmeasured), ""]
     lines += [n + "" for n in notes]
-    bad = failures(rows, clock)
+    bad = failures(rows, clock) + sass_budget_seg.failures(seg, clock)
     lines.append(f"`--check`: {len(bad)} CUDA configuration(s) over budget or spilling." if bad else
                  "`--check`: every CUDA configuration is within budget and spill-free.")
     text = "\n".join(lines) + "\n"

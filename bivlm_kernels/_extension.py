@@ -25,3 +25,6 @@ if hasattr(torch.ops.bivlm_cuda, "tc_linear"):   # 1/2/4 bits, g64/g128, M <= 16
         torch.ops.bivlm_cuda.tc_linear, torch.ops.bivlm_cuda.lut_linear))
     ops.register_backend_kernel("affine_linear", "cuda", tc_dispatch.routed_affine_linear(
         torch.ops.bivlm_cuda.tc_linear, torch.ops.bivlm_cuda.affine_linear))
+if hasattr(torch.ops.bivlm_cuda, "seg_tc_linear"):   # the sub-2-bit layout in one launch
+    ops.register_backend_kernel("segmented_lut_linear", "cuda", tc_dispatch.routed_segmented_lut_linear(
+        torch.ops.bivlm_cuda.seg_tc_linear, ops._segmented_by_parts))

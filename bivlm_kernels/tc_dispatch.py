@@ -1,4 +1,6 @@
-"""Routing of the CUDA backend's ``lut_linear`` / ``affine_linear`` to the tensor-core kernels (``bivlm_cuda::tc_linear``).
+"""Routing of the CUDA backend's ``lut_linear`` / ``affine_linear`` to the tensor-core kernels (``bivlm_cuda::tc_linear``),
+and of ``segmented_lut_linear`` (the sub-2-bit layout: perm, a 2-bit and a 1-bit segment) to the one-launch
+segmented kernel (``bivlm_cuda::seg_tc_linear``).
 
 A call goes to a tensor-core kernel when the format is one they cover (lut 1 or 2 bits, affine 4, g = 64 or 128,
 fp16 / bf16 tables), 1 <= M <= 16 rows of x, and ``BIVLM_CUDA_TC`` is not ``0``. Its operands are the load-time
@@ -62,3 +64,48 @@ def routed_affine_linear(tc_kernel, affine_kernel):
             return affine_kernel(x, qweight, scales, zeros, bits, group_size, bias, out_dtype)
         return tc_kernel(x, rep[0], rep[1], qweight.shape[0], x.shape[-1], bits, group_size, bias, out_dtype)
     return affine_linear
+
+
+def seg_operands(x, perm, qweights, codebooks, bits, group_size):
+    """(perm int32, qtc2, table2, qtc1, table1, k2, k1) when the segmented kernel covers this call, else None: the
+    segments are [2-bit, 1-bit], [2-bit] or [1-bit] lut (the layout BiLLM and Bi-VLM emit at bits=1), in a format
+    the tensor-core kernels cover, 1 <= M <= 16. The repacks are the ones lut_linear's route caches (same tags)."""
+    k = x.shape[-1]
+    bits = list(bits)
+    if not enabled or bits not in ([2, 1], [2], [1]) or k == 0 or not 1 <= x.numel() // k <= MAX_M:
+        return None
+    if not repack.tc_supported(1, group_size, codebooks[0].dtype):
+        return None
+    segs = {2: None, 1: None}
+    for qw, cb, b in zip(qweights, codebooks, bits):
+        ks = cb.shape[1] * group_size
+        rep = repack_cache.get(f"tc{b}", (qw, cb), lambda qw=qw, cb=cb, b=b, ks=ks: repack.repack_tables(
+            b, qw, (cb,), ks, group_size))
+        segs[b] = (rep, ks)
+    if perm is not None and perm.dtype != torch.int32:
+        perm = repack_cache.get("perm32", (perm,), lambda: perm.to(torch.int32).contiguous())
+    (q2, t2), k2 = segs[2] if segs[2] else ((None, None), 0)
+    (q1, t1), k1 = segs[1] if segs[1] else ((None, None), 0)
+    return perm, q2, t2, q1, t1, k2, k1
+
+
+def reference_seg_tc_linear(x, perm, qtc2, table2, qtc1, table1, n, k2, k1, group_size, bias=None,
+                            out_dtype=None):
+    """What ``seg_tc_linear`` computes: the reference segmented op of the un-repacked segments."""
+    qweights, codebooks, bits = [], [], []
+    for qtc, table, ks, b in ((qtc2, table2, k2, 2), (qtc1, table1, k1, 1)):
+        if ks:
+            qw, cb = repack.unrepack_tc(qtc, table, n, ks, group_size, b)
+            qweights.append(qw), codebooks.append(cb), bits.append(b)
+    return ops.reference_segmented_lut_linear(x, perm, qweights, codebooks, bits, group_size, bias, out_dtype)
+
+
+def routed_segmented_lut_linear(seg_kernel, by_parts):
+    """The cuda backend's segmented_lut_linear: ``seg_kernel`` (the seg_tc_linear signature) where it applies,
+    else ``by_parts`` (the segmented_lut_linear signature: per-segment lut_linear calls summed in fp32)."""
+    def segmented_lut_linear(x, perm, qweights, codebooks, bits, group_size, bias=None, out_dtype=None):
+        rep = seg_operands(x, perm, qweights, codebooks, bits, group_size)
+        if rep is None:
+            return by_parts(x, perm, qweights, codebooks, bits, group_size, bias, out_dtype)
+        return seg_kernel(x, *rep[:5], qweights[0].shape[0], rep[5], rep[6], group_size, bias, out_dtype)
+    return segmented_lut_linear

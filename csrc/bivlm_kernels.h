@@ -123,4 +123,28 @@ int gemv_tc_num_splits(int64_t m, const TcWeight& w, int sm_count);
 cudaError_t launch_gemv_tc(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
                            void* out, float* out_f32, cudaStream_t stream);
 
+// ---- the sub-2-bit layout in one decode launch (gemv_tc_seg.cu) ----
+//
+// y = x[:, perm] . [W2 | W1]^T (+ bias): a 2-bit lut segment over the first k2 permuted columns and a 1-bit lut
+// segment over the next k1 (either may be absent, k = 0), each as its tc2 / tc1 repack; perm int32 [k2 + k1]
+// (16-byte aligned) or nullptr (the identity). Each block gathers x through perm into shared memory for its split
+// of both segments and runs both decodes, accumulating one fp32 partial per split.
+struct TcSegWeight {
+  TcWeight seg2;                     // bits 2 (k = 0: absent)
+  TcWeight seg1;                     // bits 1 (k = 0: absent)
+  const int32_t* perm = nullptr;
+};
+
+// Threads per block of the segmented kernel (8 warps: the gathered x serves 512 rows).
+constexpr int kTcSegThreads = 256;
+
+// K splits of the segmented kernel (>= 1; the caller passes an fp32 workspace of splits * m * n floats and then
+// calls launch_splitk_reduce, with splits == 1 too); 0 when the segments are not a layout it covers (both
+// tensor-core formats at the same n, g and dtype, g 64 / 128, k2 + k1 > 0).
+int gemv_tc_seg_num_splits(int64_t m, const TcSegWeight& w, int sm_count);
+
+// out_f32 [splits, m, n] = the partials (bias in split 0); x as for launch_gemv_tc, [m, k2 + k1].
+cudaError_t launch_gemv_tc_seg(const void* x, int64_t m, int64_t ldx, const TcSegWeight& w, const void* bias,
+                               int splits, float* out_f32, cudaStream_t stream);
+
 }  // namespace bivlm

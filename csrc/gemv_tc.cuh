@@ -75,7 +75,32 @@ struct TcParams {
   const T* bias;           // [n] or nullptr
   T* out;                  // [m, n] when out_f32 == nullptr
   float* out_f32;          // [splits, m, n] partials, or nullptr
+  int xoff;                // column of K that x points at (0; the segmented kernel: its stage's first column)
+  const T* xzero;          // staged bodies: >= 256 zero elements in shared memory (B past K / past m)
 };
+
+// Where a body writes its result: the out_f32 slot (split), whether it adds the bias, and whether it adds to what
+// an earlier body of the same block wrote there (the second segment of the segmented kernel).
+struct TcOut {
+  int split;
+  bool bias;
+  bool accumulate;
+};
+
+// A plain kernel's output: split blockIdx.y, the bias in split 0.
+__device__ __forceinline__ TcOut tc_out_plain() {
+  return TcOut{static_cast<int>(blockIdx.y), blockIdx.y == 0, false};
+}
+
+// 16 bytes of x (8 activations): from global memory (read-only path) or from a block's stage in shared memory.
+template <bool STAGED>
+__device__ __forceinline__ uint4 tc_ld_x(const void* p) {
+  if constexpr (STAGED) {
+    return ptx::ld_shared_v4(p);
+  } else {
+    return ptx::ld_nc_v4(p);
+  }
+}
 
 // 4-bit decode of one code word into an A fragment (codes 0..15 as exact fp16 / bf16 values). Word bits (the tc4
 // repack): [0-3, 16-19] -> a0 (row g, columns kb, kb + 1), [4-7, 20-23] -> a1 (row g + 8), [8-11, 24-27] -> a2
@@ -131,17 +156,23 @@ TcParams<T> tc_params(const void* x, int64_t m, int64_t ldx, const TcWeight& w, 
   p.bias = static_cast<const T*>(bias);
   p.out = static_cast<T*>(out);
   p.out_f32 = out_f32;
+  p.xoff = 0;
+  p.xzero = nullptr;
   return p;
 }
 
-// Write a warp's accumulators y[R][NT][4] (times scale): with S > 1 group slots the slots of each row of x are
+// Write a warp's accumulators y[R][NT][4] (times scale) as o says: with S > 1 group slots the slots of each row of x are
 // summed first (columns 2t, 2t + 1 of this lane, then lanes xor 1, 2).
 template <int S, typename T, int R, int NT>
-__device__ __forceinline__ void tc_store(const TcParams<T>& p, int tile0, int gid, int t, float (&y)[R][NT][4],
-                                         float scale) {
-  const bool add_bias = p.bias != nullptr && blockIdx.y == 0;
+__device__ __forceinline__ void tc_store(const TcParams<T>& p, const TcOut& o, int tile0, int gid, int t,
+                                         float (&y)[R][NT][4], float scale) {
+  const bool add_bias = p.bias != nullptr && o.bias;
   auto write = [&](int mi, int row, float v) {
-    store_output(p.out, p.out_f32, p.bias, add_bias, blockIdx.y, p.m, p.n, mi, row, scale * v);
+    if (o.accumulate) {   // out_f32 only, no bias (the first body of the block added it)
+      p.out_f32[(static_cast<int64_t>(o.split) * p.m + mi) * p.n + row] += scale * v;
+    } else {
+      store_output(p.out, p.out_f32, p.bias, add_bias, o.split, p.m, p.n, mi, row, scale * v);
+    }
   };
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -339,7 +370,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
     if (c_begin < c_end && (c_end * CK) % BK != 0) epilogue((c_end * CK / BK) * BK / G);
   }
 
-  tc_store<S>(p, tile0, gid, t, y, 1.0f);
+  tc_store<S>(p, tc_out_plain(), tile0, gid, t, y, 1.0f);
 }
 
 // Launch one instantiation (grid from the repacked sizes).

@@ -101,17 +101,19 @@ __device__ __forceinline__ void bf16_pieces(float v, uint32_t (&h)[3]) {
   }
 }
 
-template <typename T, int MT, int G>
-__global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams<T> p) {
+// The kernel's work for chunks [c_begin, c_end) of the rows of block blockIdx.x (WARPS warps), written as o says;
+// smem: tc1_smem_bytes of it. STAGED: x (from column p.xoff on) and the zero source are in shared memory (the
+// segmented kernel). Every thread of the block calls it (it has block barriers).
+template <typename T, int MT, int G, int WARPS, bool STAGED>
+__device__ __forceinline__ void tc1_body(const TcParams<T>& p, int c_begin, int c_end, const TcOut& o, float* smem) {
   using Plan = Tc1Plan<T>;
   constexpr int NT = Tc1Shape<MT>::NT, S = Tc1Shape<MT>::S, R = Tc1Shape<MT>::R, GT = Plan::kGt;
   constexpr int CK = 256;              // k of one chunk (16 bytes of codes per lane per m16 tile)
   constexpr int BK = S * G;            // k of one slot block (one epilogue)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int gid = lane >> 2, t = lane & 3;
-  const int tile0 = (blockIdx.x * kTcWarps + warp) * R;
-  const int c_begin = blockIdx.y * p.chunks_per_split;
-  const int c_end = min(p.chunks, c_begin + p.chunks_per_split);
+  const int tile0 = (blockIdx.x * WARPS + warp) * R;
+  const int xoff = STAGED ? p.xoff : 0;   // x holds columns from xoff on
   const int g_begin = c_begin * CK / G;
   const int g_end = max(g_begin, min(p.k, c_end * CK) / G);
   const int ngs = g_end - g_begin;            // groups of this split (<= p.sgroups)
@@ -123,9 +125,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
   const int64_t tile_words = static_cast<int64_t>(p.tgroups) * (16 + 128 / GT);
   const uint32_t* tab = reinterpret_cast<const uint32_t*>(p.tab);
   const uint32_t* tab_a = tab + static_cast<int64_t>(p.tiles) * p.tgroups * 16;
-  const T* zero_src = reinterpret_cast<const T*>(tab + p.tiles * tile_words);   // >= 512 zero elements
+  const T* zero_src = STAGED ? p.xzero : reinterpret_cast<const T*>(tab + p.tiles * tile_words);   // >= 512 zeros
 
-  BIVLM_DYNAMIC_SMEM(float, smem);
   float* sv = smem;                                                          // [MT][sgroups][2]: S, V
   uint32_t* bt = reinterpret_cast<uint32_t*>(smem + MT * p.sgroups * 2);    // [nts][NT][3][32][2]
 
@@ -147,7 +148,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
       xr[nt] = mi < p.m ? p.x + static_cast<int64_t>(mi) * p.ldx + 8 * t : zero_src + 8 * t;
       xstride[nt] = mi < p.m ? 1 : 0;
     }
-    for (int gl = warp; gl < ngs; gl += kTcWarps) {
+    for (int gl = warp; gl < ngs; gl += WARPS) {
       const int k0 = (g_begin + gl) * G;
       float c[NT][4];
 #pragma unroll
@@ -158,7 +159,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
       for (int pp = 0; pp < G / 32; ++pp) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          const uint4 bx = ptx::ld_nc_v4(xr[nt] + xstride[nt] * (k0 + 32 * pp));
+          const uint4 bx = tc_ld_x<STAGED>(xr[nt] + xstride[nt] * (k0 - xoff + 32 * pp));
           const uint32_t b0[2] = {bx.x, bx.y}, b1[2] = {bx.z, bx.w};
           tc_mma(c[nt], ac[2 * (pp & 1)], b0, T());       // step type i = 2 (pair % 2) + half
           tc_mma(c[nt], ac[2 * (pp & 1) + 1], b1, T());
@@ -179,7 +180,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
   // Prologue 2: the table product's B fragments, [step][nt][piece][lane][b0, b1]. Virtual k row r of a step:
   // group r / 2, part r % 2: part 0 meets c0 (value 2 S + V), part 1 meets c1 (value -V). Column n: the slot
   // layout of the main loop's B.
-  for (int e = threadIdx.x; e < nts * NT * 32; e += kGemvThreads) {
+  for (int e = threadIdx.x; e < nts * NT * 32; e += 32 * WARPS) {
     const int ln = e % 32, nt = (e / 32) % NT, ts = e / (32 * NT);
     const int n = ln >> 2, tt = ln & 3;
     const int mi = S > 1 ? n / S : nt * 8 + n, slot = S > 1 ? n % S : 0;
@@ -267,7 +268,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
   constexpr int GPC = CK / G;
   const T* xp[NT];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) xp[nt] = xbase[nt] + static_cast<int64_t>(c_begin) * xstep[nt];
+  for (int nt = 0; nt < NT; ++nt) xp[nt] = xbase[nt] + (xok[nt] ? static_cast<int64_t>(c_begin) * CK - xoff : 0);
   const float* dp = dq + static_cast<int64_t>(c_begin) * (GPC / 2) * 128;
   qp += 128;
 
@@ -305,7 +306,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
         const int pp = 2 * w + pp2;
         uint4 bx[NT];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) bx[nt] = ptx::ld_nc_v4(xg[nt][pp * 32 / G] + (pp * 32) % G);
+        for (int nt = 0; nt < NT; ++nt) bx[nt] = tc_ld_x<STAGED>(xg[nt][pp * 32 / G] + (pp * 32) % G);
 #pragma unroll
         for (int hs = 0; hs < 2; ++hs) {
           const int i = 2 * pp2 + hs, s = 4 * w + i;
@@ -394,7 +395,14 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams
     }
   }
 
-  tc_store<S>(p, tile0, gid, t, y, 0.5f);   // y holds 2 y (halving is exact)
+  tc_store<S>(p, o, tile0, gid, t, y, 0.5f);   // y holds 2 y (halving is exact)
+}
+
+template <typename T, int MT, int G>
+__global__ void __launch_bounds__(kGemvThreads) gemv_tc_b1_kernel(const TcParams<T> p) {
+  BIVLM_DYNAMIC_SMEM(float, smem);
+  const int c_begin = blockIdx.y * p.chunks_per_split;
+  tc1_body<T, MT, G, kTcWarps, false>(p, c_begin, min(p.chunks, c_begin + p.chunks_per_split), tc_out_plain(), smem);
 }
 
 // Launch one instantiation (grid from the repacked sizes). sgroups / tsteps: the largest split's groups and

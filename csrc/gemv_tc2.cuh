@@ -28,16 +28,18 @@ constexpr int kTc2Tiles = 4;
 
 __device__ __forceinline__ uint32_t rotr(uint32_t q, int s) { return s == 0 ? q : (q >> s) | (q << (32 - s)); }
 
-template <typename T, int MT, int G>
-__global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const TcParams<T> p) {
+// The kernel's work for chunks [c_begin, c_end) of the rows of block blockIdx.x (WARPS warps), written as o says.
+// STAGED: x (from column p.xoff on) is in shared memory, zero past K up to the end of the last chunk (the segmented
+// kernel).
+template <typename T, int MT, int G, int WARPS, bool STAGED>
+__device__ __forceinline__ void tc2_body(const TcParams<T>& p, int c_begin, int c_end, const TcOut& o) {
   constexpr int NT = TcShape<MT>::NT, R = kTc2Tiles;
   constexpr int GPC = 128 / G;  // groups per chunk (1 or 2)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int gid = lane >> 2, t = lane & 3;
-  const int tile0 = (blockIdx.x * kTcWarps + warp) * R;
+  const int tile0 = (blockIdx.x * WARPS + warp) * R;
   if (tile0 >= p.tiles) return;  // whole warp (tiles is a multiple of 4, R divides 4)
-  const int c_begin = blockIdx.y * p.chunks_per_split;
-  const int c_end = min(p.chunks, c_begin + p.chunks_per_split);
+  const int xoff = STAGED ? p.xoff : 0;   // x holds columns from xoff on
 
   const T* xrow[NT];
   bool xok[NT];
@@ -47,7 +49,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const TcParams
     xok[nt] = mi < p.m;
     xrow[nt] = p.x + (xok[nt] ? static_cast<int64_t>(mi) * p.ldx : 0);
   }
-  const T* zero_src = p.tab + static_cast<int64_t>(p.tiles) * p.tgroups * 64 + 8 * t;  // >= 512 zero elements
+  const T* zero_src = (STAGED ? p.xzero : p.tab + static_cast<int64_t>(p.tiles) * p.tgroups * 64) + 8 * t;
   // This lane's 8 activations of pair 0. Lanes of B columns past m read row 0 instead: column n of the mma's
   // result depends on column n of B only, and those columns are never written.
   const T* xb[NT];
@@ -86,7 +88,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const TcParams
       uint4 bx[NT];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
-        bx[nt] = ptx::ld_nc_v4(w * 32 < krem ? xb[nt] + c * 128 + w * 32 : zero_src);
+        bx[nt] = tc_ld_x<STAGED>(STAGED || w * 32 < krem ? xb[nt] + (c * 128 - xoff) + w * 32 : zero_src);
 #pragma unroll
       for (int hs = 0; hs < 2; ++hs) {
         uint32_t b[NT][2];
@@ -118,7 +120,13 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const TcParams
     if (c + 1 < c_end) chunk(c + 1, qb, tbb, qa, ta);
   }
 
-  tc_store<1>(p, tile0, gid, t, y, 1.0f);
+  tc_store<1>(p, o, tile0, gid, t, y, 1.0f);
+}
+
+template <typename T, int MT, int G>
+__global__ void __launch_bounds__(kGemvThreads) gemv_tc_b2_kernel(const TcParams<T> p) {
+  const int c_begin = blockIdx.y * p.chunks_per_split;
+  tc2_body<T, MT, G, kTcWarps, false>(p, c_begin, min(p.chunks, c_begin + p.chunks_per_split), tc_out_plain());
 }
 
 template <typename T, int MT, int G>

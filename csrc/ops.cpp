@@ -23,6 +23,7 @@
 #include <atomic>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -219,19 +220,10 @@ at::Tensor linear_impl(const char* op, const at::Tensor& x, const at::Tensor& ta
   });
 }
 
-// The tensor-core GEMVs on the tc1 / tc2 / tc4 repacks (bivlm_kernels/repack.py): lut 1 or 2 bits (table: the
-// codebook entries), affine 4 bits (table: scale, zero), M <= kGemvMaxM.
-at::Tensor tc_linear(const at::Tensor& x, const at::Tensor& qtc, const at::Tensor& table, int64_t n, int64_t k,
-                         int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias,
-                         std::optional<at::ScalarType> out_dtype) {
-  const char* op = "tc_linear";
-  TORCH_CHECK(n >= 1 && k >= 1 && n <= INT32_MAX / 2 && k <= INT32_MAX / 2, "bivlm_cuda.", op,
-              ": n and k must be in [1, 2^30), got n=", n, ", k=", k);
-  TORCH_CHECK(gemv_tc_supported(static_cast<int>(bits), static_cast<int>(group_size), to_dtype(table.scalar_type())) &&
-                  table.scalar_type() != at::kFloat && k % group_size == 0,
-              "bivlm_cuda.", op, ": covers bits 1, 2 (lut) or 4 (affine), group_size 64 or 128 (dividing k), float16 or "
-              "bfloat16 tables; got "
-              "bits=", bits, ", group_size=", group_size, ", k=", k, ", ", table.scalar_type());
+// The repacked operands of one tensor-core weight: qtc int32 [tiles, chunks, 32, 4], table [tiles + 1, tg, 8, 2,
+// entries], contiguous, on one CUDA device.
+void check_tc_operands(const char* op, const at::Tensor& qtc, const at::Tensor& table, int64_t n, int64_t k,
+                       int64_t bits, int64_t group_size) {
   const int g = static_cast<int>(group_size);
   const int64_t tiles = tc_tiles(n);
   const int64_t chunks = bits == 2 ? tc2_chunks(k) : bits == 4 ? tc4_chunks(k) : tc_chunks(k);
@@ -247,6 +239,22 @@ at::Tensor tc_linear(const at::Tensor& x, const at::Tensor& qtc, const at::Tenso
               "bivlm_cuda.", op, ": table must be contiguous [", tiles + 1, ", ", tg, ", 8, 2, ", entries,
               "] on qtc's device for n=", n, ", k=", k, ", bits=", bits, ", group_size=", group_size, "; got ",
               table.sizes(), " on ", table.device());
+}
+
+// The tensor-core GEMVs on the tc1 / tc2 / tc4 repacks (bivlm_kernels/repack.py): lut 1 or 2 bits (table: the
+// codebook entries), affine 4 bits (table: scale, zero), M <= kGemvMaxM.
+at::Tensor tc_linear(const at::Tensor& x, const at::Tensor& qtc, const at::Tensor& table, int64_t n, int64_t k,
+                         int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias,
+                         std::optional<at::ScalarType> out_dtype) {
+  const char* op = "tc_linear";
+  TORCH_CHECK(n >= 1 && k >= 1 && n <= INT32_MAX / 2 && k <= INT32_MAX / 2, "bivlm_cuda.", op,
+              ": n and k must be in [1, 2^30), got n=", n, ", k=", k);
+  TORCH_CHECK(gemv_tc_supported(static_cast<int>(bits), static_cast<int>(group_size), to_dtype(table.scalar_type())) &&
+                  table.scalar_type() != at::kFloat && k % group_size == 0,
+              "bivlm_cuda.", op, ": covers bits 1, 2 (lut) or 4 (affine), group_size 64 or 128 (dividing k), float16 or "
+              "bfloat16 tables; got "
+              "bits=", bits, ", group_size=", group_size, ", k=", k, ", ", table.scalar_type());
+  check_tc_operands(op, qtc, table, n, k, bits, group_size);
   const XView v = prepare_x(op, x, table, n, k, bias, out_dtype);
   TORCH_CHECK(v.m <= kGemvMaxM, "bivlm_cuda.", op, ": covers m <= ", kGemvMaxM, " rows of x, got m=", v.m,
               " (lut_linear handles larger m)");
@@ -264,6 +272,65 @@ at::Tensor tc_linear(const at::Tensor& x, const at::Tensor& qtc, const at::Tenso
   return run_decode(op, x, v, n, k, splits, [&](int s, void* out, float* out_f32, cudaStream_t stream) {
     return launch_gemv_tc(v.x2.data_ptr(), v.m, v.ldx, w, v.bias_ptr, s, out, out_f32, stream);
   });
+}
+
+// The sub-2-bit layout in one decode launch (gemv_tc_seg.cu): x[..., perm] . [W2 | W1]^T (+ bias) on the tc2 / tc1
+// repacks of a 2-bit lut segment of k2 columns and a 1-bit one of k1 (k = 0: absent, its tensors None), perm int32
+// [k2 + k1] or None, M <= kGemvMaxM; fp32 partials per split, then the reduce.
+at::Tensor seg_tc_linear(const at::Tensor& x, const std::optional<at::Tensor>& perm,
+                         const std::optional<at::Tensor>& qtc2, const std::optional<at::Tensor>& table2,
+                         const std::optional<at::Tensor>& qtc1, const std::optional<at::Tensor>& table1, int64_t n,
+                         int64_t k2, int64_t k1, int64_t group_size, const std::optional<at::Tensor>& bias,
+                         std::optional<at::ScalarType> out_dtype) {
+  const char* op = "seg_tc_linear";
+  const int64_t k = k2 + k1;
+  TORCH_CHECK(n >= 1 && k2 >= 0 && k1 >= 0 && k >= 1 && n <= INT32_MAX / 2 && k <= INT32_MAX / 4, "bivlm_cuda.", op,
+              ": need n in [1, 2^30), k2, k1 >= 0 with k2 + k1 in [1, 2^29); got n=", n, ", k2=", k2, ", k1=", k1);
+  const at::Tensor* tab = nullptr;
+  for (const auto& [kk, q, t, bits] : {std::tuple{k2, &qtc2, &table2, 2}, std::tuple{k1, &qtc1, &table1, 1}}) {
+    TORCH_CHECK(kk == 0 || (q->has_value() && t->has_value()), "bivlm_cuda.", op, ": the ", bits,
+                "-bit segment has k=", kk, " columns but no qtc / table");
+    if (kk == 0) continue;
+    TORCH_CHECK((group_size == 64 || group_size == 128) && kk % group_size == 0 &&
+                    ((*t)->scalar_type() == at::kHalf || (*t)->scalar_type() == at::kBFloat16),
+                "bivlm_cuda.", op, ": covers group_size 64 or 128 (dividing each segment's k) and float16 / bfloat16 "
+                "tables; got group_size=", group_size, ", k=", kk, ", ", (*t)->scalar_type());
+    check_tc_operands(op, **q, **t, n, kk, bits, group_size);
+    TORCH_CHECK(tab == nullptr || (tab->scalar_type() == (*t)->scalar_type() && tab->device() == (*t)->device()),
+                "bivlm_cuda.", op, ": both segments' tables must share a dtype and device, got ", tab->scalar_type(),
+                " and ", (*t)->scalar_type());
+    tab = &**t;
+  }
+  if (perm.has_value()) {
+    const at::Tensor& p = *perm;
+    TORCH_CHECK(p.device() == tab->device() && p.scalar_type() == at::kInt && p.dim() == 1 && p.size(0) == k &&
+                    p.is_contiguous() && reinterpret_cast<uintptr_t>(p.data_ptr()) % 16 == 0,
+                "bivlm_cuda.", op, ": perm must be a contiguous, 16-byte aligned int32 [", k, "] on the tables' device, "
+                "got ", p.sizes(), " ", p.scalar_type(), " ", p.device());
+  }
+  const XView v = prepare_x(op, x, *tab, n, k, bias, out_dtype);
+  TORCH_CHECK(v.m <= kGemvMaxM, "bivlm_cuda.", op, ": covers m <= ", kGemvMaxM, " rows of x, got m=", v.m);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (v.m == 0) return at::empty(v.out_shape, x.options().dtype(v.od));
+  TORCH_CHECK(v.m * v.ldx < INT32_MAX, "bivlm_cuda.", op, ": x must have < 2^31 elements (m=", v.m, ", ldx=", v.ldx,
+              ")");
+  TcSegWeight w;
+  for (auto [s, kk, q, t, bits] : {std::tuple{&w.seg2, k2, &qtc2, &table2, 2}, std::tuple{&w.seg1, k1, &qtc1, &table1, 1}}) {
+    s->n = n, s->k = kk, s->bits = bits, s->group_size = static_cast<int>(group_size);
+    s->dtype = to_dtype(tab->scalar_type());
+    if (kk > 0) s->qtc = (*q)->data_ptr(), s->table = (*t)->data_ptr();
+  }
+  w.perm = perm.has_value() ? perm->data_ptr<int32_t>() : nullptr;
+  const int splits = gemv_tc_seg_num_splits(v.m, w, sm_count(x.get_device()));
+  TORCH_CHECK(splits > 0, "bivlm_cuda.", op, ": no split plan for n=", n, ", k2=", k2, ", k1=", k1, ", m=", v.m);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor out = at::empty({v.m, n}, x.options().dtype(v.od));
+  at::Tensor ws = at::empty({splits, v.m, n}, x.options().dtype(at::kFloat));
+  check_launch(launch_gemv_tc_seg(v.x2.data_ptr(), v.m, v.ldx, w, v.bias_ptr, splits, ws.data_ptr<float>(), stream),
+               op, "segmented gemv kernel", v.m, n, k);
+  check_launch(launch_splitk_reduce(ws.data_ptr<float>(), splits, v.m * n, out.data_ptr(), to_dtype(v.od), stream), op,
+               "split-K reduce kernel", v.m, n, k);
+  return out.view(v.out_shape);
 }
 
 at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& codebook, int64_t bits,
@@ -314,6 +381,9 @@ TORCH_LIBRARY(bivlm_cuda, m) {
   // lut_linear and affine_linear route eligible calls here (bivlm_kernels/tc_dispatch.py).
   m.def("tc_linear(Tensor x, Tensor qtc, Tensor table, int n, int k, int bits, int group_size, "
         "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
+  // The sub-2-bit layout in one launch; the cuda backend's segmented_lut_linear routes eligible calls here.
+  m.def("seg_tc_linear(Tensor x, Tensor? perm, Tensor? qtc2, Tensor? table2, Tensor? qtc1, Tensor? table1, int n, "
+        "int k2, int k1, int group_size, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bivlm_cuda, CUDA, m) {
@@ -322,6 +392,7 @@ TORCH_LIBRARY_IMPL(bivlm_cuda, CUDA, m) {
   m.impl("dequantize_lut", &bivlm::dequantize_lut);
   m.impl("dequantize_affine", &bivlm::dequantize_affine);
   m.impl("tc_linear", &bivlm::tc_linear);
+  m.impl("seg_tc_linear", &bivlm::seg_tc_linear);
 }
 
 // A Python module `_C` with no methods: importing it loads this library, whose static initializers above register

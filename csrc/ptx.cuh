@@ -93,6 +93,20 @@ BIVLM_PTX uint4 ld_cs_v4(const void* p) {
 #endif
 }
 
+// What: 16 bytes from shared memory, ld.shared.v4.u32 (LDS.128; p is a generic pointer into the block's dynamic
+// shared memory, which nvcc resolves to the shared window). Why: the segmented GEMV stages x gathered through its
+// permutation there. p must be 16-byte aligned.
+BIVLM_PTX uint4 ld_shared_v4(const void* p) {
+#if defined(BIVLM_HOST_BUILD)
+  check_aligned(p, 16, "ld.shared.v4.u32");
+  uint4 v;
+  std::memcpy(&v, p, 16);
+  return v;
+#else
+  return *reinterpret_cast<const uint4*>(p);
+#endif
+}
+
 // What: one 32-bit word with the streaming hint, ld.global.cs.u32 (__ldcs). p must be 4-byte aligned.
 BIVLM_PTX int32_t ld_cs_b32(const int32_t* p) {
 #if defined(BIVLM_HOST_BUILD)

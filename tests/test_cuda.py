@@ -149,6 +149,37 @@ def test_tensor_core_path_against_cuda_core_and_reference(fmt, g, dtype):
     assert repack_cache.size() == 1
 
 
+@pytest.mark.parametrize("g", (64, 128))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_segmented_one_launch_against_parts_and_reference(g, dtype):
+    """The sub-2-bit layout (perm, 2-bit segment, 1-bit segment) at M <= 16 runs as seg_tc_linear (one decode
+    launch + the split-K reduce): its error is that of the per-segment path (BIVLM_CUDA_TC=0) within 2x."""
+    from bivlm_kernels import repack_cache, tc_dispatch
+    repack_cache.clear()
+    n, k2, k1 = 3001, 3 * g, 4096 + g
+    gen = torch.Generator().manual_seed(5)
+    qws, cbs = [], []
+    for b, kk in ((2, k2), (1, k1)):
+        qws.append(formats.pack(torch.randint(0, 1 << b, (n, kk), generator=gen), b).cuda())
+        cbs.append(torch.randn(n, kk // g, 1 << b, generator=gen).to(dtype).cuda())
+    perm = torch.randperm(k2 + k1, generator=gen).to(torch.int32).cuda()
+    bias = torch.randn(n, device="cuda").to(dtype)
+    for m in (1, 3, 8, 16):
+        x = torch.randn(m, k2 + k1, device="cuda").to(dtype)
+        args = (x, perm, qws, cbs, [2, 1], g, bias, None)
+        ref = ops.reference_segmented_lut_linear(*args[:-1], torch.float32)
+        with ops.use_backend("cuda"):
+            y = ops.run("segmented_lut_linear", *args)
+            tc_dispatch.enabled = False
+            try:
+                y_parts = ops.run("segmented_lut_linear", *args)
+            finally:
+                tc_dispatch.enabled = True
+        assert torch.isfinite(y).all()
+        assert _rel(y, ref) <= 2 * _rel(y_parts, ref) + 1e-3 * (dtype == torch.bfloat16) + FLOAT_TOL_FLOOR, m
+    assert repack_cache.size() == 2
+
+
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("m", (1, 5, 16, 40))
 @pytest.mark.parametrize("n", (7, 2049))   # 7: split-K partials; 2049: one pass writing fp32 directly

@@ -153,8 +153,12 @@ class Case:
 
     def header(self):
         h = [0] * 16
-        h[0] = {"linear": 1, "dequantize": 2, "reduce": 3, "tc": 4}[self.op]
-        if self.op == "reduce":
+        h[0] = {"linear": 1, "dequantize": 2, "reduce": 3, "tc": 4, "seg": 5}[self.op]
+        if self.op == "seg":
+            h[2:11] = [self.g, DTYPES[self.dtype], self.m, self.n, self.k2, self.ldx, int(self.bias is not None),
+                       self.sm, DTYPES[self.out_dtype]]
+            h[12], h[13], h[15] = self.k1, int(self.perm is not None), 7
+        elif self.op == "reduce":
             h[10], h[12], h[15] = DTYPES[self.out_dtype], self.splits, 1
         else:
             kind, bits = FORMATS[self.fmt]
@@ -169,6 +173,12 @@ class Case:
     def payload(self):
         if self.op == "reduce":
             return _blob(self.ws)
+        if self.op == "seg":
+            x_flat = self.x_full.reshape(-1)[: (self.m - 1) * self.ldx + self.k]
+            parts = []
+            for bits, kk, qw, cb in ((2, self.k2, self.qw2, self.cb2), (1, self.k1, self.qw1, self.cb1)):
+                parts += list(repack.repack_tables(bits, qw, (cb,), kk, self.g)) if kk else [None, None]
+            return b"".join(_blob(t) for t in [x_flat, self.perm] + parts + [self.bias])
         t0, t1 = (self.tables + (None,))[:2]
         if self.op == "dequantize":
             return _blob(self.qweight) + _blob(t0) + _blob(t1)
@@ -180,10 +190,12 @@ class Case:
         return _blob(x_flat) + _blob(self.qweight) + _blob(t0) + _blob(t1) + _blob(self.bias)
 
     def describe(self):
-        keys = ("fmt", "g", "dtype", "m", "n", "k", "ldx", "sm", "out_dtype", "q_offset", "splits")
+        keys = ("fmt", "g", "dtype", "m", "n", "k", "k2", "k1", "ldx", "sm", "out_dtype", "q_offset", "splits")
         parts = [f"{k}={getattr(self, k)}" for k in keys if hasattr(self, k)]
-        if self.op in ("linear", "tc"):
+        if self.op in ("linear", "tc", "seg"):
             parts.append(f"bias={self.bias is not None}")
+        if self.op == "seg":
+            parts.append(f"perm={self.perm is not None}")
         return f"{self.op}(" + ", ".join(parts) + ")"
 
 
@@ -307,6 +319,51 @@ def tc_fuzz_cases(gen, count):
     return cases
 
 
+def _seg_case(gen, g, dtype, m, n, k2, k1, *, perm=True, ldx_pad=0, bias=True, sm=1, out_dtype=None):
+    """The sub-2-bit layout: a 2-bit segment over k2 permuted columns, a 1-bit one over the next k1. x rows have
+    any stride (the gather reads 2-byte elements)."""
+    qw2, (cb2,) = _weight(gen, "lut2", n, k2, g, dtype) if k2 else (None, (None,))
+    qw1, (cb1,) = _weight(gen, "lut1", n, k1, g, dtype) if k1 else (None, (None,))
+    k = k2 + k1
+    ldx = k + ldx_pad
+    return Case("seg", fmt="seg", g=g, dtype=dtype, m=m, n=n, k=k, k2=k2, k1=k1, ldx=ldx, sm=sm,
+                out_dtype=out_dtype or dtype, qw2=qw2, cb2=cb2, qw1=qw1, cb1=cb1,
+                perm=torch.randperm(k, generator=gen).to(torch.int32) if perm else None,
+                x_full=torch.randn(m, ldx, generator=gen).to(dtype),
+                bias=torch.randn(n, generator=gen).to(dtype) if bias else None)
+
+
+def seg_grid_cases(gen):
+    """The segmented kernel: dtype x g x MT bucket, paths rotated: both segments with a perm, no perm, 1-bit only,
+    2-bit only, split-K (long K, many SMs), strided x; N not a multiple of 16 or 512; slices cut by the end of K."""
+    cases, i = [], 0
+    for dtype, g in itertools.product((torch.float16, torch.bfloat16), (64, 128)):
+        for bucket in MT_BUCKETS:
+            for path in range(5):
+                m = bucket[i % len(bucket)]
+                k2, k1 = [(g, 5 * g), (2 * g, 9 * g), (0, 7 * g), (3 * g, 0), (4 * g, 16384 + g)][path]
+                n = (67, 16, 530, 1, 9)[path]
+                cases.append(_seg_case(gen, g, dtype, m, n, k2, k1, perm=path != 1, ldx_pad=(0, 1, 0, 8, 3)[path],
+                                       bias=i % 3 != 0, sm=132 if path == 4 else (1, 8)[i % 2],
+                                       out_dtype=torch.float32 if i % 4 == 1 else dtype))
+                i += 1
+    return cases
+
+
+def seg_fuzz_cases(gen, count):
+    rnd = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    cases = []
+    for _ in range(count):
+        g = rnd.choice((64, 128))
+        dtype = rnd.choice((torch.float16, torch.bfloat16))
+        k2 = g * rnd.choice((0, 1, 1, 2, 3, 8))
+        k1 = g * rnd.randint(0 if k2 else 1, (16384 if rnd.random() < 0.2 else 2048) // g)
+        cases.append(_seg_case(gen, g, dtype, rnd.randint(1, 16), int(2 ** rnd.uniform(0, 9)), k2, k1,
+                               perm=rnd.random() < 0.85, ldx_pad=rnd.choice((0, 0, 1, 5)), bias=rnd.random() < 0.5,
+                               sm=rnd.choice((1, 2, 8, 132)), out_dtype=rnd.choice((dtype, dtype, torch.float32))))
+    return cases
+
+
 def fuzz_cases(gen, count):
     """Random linear calls (the bulk) with dequantize and reduce calls mixed in."""
     rnd = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
@@ -422,14 +479,44 @@ def _check(c, res):
         ref = acc.to(c.out_dtype)
         got = torch.frombuffer(bytearray(raw), dtype=c.out_dtype)
         return None if torch.equal(got.view(torch.uint8), ref.view(torch.uint8)) else "reduce not bit-exact"
+    got = torch.frombuffer(bytearray(raw), dtype=c.out_dtype).reshape(c.m, c.n).double()
+    if c.op == "seg":
+        return _compare(c, got, *_seg_check(c, splits), splits, vec4)
     kind, bits = FORMATS[c.fmt]
     w = (formats.dequantize_lut(c.qweight, *c.tables, bits, c.g) if kind == "lut"
          else formats.dequantize_affine(c.qweight, *c.tables, bits, c.g)).double()
     exact = c.x_full[:, : c.k].double() @ w.T
     if c.bias is not None:
         exact += c.bias.double()
-    got = torch.frombuffer(bytearray(raw), dtype=c.out_dtype).reshape(c.m, c.n).double()
     acc = _tc_tolerance(c, splits) if c.op == "tc" and c.fmt != "lut2" else _linear_tolerance(c, w, splits)
+    return _compare(c, got, exact, acc, splits, vec4)
+
+
+def _seg_check(c, splits):
+    """The segmented kernel against x[:, perm] [W2 | W1]^T + bias in float64; its bound: the 2-bit segment's as
+    the GEMV's (exact entries, fp32 sums), the 1-bit segment's as _tc_tolerance, plus the one addition that joins
+    the two partials of a split."""
+    xp = c.x_full[:, : c.k] if c.perm is None else c.x_full[:, : c.k][:, c.perm.long()]
+    exact = torch.zeros(c.m, c.n, dtype=torch.float64)
+    acc = torch.zeros(c.m, c.n, dtype=torch.float64)
+    if c.k2:
+        w2 = formats.dequantize_lut(c.qw2, c.cb2, 2, c.g).double()
+        sub = Case("linear", fmt="lut2", g=c.g, k=c.k2, x_full=xp[:, : c.k2], bias=None, tables=(c.cb2,))
+        exact += xp[:, : c.k2].double() @ w2.T
+        acc += _linear_tolerance(sub, w2, splits + 1)
+    if c.k1:
+        w1 = formats.dequantize_lut(c.qw1, c.cb1, 1, c.g).double()
+        sub = Case("tc", fmt="lut1", g=c.g, k=c.k1, x_full=xp[:, c.k2:], bias=None, tables=(c.cb1,))
+        exact += xp[:, c.k2:].double() @ w1.T
+        acc += _tc_tolerance(sub, splits + 1)
+    if c.bias is not None:
+        exact += c.bias.double()
+        acc += (c.k // 32 + 200 + splits) * 2.0 ** -24 * c.bias.double().abs()
+    return exact, acc
+
+
+def _compare(c, got, exact, acc, splits, vec4):
+    """None when |got - exact| <= u_out (|exact| + acc) + acc + tiny everywhere, else a message."""
     tol = U_OUT[c.out_dtype] * (exact.abs() + acc) + acc + TINY[c.out_dtype]
     err = (got - exact).abs()
     bad = ~(err <= tol)   # NaN (an output never written) counts as bad
@@ -456,14 +543,15 @@ def _instantiations():
                 names.add(f"bivlm::detail::gemv_tc_b1_kernel<{t}, {mt}, {g}>")
                 names.add(f"bivlm::detail::gemv_tc_kernel<{t}, 4, {mt}, {g}>")
                 names.add(f"bivlm::detail::gemv_tc_b2_kernel<{t}, {mt}, {g}>")
+                names.add(f"bivlm::detail::gemv_tc_seg_kernel<{t}, {mt}, {g}>")
     return names
 
 
 def test_kernels_against_reference(driver, tmp_path):
     """The grid and >= 300 fuzz cases in one sanitized run; every instantiated kernel launched; 0 mismatches."""
     gen = torch.Generator().manual_seed(SEED)
-    grid = grid_cases(gen) + tc_grid_cases(gen)
-    fuzz = fuzz_cases(gen, FUZZ_CASES) + tc_fuzz_cases(gen, FUZZ_CASES // 4)
+    grid = grid_cases(gen) + tc_grid_cases(gen) + seg_grid_cases(gen)
+    fuzz = fuzz_cases(gen, FUZZ_CASES) + tc_fuzz_cases(gen, FUZZ_CASES // 4) + seg_fuzz_cases(gen, FUZZ_CASES // 8)
     cases = grid + fuzz
     results, kernels, stdout = _run_cases(driver, cases, tmp_path)
     mismatches = []
@@ -480,11 +568,12 @@ def test_kernels_against_reference(driver, tmp_path):
     uncovered = sorted(k for k in declared if not any(f"::{k}<" in n or n.endswith(f"::{k}") for n in launched))
     paths = {"split-K": sum(1 for c, r in zip(cases, results) if c.op == "linear" and r[2] > 1),
              "tensor-core split-K": sum(1 for c, r in zip(cases, results) if c.op == "tc" and r[2] > 1),
+             "segmented split-K": sum(1 for c, r in zip(cases, results) if c.op == "seg" and r[2] > 1),
              "4-byte loads": sum(1 for c, r in zip(cases, results) if c.op == "linear" and not r[3]),
              "strided x": sum(1 for c in cases if c.op == "linear" and c.ldx > c.k),
              "bias": sum(1 for c in cases if c.op == "linear" and c.bias is not None),
              "out dtype != x dtype": sum(1 for c in cases if c.op == "linear" and c.out_dtype != c.dtype)}
-    by_op = {op: sum(1 for c in cases if c.op == op) for op in ("linear", "tc", "dequantize", "reduce")}
+    by_op = {op: sum(1 for c in cases if c.op == op) for op in ("linear", "tc", "seg", "dequantize", "reduce")}
     print(f"\ncuda host build: {len(cases)} cases ({len(grid)} grid + {len(fuzz)} fuzz, seed {SEED}; "
           + ", ".join(f"{k} {v}" for k, v in by_op.items()) + "; linear paths: "
           + ", ".join(f"{k} {v}" for k, v in paths.items()) + f"), {len(launched)} kernel instantiations, "

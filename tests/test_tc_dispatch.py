@@ -166,3 +166,45 @@ def test_affine_routing_and_result(m, g, dtype):
     goes_tc = g in (64, 128) and dtype != torch.float32 and m <= 16
     assert calls == ["tc" if goes_tc else "affine"]
     assert torch.equal(got, ops.reference_affine_linear(x, q, sc, z, 4, g, None, None))
+
+
+def _seg_spy():
+    calls = []
+
+    def seg(*args):
+        calls.append("seg")
+        return tc_dispatch.reference_seg_tc_linear(*args)
+
+    def parts(*args):
+        calls.append("parts")
+        return ops.reference_segmented_lut_linear(*args)
+    return calls, tc_dispatch.routed_segmented_lut_linear(seg, parts)
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 17])
+@pytest.mark.parametrize("layout,g,dtype,perm_dtype", [
+    ((2, 1), 128, torch.float16, torch.int32), ((2, 1), 64, torch.bfloat16, torch.int64), ((1,), 64, torch.float16,
+                                                                                              torch.int32),
+    ((2,), 128, torch.bfloat16, None), ((1, 2), 128, torch.float16, torch.int32),       # 1-bit first: not covered
+    ((2, 1), 32, torch.float16, torch.int32), ((2, 1), 128, torch.float32, torch.int32)])
+def test_segmented_routing_and_result(m, layout, g, dtype, perm_dtype):
+    """The sub-2-bit layout goes to seg_tc_linear where it applies (segments [2, 1], [2] or [1], g 64 / 128, fp16 /
+    bf16, M <= 16); its operands (the cached repacks, an int32 perm) give the reference's result exactly."""
+    repack_cache.clear()
+    n, widths = 41, {2: 2 * g, 1: 5 * g}
+    qws, cbs = [], []
+    for i, b in enumerate(layout):
+        q, cb = _weight(n, widths[b], g, dtype, b, seed=10 * m + i)
+        qws.append(q), cbs.append(cb)
+    k = sum(widths[b] for b in layout)
+    perm = None if perm_dtype is None else torch.randperm(k, generator=torch.Generator().manual_seed(m)).to(perm_dtype)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    calls, fn = _seg_spy()
+    got = fn(x, perm, qws, cbs, list(layout), g, bias, None)
+    want = ops.reference_segmented_lut_linear(x, perm, qws, cbs, list(layout), g, bias, None)
+    goes = list(layout) in ([2, 1], [2], [1]) and g in (64, 128) and dtype != torch.float32 and m <= 16
+    assert calls == ["seg" if goes else "parts"]
+    assert torch.equal(got, want)
+    if goes:   # the repacks are the ones lut_linear's route caches; an int64 perm is converted once
+        assert repack_cache.size() == len(layout) + (perm_dtype == torch.int64)

@@ -11,6 +11,8 @@
 //   h[1] bits  h[2] group_size  h[3] dtype (bivlm::DType)  h[4] m  h[5] n  h[6] k  h[7] ldx  h[8] has bias
 //   h[9] sm_count (drives the split-K policy)  h[10] out dtype  h[11] qweight base offset in words (0/1)
 //   h[12] splits (op 3); op 4: the tensor-core GEMV on the tc1 repack (blobs x, qtc, table, bias)
+//   op 5: the segmented tensor-core GEMV, h[6] = k2 (2-bit columns), h[12] = k1 (1-bit), h[13] has perm (blobs x,
+//   perm, qtc2, table2, qtc1, table1, bias)
 //   blobs: linear x, qweight, table0, table1, bias; dequantize qweight, table0, table1; reduce ws.
 // Every buffer is allocated at exactly its blob's size: the blob is the contract's size (pytest writes x as the
 // (m-1)*ldx + k elements the kernel may touch), so ASan reports any access past it.
@@ -115,6 +117,32 @@ int run_cases(const char* in_path, const char* out_path) {
         Buffer ws(static_cast<size_t>(splits * m * n) * 4);
         e0 = bivlm::launch_gemv_tc(x.data(), m, h[7], w, b, splits, nullptr, static_cast<float*>(ws.data()),
                                    nullptr);
+        if (e0 == cudaSuccess)
+          e1 = bivlm::launch_splitk_reduce(static_cast<const float*>(ws.data()), splits, m * n, o.data(), od,
+                                           nullptr);
+      }
+      write_result(out, e0, e1, splits, 1, o);
+    } else if (op == 5) {  // segmented tensor-core GEMV: x, perm, qtc2, table2, qtc1, table1, bias
+      Buffer x = r.blob();
+      Buffer perm = r.blob();
+      Buffer q2 = r.blob();
+      Buffer t2 = r.blob();
+      Buffer q1 = r.blob();
+      Buffer t1 = r.blob();
+      Buffer bias = r.blob();
+      bivlm::TcSegWeight w;
+      w.seg2.qtc = q2.data(), w.seg2.table = t2.data(), w.seg2.n = n, w.seg2.k = k, w.seg2.bits = 2;
+      w.seg1.qtc = q1.data(), w.seg1.table = t1.data(), w.seg1.n = n, w.seg1.k = h[12], w.seg1.bits = 1;
+      w.seg2.group_size = w.seg1.group_size = static_cast<int>(h[2]);
+      w.seg2.dtype = w.seg1.dtype = dtype;
+      w.perm = h[13] ? static_cast<const int32_t*>(perm.data()) : nullptr;
+      const int splits = bivlm::gemv_tc_seg_num_splits(m, w, static_cast<int>(h[9]));
+      Buffer o(static_cast<size_t>(m * n) * dsize(h[10]));
+      cudaError_t e0 = cudaErrorInvalidValue, e1 = cudaSuccess;
+      if (splits > 0) {
+        Buffer ws(static_cast<size_t>(splits * m * n) * 4);
+        e0 = bivlm::launch_gemv_tc_seg(x.data(), m, h[7], w, h[8] ? bias.data() : nullptr, splits,
+                                       static_cast<float*>(ws.data()), nullptr);
         if (e0 == cudaSuccess)
           e1 = bivlm::launch_splitk_reduce(static_cast<const float*>(ws.data()), splits, m * n, o.data(), od,
                                            nullptr);

@@ -24,6 +24,7 @@ __global__ void ptx_device_check(const int32_t* __restrict__ g, uint32_t* __rest
   ptx::mma_m16n8k16_bf16(d, a, b2, d);
   const uint4 v = ptx::ld_nc_v4(g + 4 * lane);
   const uint4 w = ptx::ld_cs_v4(g + 4 * lane);
+  d[2] += __uint_as_float(ptx::ld_shared_v4(smem + 8 * (lane % 16)).y);
   d[3] += ptx::ld_nc_f4(reinterpret_cast<const float*>(g) + 4 * lane).w;
   uint32_t x = ptx::lop3<0xEA>(v.x, w.y, b1[0]) + ptx::prmt(v.z, w.w, 0x5140u) +
                static_cast<uint32_t>(ptx::ld_cs_b32(g + lane));

@@ -151,10 +151,13 @@ __global__ void cp_async_kernel(const int32_t* src, int32_t* out) {
   out[4 * t + 2] = smem[128 + 4 * t];  // second group not yet
   ptx::cp_async_wait<0>();
   out[4 * t + 3] = smem[128 + 4 * t];  // zero-filled
+  __syncthreads();
+  const uint4 v = ptx::ld_shared_v4(smem + 4 * ((t + 1) % 32));   // 16 bytes another thread's cp.async wrote
+  out[128 + t] = static_cast<int32_t>(v.x ^ v.y ^ v.z ^ v.w);
 }
 
 void test_memory() {
-  Buffer src(32 * 16), dst(32 * 16), out(32 * 16);
+  Buffer src(32 * 16), dst(32 * 16), out(32 * 20);
   int32_t* s = static_cast<int32_t*>(src.data());
   for (int i = 0; i < 128; ++i) s[i] = i * 2654435761u;
   BIVLM_LAUNCH(1, 32, 0, nullptr, vector_kernel)(s, static_cast<int32_t*>(dst.data()));
@@ -171,6 +174,8 @@ void test_memory() {
     HCHECK(o[4 * t + 1] == s[4 * t], "cp.async group 0 after wait_group 1 (thread %d)", t);
     HCHECK(static_cast<uint32_t>(o[4 * t + 2]) == 0xA5A5A5A5u, "cp.async group 1 visible too early (thread %d)", t);
     HCHECK(o[4 * t + 3] == 0, "cp.async zero fill (thread %d)", t);
+    const int u = (t + 1) % 32;
+    HCHECK(o[128 + t] == (s[4 * u] ^ s[4 * u + 1] ^ s[4 * u + 2] ^ s[4 * u + 3]), "ld.shared.v4 (thread %d)", t);
   }
 }
 
