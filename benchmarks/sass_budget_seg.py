@@ -56,23 +56,13 @@ def seg_row(name, m, instrs, props, arch) -> dict:
             if kind not in body or hi - lo > body[kind][1] - body[kind][0]:
                 body[kind] = (lo, hi)
     ipw = {}
-    for bits, (lo, hi) in body.items():   # that loop alone, measured as the plain kernels' rows are
-        ipw[bits] = sb.tc_rows(name, _Fixed(dt, mt, g), instrs[lo:hi + 1], props, arch, fixed_bits=bits)[0]["ipw"]
+    for bits, (lo, hi) in body.items():   # that loop alone, measured as the plain kernels' rows are (m: <T, MT, G>)
+        ipw[bits] = sb.tc_rows(name, m, instrs[lo:hi + 1], props, arch, fixed_bits=bits)[0]["ipw"]
     p = props.get(name, {})
     return dict(arch=arch, dtype=dt, m=mt, g=g, kernel=name, ipw1=ipw.get(1, float("nan")),
                 ipw2=ipw.get(2, float("nan")), gather=max(gather) / ROWS_PER_BLOCK if gather else float("nan"),
                 registers=p.get("registers"), spill=p.get("spill_stores", 0) + p.get("spill_loads", 0),
                 local_ops=sum(1 for i in instrs if i.base in ("LDL", "STL")))
-
-
-class _Fixed:
-    """A regex match look-alike for tc_rows: group(1) the dtype's mangled name, group(2) MT, group(3) g."""
-
-    def __init__(self, dt, mt, g):
-        self._g = {1: {v: k for k, v in sb._DT.items()}[dt], 2: str(mt), 3: str(g)}
-
-    def group(self, i):
-        return self._g[i]
 
 
 def seg_rows(arch: int, cache: str, nvcc: str, cuobjdump: str) -> List[dict]:
@@ -109,8 +99,7 @@ def table(rows: List[dict], clock: float) -> List[str]:
         cells = [r["dtype"], str(r["m"]), str(r["g"]), sb._f(r["ipw1"]), sb._f(r["ipw2"]), sb._f(r["gather"], ".3f")]
         for f in SHARES:
             ipw, lim = combined(r, f, clock)
-            bits_eq = 1 if f < 0.5 else 2
-            ceil = sb.ceilings(ipw, bits_eq, r["g"], r["m"], sb.GPUS["H200"], clock,
+            ceil = sb.ceilings(ipw, 1, r["g"], r["m"], sb.GPUS["H200"], clock,
                                stream_bpw=stream_bpw(f, r["g"]))["ceiling"]
             cells += [sb._f(ipw) + (" ✓" if ipw <= lim else " ✗"), sb._f(lim), sb._f(ceil, ".1f") + "x"]
         cells += [str(r["registers"]), f"{r['spill']} B"]

@@ -389,35 +389,40 @@ cudaError_t launch_tc_config(const void* x, int64_t m, int64_t ldx, const TcWeig
   return cudaGetLastError();
 }
 
-// Dispatch of one bit width's tensor-core kernel over dtype x M bucket x g: calls
-// Launch::template run<T, MT, G>(x, m, ldx, w, bias, splits, chunks_per_split, out, out_f32, stream).
-template <class Launch, typename T, int G>
-cudaError_t dispatch_tc_mt(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
-                           int cps, void* out, float* out_f32, cudaStream_t stream) {
+// Dispatch over the M bucket: Launch::template run<T, MT, G>(args...) with MT = gemv_mt(m).
+template <class Launch, typename T, int G, class... A>
+cudaError_t dispatch_tc_mt(int64_t m, const A&... a) {
   switch (gemv_mt(m)) {
     case 1:
-      return Launch::template run<T, 1, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+      return Launch::template run<T, 1, G>(a...);
     case 2:
-      return Launch::template run<T, 2, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+      return Launch::template run<T, 2, G>(a...);
     case 4:
-      return Launch::template run<T, 4, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+      return Launch::template run<T, 4, G>(a...);
     case 8:
-      return Launch::template run<T, 8, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+      return Launch::template run<T, 8, G>(a...);
     default:
-      return Launch::template run<T, 16, G>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+      return Launch::template run<T, 16, G>(a...);
   }
 }
 
+// Dispatch over dtype x M bucket x g (64 / 128) of a tensor-core kernel: Launch::template run<T, MT, G>(args...).
+template <class Launch, class... A>
+cudaError_t dispatch_tc_config(DType dtype, int group_size, int64_t m, const A&... a) {
+  const bool g64 = group_size == 64;
+  if (dtype == DType::kHalf) {
+    return g64 ? dispatch_tc_mt<Launch, __half, 64>(m, a...) : dispatch_tc_mt<Launch, __half, 128>(m, a...);
+  }
+  return g64 ? dispatch_tc_mt<Launch, __nv_bfloat16, 64>(m, a...)
+             : dispatch_tc_mt<Launch, __nv_bfloat16, 128>(m, a...);
+}
+
+// One bit width's tensor-core GEMV: Launch::template run<T, MT, G>(x, m, ldx, w, bias, splits, chunks_per_split,
+// out, out_f32, stream).
 template <class Launch>
 cudaError_t dispatch_tc(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
                         int cps, void* out, float* out_f32, cudaStream_t stream) {
-  const bool g64 = w.group_size == 64;
-  if (w.dtype == DType::kHalf) {
-    return g64 ? dispatch_tc_mt<Launch, __half, 64>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream)
-               : dispatch_tc_mt<Launch, __half, 128>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
-  }
-  return g64 ? dispatch_tc_mt<Launch, __nv_bfloat16, 64>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream)
-             : dispatch_tc_mt<Launch, __nv_bfloat16, 128>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
+  return dispatch_tc_config<Launch>(w.dtype, w.group_size, m, x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
 }
 
 // The 4-bit kernel of this file as a Launch of dispatch_tc.

@@ -21,11 +21,14 @@ struct SegPlan {
   bool valid = false;
 };
 
+// A present segment (the 2-bit one when both are): where n, g and the dtype are read.
+const TcWeight& present(const TcSegWeight& w) { return w.seg2.k > 0 ? w.seg2 : w.seg1; }
+
 bool seg_covered(const TcSegWeight& w) {
   const TcWeight& a = w.seg2;
   const TcWeight& b = w.seg1;
   const bool has2 = a.k > 0, has1 = b.k > 0;
-  const TcWeight& r = has2 ? a : b;
+  const TcWeight& r = present(w);
   auto ok = [&](const TcWeight& s, int bits) {
     return s.bits == bits && s.n == r.n && s.group_size == r.group_size && s.dtype == r.dtype && s.k % s.group_size == 0 &&
            s.k <= INT32_MAX / 4 && s.qtc != nullptr && s.table != nullptr;
@@ -36,7 +39,7 @@ bool seg_covered(const TcSegWeight& w) {
 
 SegPlan seg_plan(int64_t m, const TcSegWeight& w, int64_t s) {
   SegPlan p;
-  const int mt = detail::gemv_mt(m), g = (w.seg2.k > 0 ? w.seg2 : w.seg1).group_size;
+  const int mt = detail::gemv_mt(m), g = present(w).group_size;
   const int64_t c2 = w.seg2.k > 0 ? tc2_chunks(w.seg2.k) : 0, c1 = w.seg1.k > 0 ? tc_chunks(w.seg1.k) : 0;
   const int64_t bc = cdiv(static_cast<int64_t>(mt >= 8 ? 1 : 8 / mt) * g, 256);   // chunks of a 1-bit slot block
   const int64_t cps2 = c2 > 0 ? cdiv(c2, s) : 0, cps1 = c1 > 0 ? cdiv(cdiv(c1, s), bc) * bc : 0;
@@ -61,8 +64,7 @@ SegPlan seg_plan(int64_t m, const TcSegWeight& w, int64_t s) {
 // the smallest valid count at or above that target, else the largest below it.
 int gemv_tc_seg_num_splits(int64_t m, const TcSegWeight& w, int sm_count) {
   if (m < 1 || m > kGemvMaxM || !seg_covered(w)) return 0;
-  const int64_t n = (w.seg2.k > 0 ? w.seg2 : w.seg1).n;
-  const int64_t row_blocks = cdiv(tc_tiles(n), detail::kTcSegWarps * detail::kTc2Tiles);
+  const int64_t row_blocks = cdiv(tc_tiles(present(w).n), detail::kTcSegWarps * detail::kTc2Tiles);
   int64_t target = cdiv(4 * static_cast<int64_t>(sm_count > 0 ? sm_count : 1), row_blocks);
   target = std::min<int64_t>(std::max<int64_t>(target, 1), 32);
   const int64_t most = std::max(w.seg2.k > 0 ? tc2_chunks(w.seg2.k) : 0, w.seg1.k > 0 ? tc_chunks(w.seg1.k) : 0);
@@ -90,28 +92,18 @@ cudaError_t launch_seg_config(const void* x, int64_t m, int64_t ldx, const TcSeg
   q.s1.sgroups = plan.cps1 * 256 / G;
   q.perm = w.perm, q.w2 = plan.w2, q.stage_off = plan.stage_off;
   constexpr int tiles_per_block = kTcSegWarps * kTc2Tiles;
-  const int64_t tiles = tc_tiles((w.seg1.k > 0 ? w.seg1 : w.seg2).n);
-  const dim3 grid(static_cast<unsigned>(cdiv(tiles, tiles_per_block)), static_cast<unsigned>(splits));
+  const dim3 grid(static_cast<unsigned>(cdiv(tc_tiles(present(w).n), tiles_per_block)), static_cast<unsigned>(splits));
   BIVLM_LAUNCH(grid, kTcSegThreads, plan.smem, stream, gemv_tc_seg_kernel<T, MT, G>)(q);
   return cudaGetLastError();
 }
 
-template <typename T, int G>
-cudaError_t dispatch_seg_mt(const void* x, int64_t m, int64_t ldx, const TcSegWeight& w, const void* bias,
-                            const SegPlan& plan, int splits, float* out_f32, cudaStream_t stream) {
-  switch (gemv_mt(m)) {
-    case 1:
-      return launch_seg_config<T, 1, G>(x, m, ldx, w, bias, plan, splits, out_f32, stream);
-    case 2:
-      return launch_seg_config<T, 2, G>(x, m, ldx, w, bias, plan, splits, out_f32, stream);
-    case 4:
-      return launch_seg_config<T, 4, G>(x, m, ldx, w, bias, plan, splits, out_f32, stream);
-    case 8:
-      return launch_seg_config<T, 8, G>(x, m, ldx, w, bias, plan, splits, out_f32, stream);
-    default:
-      return launch_seg_config<T, 16, G>(x, m, ldx, w, bias, plan, splits, out_f32, stream);
+// launch_seg_config as a Launch of dispatch_tc_config.
+struct SegLaunch {
+  template <typename T, int MT, int G, class... A>
+  static cudaError_t run(const A&... a) {
+    return launch_seg_config<T, MT, G>(a...);
   }
-}
+};
 
 }  // namespace
 
@@ -129,14 +121,9 @@ cudaError_t launch_gemv_tc_seg(const void* x, int64_t m, int64_t ldx, const TcSe
     return cudaErrorInvalidValue;
   const SegPlan plan = seg_plan(m, w, splits);
   if (!plan.valid) return cudaErrorInvalidValue;   // not what gemv_tc_seg_num_splits gave
-  const DType dt = (w.seg2.k > 0 ? w.seg2 : w.seg1).dtype;
-  const bool g64 = (w.seg2.k > 0 ? w.seg2 : w.seg1).group_size == 64;
-  if (dt == DType::kHalf) {
-    return g64 ? detail::dispatch_seg_mt<__half, 64>(x, m, ldx, w, bias, plan, splits, out_f32, stream)
-               : detail::dispatch_seg_mt<__half, 128>(x, m, ldx, w, bias, plan, splits, out_f32, stream);
-  }
-  return g64 ? detail::dispatch_seg_mt<__nv_bfloat16, 64>(x, m, ldx, w, bias, plan, splits, out_f32, stream)
-             : detail::dispatch_seg_mt<__nv_bfloat16, 128>(x, m, ldx, w, bias, plan, splits, out_f32, stream);
+  const TcWeight& r = present(w);
+  return detail::dispatch_tc_config<detail::SegLaunch>(r.dtype, r.group_size, m, x, m, ldx, w, bias, plan, splits,
+                                                       out_f32, stream);
 }
 
 }  // namespace bivlm

@@ -14,7 +14,7 @@
 //
 //     row mi < MT, stride LD:  col 0          n2         w2             w2 + n1        LD
 //                              | x[mi, perm[k2 slice]] |gap | x[mi, perm[k2 + k1 slice]] |pad |
-//     (zeros from n2 and from w2 + n1 to the end of the slice's last chunk), then 256 zeros (the zero source of B)
+//     (zeros from n2 to the end of the 2-bit slice's last chunk), then 256 zeros (the zero source of B)
 //
 // LD = 32 (mod 64) elements, so the two rows of x that lanes 0-7 read with one LDS.128 fall in different banks.
 // The gather: a thread takes four adjacent stage columns, loads their perm entries once (one 16-byte load,
@@ -85,13 +85,11 @@ __global__ void __launch_bounds__(kTcSegThreads) gemv_tc_seg_kernel(const TcSegP
     };
     gather(0, a2 * 128, n2);
     gather(q.w2, q.s2.k + a1 * 256, n1);
-    // Zeros past the end of K in the last chunk of each slice: the 2-bit body reads whole chunks from the stage.
-    const int pad2 = (n2 + 127) / 128 * 128 - n2, pad1 = (n1 + 255) / 256 * 256 - n1;
-    for (int e = threadIdx.x; e < MT * (pad2 + pad1) / 2; e += kTcSegThreads) {
-      const int mi = e % MT, j = 2 * (e / MT);
-      const int col = j < pad2 ? n2 + j : q.w2 + n1 + (j - pad2);
-      *reinterpret_cast<uint32_t*>(stage + mi * LD + col) = 0u;
-    }
+    // Zeros past the end of K in the 2-bit slice's last chunk: the staged 2-bit body reads whole chunks (the 1-bit
+    // body reads its zero source there).
+    const int pad2 = (n2 + 127) / 128 * 128 - n2;
+    for (int e = threadIdx.x; e < MT * pad2 / 2; e += kTcSegThreads)
+      *reinterpret_cast<uint32_t*>(stage + (e % MT) * LD + n2 + 2 * (e / MT)) = 0u;
     if (threadIdx.x < 32) *reinterpret_cast<uint4*>(stage + MT * LD + 8 * threadIdx.x) = make_uint4(0u, 0u, 0u, 0u);
   }
   __syncthreads();

@@ -178,16 +178,17 @@ XView prepare_x(const char* op, const at::Tensor& x, const at::Tensor& table, in
 }
 
 // Runs a decode kernel launch(splits, out, out_f32) for M <= kGemvMaxM: one pass writing x's dtype or fp32, or
-// fp32 partials (split-K, or another out dtype) and the deterministic reduction.
+// fp32 partials (split-K, another out dtype, or a kernel that only writes partials: direct = false) and the
+// deterministic reduction.
 template <class Launch>
 at::Tensor run_decode(const char* op, const at::Tensor& x, const XView& v, int64_t n, int64_t k, int splits,
-                      Launch launch) {
+                      Launch launch, bool direct = true) {
   const int64_t m = v.m;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor out = at::empty({m, n}, x.options().dtype(v.od));
-  if (splits == 1 && v.od == x.scalar_type()) {
+  if (direct && splits == 1 && v.od == x.scalar_type()) {
     check_launch(launch(1, out.data_ptr(), nullptr, stream), op, "gemv kernel", m, n, k);
-  } else if (splits == 1 && v.od == at::kFloat) {
+  } else if (direct && splits == 1 && v.od == at::kFloat) {
     check_launch(launch(1, nullptr, out.data_ptr<float>(), stream), op, "gemv kernel", m, n, k);
   } else {
     at::Tensor ws = at::empty({splits, m, n}, x.options().dtype(at::kFloat));
@@ -220,10 +221,15 @@ at::Tensor linear_impl(const char* op, const at::Tensor& x, const at::Tensor& ta
   });
 }
 
-// The repacked operands of one tensor-core weight: qtc int32 [tiles, chunks, 32, 4], table [tiles + 1, tg, 8, 2,
-// entries], contiguous, on one CUDA device.
+// The repacked operands of one tensor-core weight: a format the kernels cover, qtc int32 [tiles, chunks, 32, 4],
+// table [tiles + 1, tg, 8, 2, entries], contiguous, on one CUDA device.
 void check_tc_operands(const char* op, const at::Tensor& qtc, const at::Tensor& table, int64_t n, int64_t k,
                        int64_t bits, int64_t group_size) {
+  TORCH_CHECK(gemv_tc_supported(static_cast<int>(bits), static_cast<int>(group_size), to_dtype(table.scalar_type())) &&
+                  table.scalar_type() != at::kFloat && k % group_size == 0,
+              "bivlm_cuda.", op, ": covers bits 1, 2 (lut) or 4 (affine), group_size 64 or 128 (dividing k), float16 or "
+              "bfloat16 tables; got "
+              "bits=", bits, ", group_size=", group_size, ", k=", k, ", ", table.scalar_type());
   const int g = static_cast<int>(group_size);
   const int64_t tiles = tc_tiles(n);
   const int64_t chunks = bits == 2 ? tc2_chunks(k) : bits == 4 ? tc4_chunks(k) : tc_chunks(k);
@@ -249,11 +255,6 @@ at::Tensor tc_linear(const at::Tensor& x, const at::Tensor& qtc, const at::Tenso
   const char* op = "tc_linear";
   TORCH_CHECK(n >= 1 && k >= 1 && n <= INT32_MAX / 2 && k <= INT32_MAX / 2, "bivlm_cuda.", op,
               ": n and k must be in [1, 2^30), got n=", n, ", k=", k);
-  TORCH_CHECK(gemv_tc_supported(static_cast<int>(bits), static_cast<int>(group_size), to_dtype(table.scalar_type())) &&
-                  table.scalar_type() != at::kFloat && k % group_size == 0,
-              "bivlm_cuda.", op, ": covers bits 1, 2 (lut) or 4 (affine), group_size 64 or 128 (dividing k), float16 or "
-              "bfloat16 tables; got "
-              "bits=", bits, ", group_size=", group_size, ", k=", k, ", ", table.scalar_type());
   check_tc_operands(op, qtc, table, n, k, bits, group_size);
   const XView v = prepare_x(op, x, table, n, k, bias, out_dtype);
   TORCH_CHECK(v.m <= kGemvMaxM, "bivlm_cuda.", op, ": covers m <= ", kGemvMaxM, " rows of x, got m=", v.m,
@@ -286,20 +287,20 @@ at::Tensor seg_tc_linear(const at::Tensor& x, const std::optional<at::Tensor>& p
   const int64_t k = k2 + k1;
   TORCH_CHECK(n >= 1 && k2 >= 0 && k1 >= 0 && k >= 1 && n <= INT32_MAX / 2 && k <= INT32_MAX / 4, "bivlm_cuda.", op,
               ": need n in [1, 2^30), k2, k1 >= 0 with k2 + k1 in [1, 2^29); got n=", n, ", k2=", k2, ", k1=", k1);
-  const at::Tensor* tab = nullptr;
-  for (const auto& [kk, q, t, bits] : {std::tuple{k2, &qtc2, &table2, 2}, std::tuple{k1, &qtc1, &table1, 1}}) {
+  TcSegWeight w;
+  const at::Tensor* tab = nullptr;   // a present segment's table
+  for (auto [s, kk, q, t, bits] : {std::tuple{&w.seg2, k2, &qtc2, &table2, 2}, std::tuple{&w.seg1, k1, &qtc1, &table1, 1}}) {
     TORCH_CHECK(kk == 0 || (q->has_value() && t->has_value()), "bivlm_cuda.", op, ": the ", bits,
                 "-bit segment has k=", kk, " columns but no qtc / table");
     if (kk == 0) continue;
-    TORCH_CHECK((group_size == 64 || group_size == 128) && kk % group_size == 0 &&
-                    ((*t)->scalar_type() == at::kHalf || (*t)->scalar_type() == at::kBFloat16),
-                "bivlm_cuda.", op, ": covers group_size 64 or 128 (dividing each segment's k) and float16 / bfloat16 "
-                "tables; got group_size=", group_size, ", k=", kk, ", ", (*t)->scalar_type());
     check_tc_operands(op, **q, **t, n, kk, bits, group_size);
     TORCH_CHECK(tab == nullptr || (tab->scalar_type() == (*t)->scalar_type() && tab->device() == (*t)->device()),
                 "bivlm_cuda.", op, ": both segments' tables must share a dtype and device, got ", tab->scalar_type(),
                 " and ", (*t)->scalar_type());
     tab = &**t;
+    s->qtc = (*q)->data_ptr(), s->table = (*t)->data_ptr();
+    s->n = n, s->k = kk, s->bits = bits, s->group_size = static_cast<int>(group_size);
+    s->dtype = to_dtype(tab->scalar_type());
   }
   if (perm.has_value()) {
     const at::Tensor& p = *perm;
@@ -314,23 +315,12 @@ at::Tensor seg_tc_linear(const at::Tensor& x, const std::optional<at::Tensor>& p
   if (v.m == 0) return at::empty(v.out_shape, x.options().dtype(v.od));
   TORCH_CHECK(v.m * v.ldx < INT32_MAX, "bivlm_cuda.", op, ": x must have < 2^31 elements (m=", v.m, ", ldx=", v.ldx,
               ")");
-  TcSegWeight w;
-  for (auto [s, kk, q, t, bits] : {std::tuple{&w.seg2, k2, &qtc2, &table2, 2}, std::tuple{&w.seg1, k1, &qtc1, &table1, 1}}) {
-    s->n = n, s->k = kk, s->bits = bits, s->group_size = static_cast<int>(group_size);
-    s->dtype = to_dtype(tab->scalar_type());
-    if (kk > 0) s->qtc = (*q)->data_ptr(), s->table = (*t)->data_ptr();
-  }
   w.perm = perm.has_value() ? perm->data_ptr<int32_t>() : nullptr;
   const int splits = gemv_tc_seg_num_splits(v.m, w, sm_count(x.get_device()));
   TORCH_CHECK(splits > 0, "bivlm_cuda.", op, ": no split plan for n=", n, ", k2=", k2, ", k1=", k1, ", m=", v.m);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor out = at::empty({v.m, n}, x.options().dtype(v.od));
-  at::Tensor ws = at::empty({splits, v.m, n}, x.options().dtype(at::kFloat));
-  check_launch(launch_gemv_tc_seg(v.x2.data_ptr(), v.m, v.ldx, w, v.bias_ptr, splits, ws.data_ptr<float>(), stream),
-               op, "segmented gemv kernel", v.m, n, k);
-  check_launch(launch_splitk_reduce(ws.data_ptr<float>(), splits, v.m * n, out.data_ptr(), to_dtype(v.od), stream), op,
-               "split-K reduce kernel", v.m, n, k);
-  return out.view(v.out_shape);
+  return run_decode(op, x, v, n, k, splits, [&](int sp, void*, float* out_f32, cudaStream_t stream) {
+    return launch_gemv_tc_seg(v.x2.data_ptr(), v.m, v.ldx, w, v.bias_ptr, sp, out_f32, stream);
+  }, /*direct=*/false);
 }
 
 at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& codebook, int64_t bits,

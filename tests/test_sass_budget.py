@@ -172,3 +172,41 @@ def test_tensor_core_row_models_the_epilogue_frequency():
     # the CUDA-core row of the same configuration is superseded (not checked against the budget)
     cuda = dict(row, path="cuda")
     assert sb.superseded(cuda, [row, cuda]) and not sb.superseded(row, [row, cuda])
+
+
+# The segmented kernel (benchmarks/sass_budget_seg.py): a gather loop (2-byte x loads, one 16-byte perm load, a
+# shared store), a 2-bit body loop (streaming load, PRMT-heavy) and a 1-bit body loop (streaming load, LOP3-heavy).
+def _seg_sass():
+    def loop(start, body):
+        lines = [f"        /*{start + 16 * i:04x}*/                   {op} ;" for i, op in enumerate(body)]
+        lines.append(f"        /*{start + 16 * len(body):04x}*/               @P0 BRA 0x{start:x} ;")
+        return lines, start + 16 * (len(body) + 1)
+    gather, a = loop(0x10, ["LDG.E.128.CONSTANT R4, desc[UR4][R2.64]"] + ["LDG.E.U16.CONSTANT R8, desc[UR4][R6.64]"] * 4
+                     + ["PRMT R9, R8, 0x5410, R9"] * 2 + ["STS.64 [R10], R8"])           # 8 + branch = 9
+    two, a = loop(a, ["LDG.E.EF.128 R12, desc[UR4][R14.64]"] + ["PRMT R16, R17, R18, R19"] * 10
+                  + ["HMMA.16816.F32 R20, R24, R28, R20"] * 4)                   # 15 + 1; 16 bytes: 64 weights
+    one, a = loop(a, ["LDG.E.EF.128 R12, desc[UR4][R14.64]"] + ["LOP3.LUT R16, R17, 0x1, R19, 0x6a, !PT"] * 20
+                  + ["HMMA.16816.F32 R20, R24, R28, R20"] * 4)                  # 25 + 1; 16 bytes: 128 weights
+    name = "_ZN5bivlm6detail18gemv_tc_seg_kernelI6__halfLi1ELi128EEEvNS0_11TcSegParamsIT_EE"
+    return name, "\n".join([f"\t\tFunction : {name}"] + gather + two + one +
+                           [f"        /*{a:04x}*/                   EXIT ;"])
+
+
+def test_segmented_row_and_limit():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import sass_budget_seg as ss
+    name, text = _seg_sass()
+    (fname, instrs), = sb.parse_sass(text).items()
+    r = ss.seg_row(fname, ss._SEG.search(fname), instrs, {}, 90)
+    assert (r["dtype"], r["m"], r["g"]) == ("fp16", 1, 128)
+    assert r["gather"] == pytest.approx(9 / 4 / ss.ROWS_PER_BLOCK)   # 9 instructions per 4 columns, 512 rows
+    assert r["ipw2"] == pytest.approx(16 / 64) and r["ipw1"] == pytest.approx(26 / 128)
+    f = 1 / 16
+    ipw, lim = ss.combined(r, f, sb.CLOCK_GHZ)
+    assert ipw == pytest.approx((1 - f) * 26 / 128 + f * 16 / 64 + 9 / 4 / 512)
+    assert lim == pytest.approx(1.1 * ((1 - f) * sb.budget(1, 128, sb.GPUS["H200"]) + f * sb.budget(2, 128, sb.GPUS["H200"])))
+    assert ss.failures([r], sb.CLOCK_GHZ) == []
+    assert ss.failures([dict(r, gather=lim)], sb.CLOCK_GHZ)            # over the limit: reported
+    assert ss.failures([dict(r, ipw2=float("nan"))], sb.CLOCK_GHZ)     # a loop not found: reported
+    assert ss.failures([dict(r, spill=8)], sb.CLOCK_GHZ)               # spills: reported
+    assert ss.stream_bpw(f, 128, 28672) == pytest.approx((1 - f) * 1.5 + f * 2.5 + 32 / 28672)
