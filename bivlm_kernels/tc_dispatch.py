@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from . import ops, repack, repack_cache
+from . import formats, ops, repack, repack_cache
 
 MAX_M = 16          # csrc/bivlm_kernels.h kGemvMaxM
 enabled = os.environ.get("BIVLM_CUDA_TC", "1") != "0"
@@ -32,8 +32,22 @@ def tc_operands(x: torch.Tensor, qweight: torch.Tensor, tables, bits: int, group
         return None
     if not 1 <= x.numel() // k <= MAX_M:
         return None
+    return _repacked(bits, qweight, tables, k, group_size)
+
+
+def _repacked(bits, qweight, tables, k, group_size):
+    """The cached tensor-core repack of one weight (one cache entry whichever op asks for it)."""
     return repack_cache.get(f"tc{bits}", (qweight, *tables),
                             lambda: repack.repack_tables(bits, qweight, tables, k, group_size))
+
+
+def _kernel_perm(perm):
+    """perm as the segmented kernel reads it (int32, contiguous, 16-byte aligned: a fresh copy), checked once to
+    be a permutation (the kernel clamps entries to K but would compute with a wrong one) and cached."""
+    def build():
+        formats.check_perm(perm, perm.numel())
+        return torch.empty(perm.numel(), dtype=torch.int32, device=perm.device).copy_(perm)
+    return repack_cache.get("perm32", (perm,), build)
 
 
 def reference_tc_linear(x, qtc, table, n, k, bits, group_size, bias=None, out_dtype=None):
@@ -79,11 +93,9 @@ def seg_operands(x, perm, qweights, codebooks, bits, group_size):
     segs = {2: None, 1: None}
     for qw, cb, b in zip(qweights, codebooks, bits):
         ks = cb.shape[1] * group_size
-        rep = repack_cache.get(f"tc{b}", (qw, cb), lambda qw=qw, cb=cb, b=b, ks=ks: repack.repack_tables(
-            b, qw, (cb,), ks, group_size))
-        segs[b] = (rep, ks)
-    if perm is not None and perm.dtype != torch.int32:
-        perm = repack_cache.get("perm32", (perm,), lambda: perm.to(torch.int32).contiguous())
+        segs[b] = (_repacked(b, qw, (cb,), ks, group_size), ks)
+    if perm is not None:
+        perm = _kernel_perm(perm)
     (q2, t2), k2 = segs[2] if segs[2] else ((None, None), 0)
     (q1, t1), k1 = segs[1] if segs[1] else ((None, None), 0)
     return perm, q2, t2, q1, t1, k2, k1

@@ -125,7 +125,8 @@ __device__ __forceinline__ void tc1_body(const TcParams<T>& p, int c_begin, int 
   const int64_t tile_words = static_cast<int64_t>(p.tgroups) * (16 + 128 / GT);
   const uint32_t* tab = reinterpret_cast<const uint32_t*>(p.tab);
   const uint32_t* tab_a = tab + static_cast<int64_t>(p.tiles) * p.tgroups * 16;
-  const T* zero_src = STAGED ? p.xzero : reinterpret_cast<const T*>(tab + p.tiles * tile_words);   // >= 512 zeros
+  // B's zero source: the zero tile after the table, or the stage's 256 zeros (the body reads at most 128 past it)
+  const T* zero_src = STAGED ? p.xzero : reinterpret_cast<const T*>(tab + p.tiles * tile_words);
 
   float* sv = smem;                                                          // [MT][sgroups][2]: S, V
   uint32_t* bt = reinterpret_cast<uint32_t*>(smem + MT * p.sgroups * 2);    // [nts][NT][3][32][2]

@@ -172,6 +172,8 @@ def _seg_spy():
     calls = []
 
     def seg(*args):
+        perm = args[1]   # what the kernel requires of it (ops.cpp refuses anything else)
+        assert perm is None or (perm.dtype == torch.int32 and perm.is_contiguous() and perm.data_ptr() % 16 == 0)
         calls.append("seg")
         return tc_dispatch.reference_seg_tc_linear(*args)
 
@@ -206,5 +208,29 @@ def test_segmented_routing_and_result(m, layout, g, dtype, perm_dtype):
     goes = list(layout) in ([2, 1], [2], [1]) and g in (64, 128) and dtype != torch.float32 and m <= 16
     assert calls == ["seg" if goes else "parts"]
     assert torch.equal(got, want)
-    if goes:   # the repacks are the ones lut_linear's route caches; an int64 perm is converted once
-        assert repack_cache.size() == len(layout) + (perm_dtype == torch.int64)
+    if goes:   # the repacks are the ones lut_linear's route caches; the perm is checked and copied once
+        assert repack_cache.size() == len(layout) + (perm_dtype is not None)
+        fn(x, perm, qws, cbs, list(layout), g, bias, None)
+        assert repack_cache.size() == len(layout) + (perm_dtype is not None)
+
+
+def test_segmented_perm_views_and_bad_perms():
+    """A perm the kernel cannot read as given (a strided or offset int32 view) is copied, so the call works; a
+    perm that is not a permutation is refused with a clear error before any kernel runs."""
+    repack_cache.clear()
+    n, g = 19, 64
+    (q2, cb2), (q1, cb1) = _weight(n, g, g, torch.float16, 2, seed=1), _weight(n, 3 * g, g, torch.float16, 1, seed=2)
+    k = 4 * g
+    x = torch.randn(2, k).half()
+    calls, fn = _seg_spy()
+    big = torch.randperm(2 * k + 1, generator=torch.Generator().manual_seed(3)).to(torch.int32)
+    view = torch.argsort(big[1:2 * k + 1:2]).to(torch.int32)[:]          # a permutation
+    for perm in (torch.stack([view, view], 1)[:, 0], torch.cat([view[:1], view])[1:]):   # strided, offset by 4 bytes
+        assert not perm.is_contiguous() or perm.storage_offset() != 0
+        got = fn(x, perm, [q2, q1], [cb2, cb1], [2, 1], g, None, None)
+        assert torch.equal(got, ops.reference_segmented_lut_linear(x, perm, [q2, q1], [cb2, cb1], [2, 1], g))
+    bad = view.clone()
+    bad[0] = bad[1]                                                       # a duplicate
+    with pytest.raises(ValueError, match="exactly once"):
+        fn(x, bad, [q2, q1], [cb2, cb1], [2, 1], g, None, None)
+    assert calls == ["seg", "seg"]
