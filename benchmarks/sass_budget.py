@@ -488,8 +488,11 @@ def triton_rows(arch: int, cache: str) -> List[dict]:
     from bivlm_kernels.triton import offline
     from bivlm_kernels.triton.autotune import default_config
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
-    with open(os.path.join(ROOT, "bivlm_kernels", "triton", "kernels.py"), "rb") as f:
-        src_hash = hashlib.sha256(f.read() + triton.__version__.encode()).hexdigest()[:16]
+    h = hashlib.sha256(triton.__version__.encode())
+    for name in ("kernels.py", "kernel_tc1.py"):
+        with open(os.path.join(ROOT, "bivlm_kernels", "triton", name), "rb") as f:
+            h.update(f.read())
+    src_hash = h.hexdigest()[:16]
     rows = []
     n, k = SHAPE
     for bits in BITS:
