@@ -9,8 +9,9 @@ in one run on one GPU:
 * ``lut2``   2-bit LUT, ``torch.ops.bivlm.lut_linear``;
 * ``affine4`` 4-bit affine (scale + zero per group), ``torch.ops.bivlm.affine_linear``;
 * ``mixed``  a :class:`bivlm_kernels.nn.QuantLinear` with a column permutation, ~10 % of the columns (rounded to
-  whole groups) at 2 bits and the rest at 1 bit: the module's full forward (index_select + two segment ops with
-  fp32 accumulation), because that is what a mixed layer costs.
+  whole groups) at 2 bits and the rest at 1 bit: the module's full forward, because that is what a mixed layer
+  costs (``cuda`` at M <= 16: the one-launch segmented kernel + the split-K reduce; elsewhere index_select + two
+  segment ops with fp32 accumulation).
 
 Method (also written into every result file):
 
@@ -649,7 +650,8 @@ METHOD_TEXT = """\
 - Baseline: `torch.nn.functional.linear(x, W)` with a dense `W` in the same dtype, same run, same M.
 - Quantized weights: random packed codes + random codebooks/scales in the `bivlm-packed` v1 layout (speed does
   not depend on the values). Single-segment formats call the `torch.ops.bivlm` op directly (`call`), `mixed`
-  runs `QuantLinear.forward` (perm index_select + 2 segment ops, fp32 accumulation).
+  runs `QuantLinear.forward` (cuda, M <= 16: one segmented launch + reduce; else perm index_select + 2 segment
+  ops, fp32 accumulation).
 - Each timed sequence calls the layer once on each of `copies` distinct weight copies (together more than
   {l2}x the L2 size), and do_bench flushes the L2 before every sequence: weights always come from HBM.
   µs = median sequence time / copies (p20/p80 in the CSV). `eager`: every call is launched from Python
