@@ -46,7 +46,7 @@ The unrolling is checked on the binary: the streaming qweight loads in the loop 
 of the next chunk, one per row) carry 16 * (#loads) bytes = 16 * #loads * 8 / BITS weights per thread. If nvcc
 unrolled the K loop u times that is u x the formula, and the binary's number is used (column ``unroll``; a
 value other than 1 is flagged). Triton: BLOCK_N x BLOCK_K / (32 x num_warps) weights per thread per iteration
-(the loop steps BLOCK_KW words of BLOCK_N rows; tc1's step is one group, BLOCK_K = the group size); Triton's
+(the loop steps BLOCK_KW words of BLOCK_N rows; tc's step is one group, BLOCK_K = the group size); Triton's
 loads are not classified.
 
 Budget and ceilings (derived, not hard-coded)
@@ -490,7 +490,7 @@ def triton_rows(arch: int, cache: str) -> List[dict]:
     from bivlm_kernels.triton.autotune import default_config
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
     h = hashlib.sha256(triton.__version__.encode())
-    for name in ("kernels.py", "kernel_tc1.py"):
+    for name in ("kernels.py", "kernel_tc.py"):
         with open(os.path.join(ROOT, "bivlm_kernels", "triton", name), "rb") as f:
             h.update(f.read())
     src_hash = h.hexdigest()[:16]

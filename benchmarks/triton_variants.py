@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What the Triton 1-bit tensor-core decode costs, and why it stays above the CUDA kernel: sm_90 SASS of variants.
 
-Compiles ``bivlm_kernels.triton.kernel_tc1.tc1_kernel`` and variants of it for sm_90 without a GPU
+Compiles the 1-bit loop of ``bivlm_kernels.triton.kernel_tc.tc_kernel`` and variants of it for sm_90 without a GPU
 (``triton.compile`` with a ``GPUTarget``, as ``offline.py``) and prints the main loop's instructions per weight
 and its mix, at 28672x8192-like shapes (the loop does not depend on N, K), fp16, g = 128, 128 rows x 8 warps, one
 stage unless said. Each variant changes one thing, so its row shows what that thing costs::
@@ -24,9 +24,15 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from bivlm_kernels.triton import offline  # noqa: E402
-from bivlm_kernels.triton.kernel_tc1 import _decode  # noqa: E402
+from bivlm_kernels.triton.kernel_tc import _decode1  # noqa: E402
 
 _NEG_ONE = tl.constexpr(-1140802560)      # 0xBC00BC00: two fp16 -1.0
+
+
+@triton.jit
+def _decode(words, bit_mask, NEG_ONE: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr, dtype: tl.constexpr):
+    """tc_kernel's 1-bit decode: [BN, GW] words -> [BN, GROUP] +-1 in tile order."""
+    return tl.reshape(_decode1(words, bit_mask, NEG_ONE), (BN, GROUP)).to(dtype, bitcast=True)
 
 
 @triton.jit
@@ -39,7 +45,7 @@ def _decode_broadcast(words, BN: tl.constexpr, GROUP: tl.constexpr, GW: tl.const
 
 @triton.jit
 def _decode_natural(words, sign_mask, BN: tl.constexpr, GROUP: tl.constexpr):
-    """Pairs (i, i + 16) as in tc1, but joined into the natural K order: every register mixes two pairs."""
+    """Pairs (i, i + 16) as in tc_kernel, but joined into the natural K order: every register mixes two pairs."""
     w = _decode(words, sign_mask, _NEG_ONE, BN, GROUP, tl.float16)          # tile order
     # natural order = the tile order's inverse permutation, applied to the decoded tile in registers
     GW: tl.constexpr = GROUP // 32
@@ -90,7 +96,7 @@ def variant_kernel(x_ptr, qw_ptr, cb_ptr, hm_ptr, sx_ptr, out_ptr, M, N, KW, G, 
 
 
 VARIANTS = {
-    "shipped": "the shipped decode (tc1_kernel's loop, rebuilt here without split-K)",
+    "shipped": "the shipped 1-bit decode (tc_kernel's loop, rebuilt here without split-K)",
     "immediate_mask": "sign mask 0x80008000 as an immediate: the compiler emits AND + XOR, two LOP3 per pair",
     "broadcast": "word broadcast to 32 columns, shift/mask/xor per weight (no pairs), natural K order",
     "natural_order": "pairs decoded, then permuted back to the natural K order (x unpermuted)",

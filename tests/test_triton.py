@@ -111,23 +111,25 @@ def test_linear_group_sizes(bits, g):
 
 
 def test_dispatch_threshold_picks_kernels():
-    """Default configs: 1-bit lut in fp16/bf16 at M <= 16 -> tc1; otherwise decode kernel up to DECODE_MAX_M
-    rows, tensor-core dot kernel above."""
-    for bits, dtype in ((1, torch.float16), (1, torch.bfloat16), (1, torch.float32), (2, torch.float16)):
+    """Default configs: 1-bit lut and 4-bit affine in fp16/bf16 at M <= 16 -> tc; otherwise decode kernel up to
+    DECODE_MAX_M rows, tensor-core dot kernel above."""
+    for bits, dtype in ((1, torch.float16), (1, torch.bfloat16), (1, torch.float32), (2, torch.float16),
+                        (4, torch.bfloat16), (4, torch.float32)):
         for m in (1, 2, 3, 4, 5, 16, 17, 64, 255, 1024):
-            key = (True, bits, 128, dtype, 4096, 4096, bt.m_bucket(m))
+            key = (bits != 4, bits, 128, dtype, 4096, 4096, bt.m_bucket(m))
             cfg = bt.default_config(key)
-            if bits == 1 and dtype != torch.float32 and m <= 16:
-                assert cfg.kernel == "tc1" and cfg.block_k == 128 and cfg.block_m == 16
+            if bits != 2 and dtype != torch.float32 and m <= 16:
+                assert cfg.kernel == "tc" and cfg.block_k == 128 and cfg.block_m == 16
             else:
                 assert cfg.kernel == ("decode" if m <= bt.DECODE_MAX_M else "dot")
             assert cfg.block_m >= min(m, 16) or cfg.kernel == "dot"
             assert autotune.fits(cfg, key, autotune.SMEM_DEFAULT)
 
 
-# tc1: 1-bit lut on tensor cores at M <= 16 (kernel_tc1.py). Odd N (a ragged last row block), every group size
-# it runs (32 = one word per group, 256 = 8), split-K with the bias added once, fp32 output, both 16-bit dtypes.
-TC1_CASES = [
+# tc: 1-bit lut and 4-bit affine on tensor cores at M <= 16 (kernel_tc.py). Odd N (a ragged last row block),
+# group sizes from one word per group (32 at 1 bit, 16 = 2 words at 4 bits) to 256, split-K with the bias added
+# once, fp32 output, one and two stages, both 16-bit dtypes.
+TC_CASES = [
     # (lead, N, K, g, block_n, split, bias, out fp32)
     ((1,), 70, 256, 128, 64, 1, True, False),
     ((5,), 33, 384, 64, 64, 2, False, True),
@@ -136,17 +138,31 @@ TC1_CASES = [
     ((7,), 200, 640, 128, 128, 2, True, True),          # 5 groups over 2 splits: groups 0, 2, 4 / 1, 3
     ((1,), 1, 64, 32, 16, 2, True, False),              # one output row, every block mostly padding
 ]
+TC4_CASES = [((3,), 45, 96, 16, 16, 2, True, False)]    # 4 bits only: g = 16 (2 words per group and row)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("case", range(len(TC1_CASES)))
-def test_tc1_kernel(case, dtype):
-    lead, n, k, g, bn, split, bias, out32 = TC1_CASES[case]
-    cfg = Config("tc1", 16, bn, g, split_k=split, num_warps=4, num_stages=1 + case % 2)
-    run_linear(1, g, dtype, lead, n, k, has_bias=bias, out_dtype=torch.float32 if out32 else None, config=cfg)
+@pytest.mark.parametrize("bits,case", [(1, c) for c in range(len(TC_CASES))]
+                         + [(4, c) for c in range(len(TC_CASES) + len(TC4_CASES))])
+def test_tc_kernel(bits, case, dtype):
+    lead, n, k, g, bn, split, bias, out32 = (TC_CASES + TC4_CASES)[case]
+    cfg = Config("tc", 16, bn, g, split_k=split, num_warps=4, num_stages=1 + case % 2)
+    run_linear(bits, g, dtype, lead, n, k, has_bias=bias, out_dtype=torch.float32 if out32 else None, config=cfg)
 
 
-def test_tc1_extreme_codebooks():
+def test_tc4_large_zero_and_scales():
+    """4 bits: MAGIC + q is decoded and MAGIC * sum(x) removed in fp32; with zeros near 15, large scales and
+    x of one sign (sum(x) large against the result) the error must stay within the tolerance."""
+    lut, qweight, sc, ze, _ = make_weight(4, 40, 512, 128, torch.float16)
+    sc.fill_(7.0)
+    ze.fill_(14.5)
+    w32 = formats.dequantize_affine(qweight, sc, ze, 4, 128)
+    x = (torch.rand(2, 512, device=DEV) + 0.5).half()
+    y = bt.linear(False, x, qweight, sc, ze, 4, 128, None, torch.float32, config=Config("tc", 16, 64, 128))
+    assert_matches(y, x, w32, None, reference(False, x, qweight, sc, ze, 4, 128, None), torch.float32)
+
+
+def test_tc_extreme_codebooks():
     """Codebook entries far apart in magnitude (c0 ~ 1e3, c1 ~ 1e-3) and equal entries: w = mu + h s in fp32
     per group must still give the selected entry's contribution (no fp16 rounding of mu or h)."""
     lut, qweight, cb, _, _ = make_weight(1, 40, 256, 64, torch.float16)
@@ -155,27 +171,27 @@ def test_tc1_extreme_codebooks():
     cb[:5] = 0.25                                               # c0 == c1: h = 0
     w32 = formats.dequantize_lut(qweight, cb, 1, 64)
     x = torch.randn(3, 256, device=DEV).half()
-    y = bt.linear(True, x, qweight, cb, cb, 1, 64, None, torch.float32, config=Config("tc1", 16, 64, 64))
+    y = bt.linear(True, x, qweight, cb, cb, 1, 64, None, torch.float32, config=Config("tc", 16, 64, 64))
     assert_matches(y, x, w32, None, reference(True, x, qweight, cb, cb, 1, 64, None), torch.float32)
 
 
-def test_tc1_config_errors():
-    """A tc1 config on a call it cannot run is a ValueError naming what it needs, not a wrong answer."""
+def test_tc_config_errors():
+    """A tc config on a call it cannot run is a ValueError naming what it needs, not a wrong answer."""
     with pytest.raises(ValueError, match="block_m == 16"):
-        Config("tc1", 8, 64, 128)
+        Config("tc", 8, 64, 128)
     lut, qweight, cb, _, _ = make_weight(2, 33, 256, 128, torch.float16)
     x = torch.randn(2, 256, device=DEV).half()
-    with pytest.raises(ValueError, match="1-bit lut"):
-        bt.linear(True, x, qweight, cb, cb, 2, 128, None, None, config=Config("tc1", 16, 64, 128))
+    with pytest.raises(ValueError, match="1-bit lut or 4-bit affine"):
+        bt.linear(True, x, qweight, cb, cb, 2, 128, None, None, config=Config("tc", 16, 64, 128))
     lut, qweight, cb, _, _ = make_weight(1, 33, 256, 128, torch.float16)
-    for bad_x, cfg in ((torch.randn(17, 256, device=DEV).half(), Config("tc1", 16, 64, 128)),
-                       (x.float(), Config("tc1", 16, 64, 128)), (x, Config("tc1", 16, 64, 64))):
+    for bad_x, cfg in ((torch.randn(17, 256, device=DEV).half(), Config("tc", 16, 64, 128)),
+                       (x.float(), Config("tc", 16, 64, 128)), (x, Config("tc", 16, 64, 64))):
         with pytest.raises(ValueError, match="M <= 16"):
             bt.linear(True, bad_x, qweight, cb.to(bad_x.dtype), cb.to(bad_x.dtype), 1, 128, None, None, config=cfg)
     small = (True, 1, 128, torch.float16, 4096, 4096, 16)
     cands = [c for c in autotune.candidates(small) if autotune.fits(c, small, autotune.SMEM_DEFAULT)]
-    assert any(c.kernel == "tc1" for c in cands) and any(c.kernel in ("decode", "dot") for c in cands)
-    assert not autotune.fits(Config("tc1", 16, 64, 64), small, autotune.SMEM_DEFAULT)     # block_k != g
+    assert any(c.kernel == "tc" for c in cands) and any(c.kernel in ("decode", "dot") for c in cands)
+    assert not autotune.fits(Config("tc", 16, 64, 64), small, autotune.SMEM_DEFAULT)     # block_k != g
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,12 +25,12 @@ import torch
 log = logging.getLogger(__name__)
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# Default dispatch: 1-bit lut in fp16/bf16 at M <= 16 -> tc1 kernel (kernel_tc1.py: ~3 instructions per
-# weight at every M <= 16, g = 128). Otherwise M <= DECODE_MAX_M -> CUDA-core decode kernel, else tensor-core
-# dot kernel. From the sm_90 SASS of the loops (offline compile, no GPU here): decode costs ~4.5 (1 bit) /
-# 8 (2 bit) / 8.6 (4 bit) instructions per code at M = 1 and ~3.2 / 5.3 / 5.3 per code and row at M = 2,
-# growing with M, while the dot kernel's dequantization costs ~7.6-10 per code whatever M <= BLOCK_M. To be
-# measured on an H100; the tuner may pick any of them for buckets <= 16.
+# Default dispatch: 1-bit lut and 4-bit affine in fp16/bf16 at M <= 16 -> tc kernel (kernel_tc.py: ~3
+# instructions per weight at every M <= 16, g = 128). Otherwise M <= DECODE_MAX_M -> CUDA-core decode kernel,
+# else tensor-core dot kernel. From the sm_90 SASS of the loops (offline compile, no GPU here): decode costs
+# ~4.5 (1 bit) / 8 (2 bit) / 8.6 (4 bit) instructions per code at M = 1 and ~3.2 / 5.3 / 5.3 per code and row
+# at M = 2, growing with M, while the dot kernel's dequantization costs ~7.6-10 per code whatever M <= BLOCK_M.
+# To be measured on an H100; the tuner may pick any of them for buckets <= 16.
 DECODE_MAX_M = 2
 # SM count assumed by the default configs (H100 SXM). A constant, so defaults never query the GPU.
 NUM_SMS_DEFAULT = 132
@@ -45,18 +45,21 @@ def m_bucket(m: int) -> int:
     return _BUCKET_OF[m] if m <= M_BUCKETS[-1] else M_BUCKETS[-1]
 
 
-KERNELS = ("decode", "dot", "tc1", "dense")
+KERNELS = ("decode", "dot", "tc", "dense")
 
 
-def tc1_applies(lut: bool, bits: int, group_size: int, dtype: torch.dtype, m: int) -> bool:
-    """Whether ``tc1_kernel`` can run this call: 1-bit lut, fp16/bf16 x, M <= 16 (block_k = group_size)."""
-    return lut and bits == 1 and dtype in (torch.float16, torch.bfloat16) and m <= 16 and group_size % 32 == 0
+def tc_applies(lut: bool, bits: int, group_size: int, dtype: torch.dtype, m: int) -> bool:
+    """Whether ``tc_kernel`` can run this call: 1-bit lut or 4-bit affine, fp16/bf16 x, M <= 16, a group of at
+    least 16 columns and whole words (block_k = group_size)."""
+    return (((lut and bits == 1) or (not lut and bits == 4)) and dtype in (torch.float16, torch.bfloat16)
+            and m <= 16 and group_size >= 16 and group_size % (32 // bits) == 0)
 
 
 @dataclass(frozen=True)
 class Config:
     """One launch configuration. ``block_k`` counts columns of K (a multiple of 32 // bits)."""
-    kernel: str          # "decode" (CUDA cores), "dot" (tensor cores), "tc1" (1-bit lut, M <= 16, tensor cores)
+    kernel: str          # "decode" (CUDA cores), "dot" (tensor cores), "tc" (1-bit lut / 4-bit affine at
+    #                      M <= 16, tensor cores)
     #                      or "dense" (dequantize + F.linear)
     block_m: int
     block_n: int
@@ -73,12 +76,13 @@ class Config:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1 or v & (v - 1):
                 raise ValueError(f"{name} must be a positive power of two, got {v!r}")
-        if self.block_k < 32:
-            raise ValueError(f"block_k must be >= 32 (one word of 1-bit codes), got {self.block_k}")
+        if self.block_k < (16 if self.kernel == "tc" else 32):
+            raise ValueError(f"block_k must be >= 32 (one word of 1-bit codes; 16 for tc: one 4-bit group), "
+                             f"got {self.block_k}")
         if self.kernel == "dot" and (self.block_m < 16 or self.block_n < 16):
             raise ValueError("dot configs need block_m, block_n >= 16 (tl.dot minimum)")
-        if self.kernel == "tc1" and (self.block_m != 16 or self.block_n < 16):
-            raise ValueError("tc1 configs need block_m == 16 (x padded to 16 rows) and block_n >= 16, "
+        if self.kernel == "tc" and (self.block_m != 16 or self.block_n < 16):
+            raise ValueError("tc configs need block_m == 16 (x padded to 16 rows) and block_n >= 16, "
                              f"got block_m={self.block_m}, block_n={self.block_n}")
 
 
@@ -111,14 +115,14 @@ def default_config(key: Key, num_sms: int = NUM_SMS_DEFAULT) -> Config:
     lut, bits, group_size, dtype, n, k, mb = key
     per_word = 32 // bits
     kw = k // per_word
-    if tc1_applies(lut, bits, group_size, dtype, mb):
+    if tc_applies(lut, bits, group_size, dtype, mb):
         # 128 rows x one group per step, 8 warps: the fewest instructions per weight among the tiles tried
         # (sm_90 SASS, g128 fp16: 2.78; 64 rows x 4 warps 3.44; 128 x 4 warps and 256 x 8 warps store the
         # decoded tile 2 bytes at a time, 3.5-3.7). Two stages: the next group's words and x arrive by cp.async
         # while this one is decoded (3.03 per weight; one stage 2.78 but a single load in flight per warp).
         block_n = 128 if n > 64 else 64
         split = _split_for(-(-n // block_n), -(-k // group_size), num_sms)
-        return Config("tc1", 16, block_n, group_size, split, 1, 8 if block_n == 128 else 4, 2)
+        return Config("tc", 16, block_n, group_size, split, 1, 8 if block_n == 128 else 4, 2)
     if mb <= DECODE_MAX_M:
         block_n, bkw = _DECODE_TILES.get((bits, mb), (16, 4))
         bkw = min(bkw, _pow2_floor(kw))
@@ -149,11 +153,11 @@ def candidates(key: Key):
     lut, bits, group_size, dtype, n, k, mb = key
     per_word = 32 // bits
     out = []
-    if tc1_applies(lut, bits, group_size, dtype, mb):
+    if tc_applies(lut, bits, group_size, dtype, mb):
         for bn, warps in ((64, 4), (128, 8)):
             for split in (1, 2, 4, 8, 16):
                 for stages in (1, 2, 3):
-                    out.append(Config("tc1", 16, bn, group_size, split, 1, warps, stages))
+                    out.append(Config("tc", 16, bn, group_size, split, 1, warps, stages))
     if mb <= 16:
         for bn in (16, 32, 64):
             for bk_words in (4, 8):
@@ -198,8 +202,8 @@ def fits(cfg: Config, key: Key, max_smem: int) -> bool:
         return False
     if cfg.block_n > max(16, 2 * n) or cfg.split_k > -(-k // cfg.block_k):
         return False
-    if cfg.kernel == "tc1":
-        return cfg.block_k == group_size and tc1_applies(lut, bits, group_size, dtype, mb)
+    if cfg.kernel == "tc":
+        return cfg.block_k == group_size and tc_applies(lut, bits, group_size, dtype, mb)
     if cfg.kernel == "decode":
         # fp32 values held per thread: the [BM, BN, BK] accumulator and the [BN, BK] decoded tile.
         tile = cfg.block_n * cfg.block_k

@@ -9,8 +9,8 @@ Three kernels, all reading the neutral checkpoint layout directly (no repacking)
   activation dtype and feeds ``tl.dot`` (tensor cores: wgmma on sm_90); optional split-K for medium M.
 * ``dequant_kernel`` -- writes the dense weight ``[N, K]`` (``dequantize_lut`` / ``dequantize_affine``).
 
-A fourth, ``tc1_kernel`` (1-bit lut at M <= 16 on tensor cores, codebook applied after the product), lives in
-:mod:`.kernel_tc1`.
+A fourth, ``tc_kernel`` (1-bit lut and 4-bit affine at M <= 16 on tensor cores, the per-group parameters applied
+after the product), lives in :mod:`.kernel_tc`.
 
 Unpacking. A row of ``qweight`` is ``KW = K * BITS / 32`` int32 words; ``PER_WORD = 32 // BITS`` codes per word,
 code ``j`` of word ``w`` is column ``k = w * PER_WORD + j`` at bit ``j * BITS`` (LSB first)::

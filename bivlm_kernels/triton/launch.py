@@ -14,7 +14,7 @@ import triton
 
 from . import autotune
 from .autotune import Config
-from .kernel_tc1 import tc1_kernel
+from .kernel_tc import tc_kernel
 from .kernels import decode_kernel, dequant_kernel, dot_kernel
 
 # Evaluated once at import (an environment read, no device query): see kernels.py on INTERP.
@@ -22,7 +22,8 @@ _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = autotune._CONFIGS
 _BUCKET_OF = autotune._BUCKET_OF
 _LAST_BUCKET = autotune.M_BUCKETS[-1]
-_SIGN_MASK = -2147450880            # 0x80008000 as an int32: tc1_kernel's sign bits (an argument on purpose)
+# tc_kernel's bit masks, passed as an argument on purpose (kernel_tc.py): 0x80008000 (1 bit), 0x000F000F (4 bit)
+_TC_MASK = {1: -2147450880, 4: 0x000F000F}
 
 
 def _launch(cfg: Config, lut: bool, x2, qweight, t0, t1, bits, group_size, bias, out_dtype):
@@ -46,14 +47,13 @@ def _launch(cfg: Config, lut: bool, x2, qweight, t0, t1, bits, group_size, bias,
                   INTERP=_INTERP, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (x2, qweight, t0, t1, bias if bias is not None else t0, out,
             m, n, kw, k // group_size, x2.stride(0), out.stride(0))
-    if cfg.kernel == "tc1":
-        if cfg.block_k != group_size or not autotune.tc1_applies(lut, bits, group_size, x2.dtype, m):
-            raise ValueError(f"config {cfg} (tc1) needs a 1-bit lut weight, fp16/bf16 x, M <= 16 and "
-                             f"block_k == group_size; got lut={lut}, bits={bits}, dtype={x2.dtype}, M={m}, "
+    if cfg.kernel == "tc":
+        if cfg.block_k != group_size or not autotune.tc_applies(lut, bits, group_size, x2.dtype, m):
+            raise ValueError(f"config {cfg} (tc) needs a 1-bit lut or 4-bit affine weight, fp16/bf16 x, M <= 16 "
+                             f"and block_k == group_size; got lut={lut}, bits={bits}, dtype={x2.dtype}, M={m}, "
                              f"group_size={group_size}")
-        tc1_kernel[(triton.cdiv(n, cfg.block_n), split)](
-            x2, qweight, t0, bias if bias is not None else t0, out, m, n, kw, k // group_size, x2.stride(0),
-            out.stride(0), _SIGN_MASK, GROUP=group_size, BLOCK_N=cfg.block_n, SPLIT_K=split,
+        tc_kernel[(triton.cdiv(n, cfg.block_n), split)](
+            *args, _TC_MASK[bits], BITS=bits, GROUP=group_size, BLOCK_N=cfg.block_n, SPLIT_K=split,
             HAS_BIAS=bias is not None, INTERP=_INTERP, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif cfg.kernel == "decode":
         grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))

@@ -30,19 +30,20 @@ def compile_linear(cfg: Config, bits: int, dtype: torch.dtype, group_size: int =
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from . import kernel_tc1 as kernels_tc1, kernels
+    from . import kernel_tc, kernels
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("offline compilation needs a process without TRITON_INTERPRET=1")
     per_word = 32 // bits
     tt = _TT[dtype]
     out_tt = "fp32" if cfg.split_k > 1 else tt
-    if cfg.kernel == "tc1":
-        fn = kernels_tc1.tc1_kernel
-        sig = {"x_ptr": f"*{tt}", "qw_ptr": "*i32", "cb_ptr": f"*{tt}", "bias_ptr": f"*{tt}", "out_ptr": f"*{out_tt}",
-               "M": "i32", "N": "i32", "KW": "i32", "G": "i32", "stride_xm": "i32", "stride_om": "i32",
-               "sign_mask": "i32"}
-        const = dict(GROUP=group_size, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, HAS_BIAS=has_bias, INTERP=False)
-        aligned = [a if a != "t0_ptr" else "cb_ptr" for a in _ALIGNED if a != "t1_ptr"]
+    if cfg.kernel == "tc":
+        fn = kernel_tc.tc_kernel
+        sig = {"x_ptr": f"*{tt}", "qw_ptr": "*i32", "t0_ptr": f"*{tt}", "t1_ptr": f"*{tt}", "bias_ptr": f"*{tt}",
+               "out_ptr": f"*{out_tt}", "M": "i32", "N": "i32", "KW": "i32", "G": "i32", "stride_xm": "i32",
+               "stride_om": "i32", "bit_mask": "i32"}
+        const = dict(BITS=bits, GROUP=group_size, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, HAS_BIAS=has_bias,
+                     INTERP=False)
+        aligned = _ALIGNED
     else:
         fn = kernels.decode_kernel if cfg.kernel == "decode" else kernels.dot_kernel
         sig = {"x_ptr": f"*{tt}", "qw_ptr": "*i32", "t0_ptr": f"*{tt}", "t1_ptr": f"*{tt}", "bias_ptr": f"*{tt}",
