@@ -141,7 +141,9 @@ def tc_kernel(x_ptr, qw_ptr, t0_ptr, t1_ptr, bias_ptr, out_ptr,
     rm_ld = tl.minimum(rm, M - 1)                           # rows past M repeat row M - 1; never stored
     qw_rows = qw_ptr + rn_ld.to(tl.int64)[:, None] * KW + tl.arange(0, GW)[None, :]         # [BN, GW]
     x_rows = x_ptr + rm_ld.to(tl.int64)[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # [BM, GROUP]
-    tab_rows = rn_ld.to(tl.int64) * G                                                     # [BN]
+    # per-(row, group) tables: the codebook's 2 entries (1 bit) or scale and zero (4 bit), at row * G + g
+    t0_rows = t0_ptr + rn_ld.to(tl.int64) * (G * (2 if BITS == 1 else 1))                 # [BN]
+    t1_rows = t1_ptr + rn_ld.to(tl.int64) * G
 
     acc = tl.zeros((BLOCK_N, BM), dtype=tl.float32)
     for g in range(pid_k, G, SPLIT_K):
@@ -160,13 +162,13 @@ def tc_kernel(x_ptr, qw_ptr, t0_ptr, t1_ptr, bias_ptr, out_ptr,
         else:
             part = tl.dot(w, tl.trans(x))                                                   # [BN, BM] fp32
         if BITS == 1:
-            c0 = tl.load(t0_ptr + (tab_rows + g) * 2).to(tl.float32)
-            c1 = tl.load(t0_ptr + (tab_rows + g) * 2 + 1).to(tl.float32)
+            c0 = tl.load(t0_rows + g * 2).to(tl.float32)
+            c1 = tl.load(t0_rows + g * 2 + 1).to(tl.float32)
             acc += (c1 - c0)[:, None] * part                # 2 h and 2 mu: the 1/2 is applied once, below
             acc += (c1 + c0)[:, None] * sx[None, :]
         else:
-            s = tl.load(t0_ptr + tab_rows + g).to(tl.float32)
-            z = tl.load(t1_ptr + tab_rows + g).to(tl.float32)
+            s = tl.load(t0_rows + g).to(tl.float32)
+            z = tl.load(t1_rows + g).to(tl.float32)
             acc += s[:, None] * part
             acc -= (s * (MAGIC_F + z))[:, None] * sx[None, :]
 
