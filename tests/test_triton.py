@@ -111,14 +111,17 @@ def test_linear_group_sizes(bits, g):
 
 
 def test_dispatch_threshold_picks_kernels():
-    """Default configs: 1-bit lut and 4-bit affine in fp16/bf16 at M <= 16 -> tc; otherwise decode kernel up to
-    DECODE_MAX_M rows, tensor-core dot kernel above."""
+    """Default configs: lut and 4-bit affine in fp16/bf16 at M <= 16 -> tc (g = 128 here; 2 bits at g < 128 and
+    M = 1 keeps the decode kernel); otherwise decode kernel up to DECODE_MAX_M rows, tensor-core dot kernel
+    above."""
+    assert bt.default_config((True, 2, 64, torch.float16, 4096, 4096, 1)).kernel == "decode"
+    assert bt.default_config((True, 2, 64, torch.float16, 4096, 4096, 2)).kernel == "tc"
     for bits, dtype in ((1, torch.float16), (1, torch.bfloat16), (1, torch.float32), (2, torch.float16),
                         (4, torch.bfloat16), (4, torch.float32)):
         for m in (1, 2, 3, 4, 5, 16, 17, 64, 255, 1024):
             key = (bits != 4, bits, 128, dtype, 4096, 4096, bt.m_bucket(m))
             cfg = bt.default_config(key)
-            if bits != 2 and dtype != torch.float32 and m <= 16:
+            if dtype != torch.float32 and m <= 16:
                 assert cfg.kernel == "tc" and cfg.block_k == 128 and cfg.block_m == 16
             else:
                 assert cfg.kernel == ("decode" if m <= bt.DECODE_MAX_M else "dot")
@@ -126,9 +129,9 @@ def test_dispatch_threshold_picks_kernels():
             assert autotune.fits(cfg, key, autotune.SMEM_DEFAULT)
 
 
-# tc: 1-bit lut and 4-bit affine on tensor cores at M <= 16 (kernel_tc.py). Odd N (a ragged last row block),
-# group sizes from one word per group (32 at 1 bit, 16 = 2 words at 4 bits) to 256, split-K with the bias added
-# once, fp32 output, one and two stages, both 16-bit dtypes.
+# tc: 1/2-bit lut and 4-bit affine on tensor cores at M <= 16 (kernel_tc.py). Odd N (a ragged last row block),
+# group sizes from one word per group (32 at 1 bit, 16 at 2 bits; 16 = 2 words at 4 bits) to 256, split-K with
+# the bias added once, fp32 output, one and two stages, both 16-bit dtypes.
 TC_CASES = [
     # (lead, N, K, g, block_n, split, bias, out fp32)
     ((1,), 70, 256, 128, 64, 1, True, False),
@@ -138,12 +141,12 @@ TC_CASES = [
     ((7,), 200, 640, 128, 128, 2, True, True),          # 5 groups over 2 splits: groups 0, 2, 4 / 1, 3
     ((1,), 1, 64, 32, 16, 2, True, False),              # one output row, every block mostly padding
 ]
-TC4_CASES = [((3,), 45, 96, 16, 16, 2, True, False)]    # 4 bits only: g = 16 (2 words per group and row)
+TC4_CASES = [((3,), 45, 96, 16, 16, 2, True, False)]    # 2 and 4 bits only: g = 16 (1 / 2 words per group)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("bits,case", [(1, c) for c in range(len(TC_CASES))]
-                         + [(4, c) for c in range(len(TC_CASES) + len(TC4_CASES))])
+                         + [(b, c) for b in (2, 4) for c in range(len(TC_CASES) + len(TC4_CASES))])
 def test_tc_kernel(bits, case, dtype):
     lead, n, k, g, bn, split, bias, out32 = (TC_CASES + TC4_CASES)[case]
     cfg = Config("tc", 16, bn, g, split_k=split, num_warps=4, num_stages=1 + case % 2)
@@ -179,10 +182,10 @@ def test_tc_config_errors():
     """A tc config on a call it cannot run is a ValueError naming what it needs, not a wrong answer."""
     with pytest.raises(ValueError, match="block_m == 16"):
         Config("tc", 8, 64, 128)
-    lut, qweight, cb, _, _ = make_weight(2, 33, 256, 128, torch.float16)
+    lut, qweight, sc, ze, _ = make_weight(4, 33, 256, 128, torch.float16)
     x = torch.randn(2, 256, device=DEV).half()
-    with pytest.raises(ValueError, match="1-bit lut or 4-bit affine"):
-        bt.linear(True, x, qweight, cb, cb, 2, 128, None, None, config=Config("tc", 16, 64, 128))
+    with pytest.raises(ValueError, match="1/2-bit lut or 4-bit affine"):
+        bt.linear(True, x, qweight, sc, sc, 4, 128, None, None, config=Config("tc", 16, 64, 128))
     lut, qweight, cb, _, _ = make_weight(1, 33, 256, 128, torch.float16)
     for bad_x, cfg in ((torch.randn(17, 256, device=DEV).half(), Config("tc", 16, 64, 128)),
                        (x.float(), Config("tc", 16, 64, 128)), (x, Config("tc", 16, 64, 64))):

@@ -25,12 +25,12 @@ import torch
 log = logging.getLogger(__name__)
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# Default dispatch: 1-bit lut and 4-bit affine in fp16/bf16 at M <= 16 -> tc kernel (kernel_tc.py: ~3
-# instructions per weight at every M <= 16, g = 128). Otherwise M <= DECODE_MAX_M -> CUDA-core decode kernel,
-# else tensor-core dot kernel. From the sm_90 SASS of the loops (offline compile, no GPU here): decode costs
-# ~4.5 (1 bit) / 8 (2 bit) / 8.6 (4 bit) instructions per code at M = 1 and ~3.2 / 5.3 / 5.3 per code and row
-# at M = 2, growing with M, while the dot kernel's dequantization costs ~7.6-10 per code whatever M <= BLOCK_M.
-# To be measured on an H100; the tuner may pick any of them for buckets <= 16.
+# Default dispatch: lut and 4-bit affine in fp16/bf16 at M <= 16 -> tc kernel (kernel_tc.py, g = 128: ~3 (1 and
+# 4 bits) / 6.8 (2 bits) instructions per weight at every M <= 16). Otherwise M <= DECODE_MAX_M -> CUDA-core
+# decode kernel, else tensor-core dot kernel. From the sm_90 SASS of the loops (offline compile, no GPU here):
+# decode costs ~4.5 (1 bit) / 8 (2 bit) / 8.6 (4 bit) instructions per code at M = 1 and ~3.2 / 5.3 / 5.3 per
+# code and row at M = 2, growing with M, while the dot kernel's dequantization costs ~7.6-10 per code whatever
+# M <= BLOCK_M. To be measured on an H100; the tuner may pick any of them for buckets <= 16.
 DECODE_MAX_M = 2
 # SM count assumed by the default configs (H100 SXM). A constant, so defaults never query the GPU.
 NUM_SMS_DEFAULT = 132
@@ -49,17 +49,17 @@ KERNELS = ("decode", "dot", "tc", "dense")
 
 
 def tc_applies(lut: bool, bits: int, group_size: int, dtype: torch.dtype, m: int) -> bool:
-    """Whether ``tc_kernel`` can run this call: 1-bit lut or 4-bit affine, fp16/bf16 x, M <= 16, a group of at
+    """Whether ``tc_kernel`` can run this call: 1/2-bit lut or 4-bit affine, fp16/bf16 x, M <= 16, a group of at
     least 16 columns and whole words (block_k = group_size)."""
-    return (((lut and bits == 1) or (not lut and bits == 4)) and dtype in (torch.float16, torch.bfloat16)
+    return (((lut and bits <= 2) or (not lut and bits == 4)) and dtype in (torch.float16, torch.bfloat16)
             and m <= 16 and group_size >= 16 and group_size % (32 // bits) == 0)
 
 
 @dataclass(frozen=True)
 class Config:
     """One launch configuration. ``block_k`` counts columns of K (a multiple of 32 // bits)."""
-    kernel: str          # "decode" (CUDA cores), "dot" (tensor cores), "tc" (1-bit lut / 4-bit affine at
-    #                      M <= 16, tensor cores)
+    kernel: str          # "decode" (CUDA cores), "dot" (tensor cores), "tc" (lut / 4-bit affine at M <= 16,
+    #                      tensor cores)
     #                      or "dense" (dequantize + F.linear)
     block_m: int
     block_n: int
@@ -115,7 +115,8 @@ def default_config(key: Key, num_sms: int = NUM_SMS_DEFAULT) -> Config:
     lut, bits, group_size, dtype, n, k, mb = key
     per_word = 32 // bits
     kw = k // per_word
-    if tc_applies(lut, bits, group_size, dtype, mb):
+    if tc_applies(lut, bits, group_size, dtype, mb) and not (bits == 2 and group_size < 128 and mb == 1):
+        # (2 bits at g < 128: the decode kernel's 8.1 beats tc's 8.8 at M = 1, not at M = 2 (10.6))
         # 128 rows x one group per step, 8 warps: the fewest instructions per weight among the tiles tried
         # (sm_90 SASS, g128 fp16: 2.78; 64 rows x 4 warps 3.44; 128 x 4 warps and 256 x 8 warps store the
         # decoded tile 2 bytes at a time, 3.5-3.7). Two stages: the next group's words and x arrive by cp.async

@@ -23,7 +23,7 @@ _CONFIGS = autotune._CONFIGS
 _BUCKET_OF = autotune._BUCKET_OF
 _LAST_BUCKET = autotune.M_BUCKETS[-1]
 # tc_kernel's bit masks, passed as an argument on purpose (kernel_tc.py): 0x80008000 (1 bit), 0x000F000F (4 bit)
-_TC_MASK = {1: -2147450880, 4: 0x000F000F}
+_TC_MASK = {1: -2147450880, 2: -2147450880, 4: 0x000F000F}
 
 
 def _launch(cfg: Config, lut: bool, x2, qweight, t0, t1, bits, group_size, bias, out_dtype):
@@ -49,7 +49,7 @@ def _launch(cfg: Config, lut: bool, x2, qweight, t0, t1, bits, group_size, bias,
             m, n, kw, k // group_size, x2.stride(0), out.stride(0))
     if cfg.kernel == "tc":
         if cfg.block_k != group_size or not autotune.tc_applies(lut, bits, group_size, x2.dtype, m):
-            raise ValueError(f"config {cfg} (tc) needs a 1-bit lut or 4-bit affine weight, fp16/bf16 x, M <= 16 "
+            raise ValueError(f"config {cfg} (tc) needs a 1/2-bit lut or 4-bit affine weight, fp16/bf16 x, M <= 16 "
                              f"and block_k == group_size; got lut={lut}, bits={bits}, dtype={x2.dtype}, M={m}, "
                              f"group_size={group_size}")
         tc_kernel[(triton.cdiv(n, cfg.block_n), split)](
