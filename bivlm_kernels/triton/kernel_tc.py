@@ -51,9 +51,10 @@ from .kernels import _epilogue
 
 
 @triton.jit
-def _pair1(words, i: tl.constexpr, bit_mask, NEG_ONE: tl.constexpr):
-    """1 bit: columns (i, i + 16) of each word as two 16-bit +-1 in one int32."""
-    return ((words << (15 - i)) & bit_mask) ^ NEG_ONE
+def _signs(words, SHIFT: tl.constexpr, bit_mask, ONE: tl.constexpr):
+    """Bits 15 - SHIFT and 31 - SHIFT of each word moved to the sign bits (15, 31) of two 16-bit ``ONE``s (+-1.0):
+    one int32 holding two +-1. 1 bit: SHIFT = 15 - i gives columns (i, i + 16)."""
+    return ((words << SHIFT) & bit_mask) ^ ONE
 
 
 @triton.jit
@@ -90,22 +91,22 @@ def _tree16(v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, va, vb, vc, vd, ve, vf):
 @triton.jit
 def _decode1(words, bit_mask, NEG_ONE: tl.constexpr):
     """``[BN, GW]`` words -> ``[BN, GW, 32]`` int16 +-1 patterns in tile order (column t = 2 i + h)."""
-    p0 = _pair1(words, 0, bit_mask, NEG_ONE)
-    p1 = _pair1(words, 1, bit_mask, NEG_ONE)
-    p2 = _pair1(words, 2, bit_mask, NEG_ONE)
-    p3 = _pair1(words, 3, bit_mask, NEG_ONE)
-    p4 = _pair1(words, 4, bit_mask, NEG_ONE)
-    p5 = _pair1(words, 5, bit_mask, NEG_ONE)
-    p6 = _pair1(words, 6, bit_mask, NEG_ONE)
-    p7 = _pair1(words, 7, bit_mask, NEG_ONE)
-    p8 = _pair1(words, 8, bit_mask, NEG_ONE)
-    p9 = _pair1(words, 9, bit_mask, NEG_ONE)
-    pa = _pair1(words, 10, bit_mask, NEG_ONE)
-    pb = _pair1(words, 11, bit_mask, NEG_ONE)
-    pc = _pair1(words, 12, bit_mask, NEG_ONE)
-    pd = _pair1(words, 13, bit_mask, NEG_ONE)
-    pe = _pair1(words, 14, bit_mask, NEG_ONE)
-    pf = _pair1(words, 15, bit_mask, NEG_ONE)
+    p0 = _signs(words, 15, bit_mask, NEG_ONE)
+    p1 = _signs(words, 14, bit_mask, NEG_ONE)
+    p2 = _signs(words, 13, bit_mask, NEG_ONE)
+    p3 = _signs(words, 12, bit_mask, NEG_ONE)
+    p4 = _signs(words, 11, bit_mask, NEG_ONE)
+    p5 = _signs(words, 10, bit_mask, NEG_ONE)
+    p6 = _signs(words, 9, bit_mask, NEG_ONE)
+    p7 = _signs(words, 8, bit_mask, NEG_ONE)
+    p8 = _signs(words, 7, bit_mask, NEG_ONE)
+    p9 = _signs(words, 6, bit_mask, NEG_ONE)
+    pa = _signs(words, 5, bit_mask, NEG_ONE)
+    pb = _signs(words, 4, bit_mask, NEG_ONE)
+    pc = _signs(words, 3, bit_mask, NEG_ONE)
+    pd = _signs(words, 2, bit_mask, NEG_ONE)
+    pe = _signs(words, 1, bit_mask, NEG_ONE)
+    pf = _signs(words, 0, bit_mask, NEG_ONE)
     lo = _tree16(_lo(p0), _lo(p1), _lo(p2), _lo(p3), _lo(p4), _lo(p5), _lo(p6), _lo(p7),
                  _lo(p8), _lo(p9), _lo(pa), _lo(pb), _lo(pc), _lo(pd), _lo(pe), _lo(pf))
     hi = _tree16(_hi(p0), _hi(p1), _hi(p2), _hi(p3), _hi(p4), _hi(p5), _hi(p6), _hi(p7),
@@ -124,14 +125,14 @@ def _plane2(words, SHIFT: tl.constexpr, bit_mask, ONE: tl.constexpr):
     """2 bits: one +-1 plane of the 16 codes of each word -> ``[BN, GW, 16]`` int16 in tile order. Pair i = codes
     (i, i + 8); the plane's bit of code i sits at 2 i + 15 - SHIFT, so ``word << (SHIFT - 2 i)`` moves the pair's
     two bits to 15 and 31."""
-    p0 = ((words << SHIFT) & bit_mask) ^ ONE
-    p1 = ((words << (SHIFT - 2)) & bit_mask) ^ ONE
-    p2 = ((words << (SHIFT - 4)) & bit_mask) ^ ONE
-    p3 = ((words << (SHIFT - 6)) & bit_mask) ^ ONE
-    p4 = ((words << (SHIFT - 8)) & bit_mask) ^ ONE
-    p5 = ((words << (SHIFT - 10)) & bit_mask) ^ ONE
-    p6 = ((words << (SHIFT - 12)) & bit_mask) ^ ONE
-    p7 = ((words << (SHIFT - 14)) & bit_mask) ^ ONE
+    p0 = _signs(words, SHIFT, bit_mask, ONE)
+    p1 = _signs(words, SHIFT - 2, bit_mask, ONE)
+    p2 = _signs(words, SHIFT - 4, bit_mask, ONE)
+    p3 = _signs(words, SHIFT - 6, bit_mask, ONE)
+    p4 = _signs(words, SHIFT - 8, bit_mask, ONE)
+    p5 = _signs(words, SHIFT - 10, bit_mask, ONE)
+    p6 = _signs(words, SHIFT - 12, bit_mask, ONE)
+    p7 = _signs(words, SHIFT - 14, bit_mask, ONE)
     return tl.join(_tree8(_lo(p0), _lo(p1), _lo(p2), _lo(p3), _lo(p4), _lo(p5), _lo(p6), _lo(p7)),
                    _tree8(_hi(p0), _hi(p1), _hi(p2), _hi(p3), _hi(p4), _hi(p5), _hi(p6), _hi(p7)))
 
