@@ -184,7 +184,7 @@ def tc_kernel(x_ptr, qw_ptr, t0_ptr, t1_ptr, bias_ptr, out_ptr,
     rm_ld = tl.minimum(rm, M - 1)                           # rows past M repeat row M - 1; never stored
     qw_rows = qw_ptr + rn_ld.to(tl.int64)[:, None] * KW + tl.arange(0, GW)[None, :]         # [BN, GW]
     x_rows = x_ptr + rm_ld.to(tl.int64)[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # [BM, GROUP]
-    # per-(row, group) tables: the codebook's 2 entries (1 bit) or scale and zero (4 bit), at row * G + g
+    # per-(row, group) tables at row * G + g: the codebook's 2 ** BITS entries (lut) or scale and zero (4 bit)
     t0_rows = t0_ptr + rn_ld.to(tl.int64) * (G * ((1 << BITS) if BITS <= 2 else 1))         # [BN]
     t1_rows = t1_ptr + rn_ld.to(tl.int64) * G
 
