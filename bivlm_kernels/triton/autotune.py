@@ -58,9 +58,8 @@ def tc_applies(lut: bool, bits: int, group_size: int, dtype: torch.dtype, m: int
 @dataclass(frozen=True)
 class Config:
     """One launch configuration. ``block_k`` counts columns of K (a multiple of 32 // bits)."""
-    kernel: str          # "decode" (CUDA cores), "dot" (tensor cores), "tc" (lut / 4-bit affine at M <= 16,
-    #                      tensor cores)
-    #                      or "dense" (dequantize + F.linear)
+    kernel: str          # "decode" (CUDA cores), "dot" (tensor cores), "tc" (tensor cores, lut / 4-bit affine at
+    #                      M <= 16) or "dense" (dequantize + F.linear)
     block_m: int
     block_n: int
     block_k: int

@@ -35,27 +35,22 @@ def compile_linear(cfg: Config, bits: int, dtype: torch.dtype, group_size: int =
         raise RuntimeError("offline compilation needs a process without TRITON_INTERPRET=1")
     per_word = 32 // bits
     tt = _TT[dtype]
-    out_tt = "fp32" if cfg.split_k > 1 else tt
+    sig = {"x_ptr": f"*{tt}", "qw_ptr": "*i32", "t0_ptr": f"*{tt}", "t1_ptr": f"*{tt}", "bias_ptr": f"*{tt}",
+           "out_ptr": "*fp32" if cfg.split_k > 1 else f"*{tt}", "M": "i32", "N": "i32", "KW": "i32", "G": "i32",
+           "stride_xm": "i32", "stride_om": "i32"}
     if cfg.kernel == "tc":
         fn = kernel_tc.tc_kernel
-        sig = {"x_ptr": f"*{tt}", "qw_ptr": "*i32", "t0_ptr": f"*{tt}", "t1_ptr": f"*{tt}", "bias_ptr": f"*{tt}",
-               "out_ptr": f"*{out_tt}", "M": "i32", "N": "i32", "KW": "i32", "G": "i32", "stride_xm": "i32",
-               "stride_om": "i32", "bit_mask": "i32"}
+        sig["bit_mask"] = "i32"
         const = dict(BITS=bits, GROUP=group_size, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, HAS_BIAS=has_bias,
                      INTERP=False)
-        aligned = _ALIGNED
     else:
         fn = kernels.decode_kernel if cfg.kernel == "decode" else kernels.dot_kernel
-        sig = {"x_ptr": f"*{tt}", "qw_ptr": "*i32", "t0_ptr": f"*{tt}", "t1_ptr": f"*{tt}", "bias_ptr": f"*{tt}",
-               "out_ptr": f"*{out_tt}", "M": "i32", "N": "i32", "KW": "i32", "G": "i32",
-               "stride_xm": "i32", "stride_om": "i32"}
         const = dict(LUT=bits <= 2, BITS=bits, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                      BLOCK_KW=cfg.block_k // per_word, SPLIT_K=cfg.split_k, EVEN_K=even_k, HAS_BIAS=has_bias,
                      INTERP=False)
         if cfg.kernel == "dot":
             const.update(GROUP_M=cfg.group_m, PRECISION="ieee" if dtype == torch.float32 else "tf32")
-        aligned = _ALIGNED
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in _ALIGNED}
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
