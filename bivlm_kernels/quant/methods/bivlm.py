@@ -24,7 +24,16 @@ weighted squared error (optimal contiguous 1-D clustering, ``merge_levels``; wei
 the elements at each level); every weight is then coded by its Bi-VLM level's cluster, and compensation sees
 these packed values, so ``dequantize()`` *is* the algorithm's output. With the default ``n_inlier=2`` the 4 inlier
 levels ``mu +- alpha_1, mu +- alpha_2`` are one natural codebook and the rare salient levels mostly fold into the
-outer band (widening it). Honest cost: 2 + 64/g bits per weight in fp16 (2.5 at g = 128), no perm.
+outer band (widening it).
+
+**Salient codes.** A weight that is salient when it is coded takes the *nearest* entry of its group's codebook,
+not its residual level's cluster: the residual levels are fitted, per row, to the salient weights of the block
+start, and compensation pushes other weights past the salient threshold later. With the level rule, a -3 sigma
+weight in a row whose only salient weight was +3 sigma took +3 sigma's level (a sign flip; 3.3 % of the salient
+codes on three real SmolLM2 down_proj layers), and which weights flipped depended on the last bits of the
+arithmetic: SmolLM2 layer 2's down_proj (two input channels ~1000x the mean Hessian diagonal) came out at a
+relative error of 0.047 or 0.153 under 1e-6 perturbations of its Hessian, and the testbed perplexity at 2 bits
+anywhere from 187 to 6577 by machine (issue 29; tests/test_quality_guards.py pins it now). Honest cost: 2 + 64/g bits per weight in fp16 (2.5 at g = 128), no perm.
 ``info`` records the empirical share of each band and of the salient set, both of the weights as given
 (``initial_*``: the partition itself) and at quantization time (``band_shares``, ``salient_share``,
 ``salient_count``; with compensation the weights absorb errors and drift outward, so these differ), the intended
@@ -127,6 +136,14 @@ def _residual_assign(w, mus, alphas):
     return idx
 
 
+def _code(w, salient, level, codebook, cmap):
+    """Codebook index of weights ``w`` ``[N, m]`` of one group: an inlier takes its level's entry (``cmap``
+    ``[N, L]`` of ``level``), a ``salient`` one the entry of ``codebook`` ``[N, 4]`` nearest to it (the residual
+    levels fit only the salient weights of the block start; see "Salient codes" in the module docstring)."""
+    near = (w[:, :, None] - codebook[:, None, :]).abs().argmin(-1)
+    return torch.where(salient, near, cmap.gather(1, level))
+
+
 def bivlm_quantize(W: torch.Tensor, H: Optional[torch.Tensor], cfg: BiVLMConfig) -> QuantizedWeight:
     """Bi-VLM on ``W`` ``[N, K]`` (``H`` may be None when nothing needs it); returns the packed weight."""
     N, K = W.shape
@@ -198,6 +215,10 @@ def bivlm_quantize(W: torch.Tensor, H: Optional[torch.Tensor], cfg: BiVLMConfig)
             cb, cmap = merge_levels(levels, wts, 4)
             cbs.append(rounded(cb, dtype=cfg.dtype)), cmaps.append(cmap)
             codebook[:, (st + g0) // g] = cbs[-1]
+
+        def code_of(w, mcol, gl):
+            return _code(w, mcol == n, level_index(w, mcol), cbs[gl], cmaps[gl])
+
         Ub = U[st:ed, st:ed] if U is not None else None
         E = torch.zeros_like(Wb)
         if cfg.compensation == "gptq":
@@ -206,7 +227,7 @@ def bivlm_quantize(W: torch.Tensor, H: Optional[torch.Tensor], cfg: BiVLMConfig)
                 mcol = _membership(w, mub[:, i:i + 1], sdb[:, i:i + 1], z, sal_thr, d[i:i + 1])
                 counts += torch.bincount(mcol.reshape(-1).cpu(), minlength=n + 1).double()
                 gl = i // g
-                c = cmaps[gl].gather(1, level_index(w, mcol))
+                c = code_of(w, mcol, gl)
                 q = cbs[gl].gather(1, c)
                 codes[:, st + i] = c[:, 0]
                 err = (w[:, 0] - q[:, 0]) / Ub[i, i]
@@ -216,7 +237,7 @@ def bivlm_quantize(W: torch.Tensor, H: Optional[torch.Tensor], cfg: BiVLMConfig)
             counts += torch.bincount(mem.reshape(-1).cpu(), minlength=n + 1).double()
             for gl, g0 in enumerate(range(0, ed - st, g)):
                 sl = slice(g0, g0 + g)
-                c = cmaps[gl].gather(1, lidx[:, sl])
+                c = code_of(Wb[:, sl], mem[:, sl], gl)
                 codes[:, st + g0: st + g0 + g] = c
                 E[:, sl] = (Wb[:, sl] - cbs[gl].gather(1, c)) / d[None, sl]
         loss += (E ** 2).sum() / 2
