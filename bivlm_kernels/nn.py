@@ -26,7 +26,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from . import formats, ops, repack_cache, tables, validation
+from . import ops, repack_cache
+from .formats import tables, validation
+from . import formats
 from .formats import LayerSpec, QuantizedSegment, QuantizedWeight, SegmentSpec
 
 log = logging.getLogger(__name__)

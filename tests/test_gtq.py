@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from bivlm_kernels import QuantLinear, formats, tables
+from bivlm_kernels import QuantLinear, formats
+from bivlm_kernels.formats import tables
 from bivlm_kernels.quant import get_method
 from bivlm_kernels.quant.methods import _tablefit as tf
 

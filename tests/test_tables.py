@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from bivlm_kernels import QuantLinear, checkpoint, formats, ops, tables
+from bivlm_kernels import QuantLinear, checkpoint, formats, ops
+from bivlm_kernels.formats import tables
 from bivlm_kernels.formats import LayerSpec, QuantizedSegment, QuantizedWeight, SegmentSpec
 
 DATA = os.path.join(os.path.dirname(__file__), "data")

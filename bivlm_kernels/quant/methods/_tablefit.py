@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ... import tables
+from ...formats import tables
 
 
 def nearest(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ... import tables
+from ...formats import tables
 from ...formats import QuantizedSegment, QuantizedWeight
 from ..base import Method, MethodConfig, register_method
 from ..hessian import prepare_hessian

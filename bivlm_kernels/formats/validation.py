@@ -4,7 +4,7 @@
 For every tensor given, by buffer name (``perm``, ``bias``, ``segments.{i}.qweight`` / ``codebook`` /
 ``scales`` / ``zeros`` / ``qtable`` / ``tgrid``), :func:`check_layer_tensors` checks
 
-* the shape the layer's :class:`~bivlm_kernels.formats.LayerSpec` implies;
+* the shape the layer's :class:`~bivlm_kernels.LayerSpec` implies;
 * the dtype: ``qweight`` int32, ``perm`` int32/int64, the tables and the bias floating point;
 * the contents: ``perm`` a permutation of ``0 .. K-1`` (a duplicate index silently gives wrong outputs, an
   out-of-range one fails deep inside ``index_select``); codebooks, scales, zeros and the bias finite and
@@ -13,7 +13,7 @@ For every tensor given, by buffer name (``perm``, ``bias``, ``segments.{i}.qweig
 Codes: every bit pattern of a packed word is a valid code for 1, 2 and 4 bits (``2**b`` codebook entries, or
 0..15 for affine) and segment widths are multiples of the group size (>= 32), so packed words hold no padding
 bits: there is nothing left to check in ``qweight`` beyond its shape and dtype. Unpacked codes are
-range-checked by :func:`bivlm_kernels.formats.pack` and :func:`~bivlm_kernels.formats.lut_values`.
+range-checked by :func:`bivlm_kernels.pack` and :func:`~bivlm_kernels.lut_values`.
 
 Costs one pass over the tables and a sort of ``perm`` per layer: load time only, never in ``forward``.
 """
@@ -23,8 +23,10 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from . import formats, tables
-from .formats import LayerSpec
+from . import tables
+from .packing import lut_values, pack
+from .spec import INT_BUFFERS, LayerSpec
+from .weight import check_perm
 
 _TABLES = ("codebook", "scales", "zeros")
 
@@ -34,7 +36,7 @@ def expected_buffers(spec: LayerSpec) -> dict:
     out = {}
     for i, s in enumerate(spec.segments):
         for name, shape in s.buffer_shapes(spec.out_features, spec.group_size).items():
-            out[f"segments.{i}.{name}"] = (tuple(shape), "qweight" if name in formats.INT_BUFFERS else "table")
+            out[f"segments.{i}.{name}"] = (tuple(shape), "qweight" if name in INT_BUFFERS else "table")
     if spec.has_perm:
         out["perm"] = ((spec.in_features,), "perm")
     if spec.has_bias:
@@ -77,7 +79,7 @@ def check_layer_tensors(spec: LayerSpec, tensors: Mapping[str, torch.Tensor], *,
             continue
         if role == "perm":                          # check_perm names shape, dtype and duplicates itself
             try:
-                formats.check_perm(t, spec.in_features)
+                check_perm(t, spec.in_features)
             except ValueError as e:
                 raise ValueError(f"{what}: {e}") from None
             continue
