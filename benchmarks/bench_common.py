@@ -149,7 +149,7 @@ ENV_VARS = ("BIVLM_BACKEND", "BIVLM_TRITON_AUTOTUNE", "TRITON_INTERPRET", "CUDA_
 
 def save_triton_tuned_configs(path: Path) -> Optional[int]:
     """Write the Triton launch configs tuned during this run (which config produced each number), if any."""
-    mod = sys.modules.get("bivlm_kernels.triton.autotune")
+    mod = sys.modules.get("bivlm_kernels.backends.triton.autotune")
     if mod is None or not hasattr(mod, "save_tuned_configs"):
         return None
     try:
@@ -167,7 +167,7 @@ def load_triton_tuned_configs(path: Optional[str]) -> Optional[int]:
         print(f"[bench] no Triton config file at {path}; Triton will tune on first use", flush=True)
         return None
     try:
-        from bivlm_kernels.triton import autotune
+        from bivlm_kernels.backends.triton import autotune
         return autotune.load_tuned_configs(str(path))
     except Exception as e:  # noqa: BLE001
         print(f"[bench] could not load Triton tuned configs: {type(e).__name__}: {e}", flush=True)

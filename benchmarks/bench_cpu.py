@@ -42,6 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 import torch.utils.benchmark as tb  # noqa: E402
 
 from bivlm_kernels import ops  # noqa: E402
+from bivlm_kernels.backends import reference as ref_ops  # noqa: E402
 from bivlm_kernels.nn import QuantLinear  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (576, 1536)]
@@ -118,7 +119,7 @@ def allocated_bytes(fn) -> int:
 def repack_bytes(layer: QuantLinear, m: int) -> int:
     """Bytes of the table-lookup repack this layer keeps cached (once per layer, not per call) when a call with M
     rows takes that path; 0 otherwise."""
-    from bivlm_kernels import _cpu_extension
+    from bivlm_kernels.backends import cpu as _cpu_extension
     seg = layer.segments[0]
     if m > _cpu_extension.configure()["tmac_max_m"][seg.bits]:
         return 0
@@ -145,7 +146,7 @@ def bench_shape(n, k, ms, threads_list, block_s, rows, mem_rows):
     qbc = {b: cyc(qb[b]) for b in qb}
     i4 = [int4_pack(layer) for layer in qc[4]]
     x_check = torch.randn(3, k).to(torch.bfloat16)
-    ref = ops.reference_affine_linear(x_check.float(), q[4].segments[0].qweight, q[4].segments[0].scales,
+    ref = ref_ops.affine_linear(x_check.float(), q[4].segments[0].qweight, q[4].segments[0].scales,
                                       q[4].segments[0].zeros, 4, GROUP)
     got = torch.ops.aten._weight_int4pack_mm_for_cpu(x_check, i4[0][0], GROUP, i4[0][1]).float()
     int4_err = ((got - ref).norm() / ref.norm()).item()
@@ -184,7 +185,7 @@ def bench_shape(n, k, ms, threads_list, block_s, rows, mem_rows):
 
 
 def write_md(path: Path, rows, mem_rows, info, args, load0, load1, seconds):
-    from bivlm_kernels import _cpu_extension
+    from bivlm_kernels.backends import cpu as _cpu_extension
     cfg = _cpu_extension.configure()
     env = (f"- CPU: {info['model']}, {info['cores']} cores; flags: {info['flags']}\n"
            f"- kernels: bivlm_kernels._C_cpu, ISA {cfg['isa']}; table lookup for M <= {cfg['tmac_max_m']} "

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What the Triton 1-bit tensor-core decode costs, and why it stays above the CUDA kernel: sm_90 SASS of variants.
 
-Compiles the 1-bit loop of ``bivlm_kernels.triton.kernel_tc.tc_kernel`` and variants of it for sm_90 without a GPU
+Compiles the 1-bit loop of ``bivlm_kernels.backends.triton.kernel_tc.tc_kernel`` and variants of it for sm_90 without a GPU
 (``triton.compile`` with a ``GPUTarget``, as ``offline.py``) and prints the main loop's instructions per weight
 and its mix, at 28672x8192-like shapes (the loop does not depend on N, K), fp16, g = 128, 128 rows x 8 warps, one
 stage unless said. Each variant changes one thing, so its row shows what that thing costs::
@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bivlm_kernels.triton import offline  # noqa: E402
-from bivlm_kernels.triton.kernel_tc import _decode1  # noqa: E402
+from bivlm_kernels.backends.triton import offline  # noqa: E402
+from bivlm_kernels.backends.triton.kernel_tc import _decode1  # noqa: E402
 
 _NEG_ONE = tl.constexpr(-1140802560)      # 0xBC00BC00: two fp16 -1.0
 

@@ -3,6 +3,7 @@
 Importing needs neither a GPU nor the compiled extension and queries no device: kernels load on first use.
 """
 from . import formats, ops
+from .backends import reference as _reference  # noqa: F401,E402  (registers the oracle kernels)
 from .formats import FORMAT_NAME, FORMAT_VERSION, QuantizedSegment, QuantizedWeight, bits_per_weight
 from .nn import QuantLinear, quantize_linears_, rtn_quantize
 

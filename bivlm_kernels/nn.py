@@ -26,10 +26,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from . import ops, repack_cache
-from .formats import tables, validation
-from . import formats
-from .formats import LayerSpec, QuantizedSegment, QuantizedWeight, SegmentSpec
+from . import formats, ops
+from .backends import repack_cache
+from .formats import LayerSpec, QuantizedSegment, QuantizedWeight, SegmentSpec, tables, validation
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from bivlm_kernels import formats, ops
+from bivlm_kernels.backends import reference as ref_ops
 
 FORMATS = (("lut", 1), ("lut", 2), ("affine", 4))
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -52,10 +53,10 @@ def main() -> int:
                 qweight, tables = weight(kind, bits, n, k, g, dtype)
                 if kind == "lut":
                     got = cuda.dequantize_lut(qweight, tables[0], bits, g)
-                    want = ops.reference_dequantize_lut(qweight, tables[0], bits, g)
+                    want = ref_ops.dequantize_lut(qweight, tables[0], bits, g)
                 else:
                     got = cuda.dequantize_affine(qweight, *tables, bits, g)
-                    want = ops.reference_dequantize_affine(qweight, *tables, bits, g)
+                    want = ref_ops.dequantize_affine(qweight, *tables, bits, g)
                 runs += 1
                 if not torch.equal(got, want):
                     print(f"FAIL dequantize {kind}{bits} {dtype} n={n} k={k} g={g}")
@@ -66,10 +67,10 @@ def main() -> int:
                         x = torch.randn(m, k, device="cuda").to(dtype)
                         if kind == "lut":
                             y = cuda.lut_linear(x, qweight, tables[0], bits, g, bias, out_dtype)
-                            ref = ops.reference_lut_linear(x, qweight, tables[0], bits, g, bias, torch.float32)
+                            ref = ref_ops.lut_linear(x, qweight, tables[0], bits, g, bias, torch.float32)
                         else:
                             y = cuda.affine_linear(x, qweight, *tables, bits, g, bias, out_dtype)
-                            ref = ops.reference_affine_linear(x, qweight, *tables, bits, g, bias, torch.float32)
+                            ref = ref_ops.affine_linear(x, qweight, *tables, bits, g, bias, torch.float32)
                         runs += 1
                         if y.dtype != (out_dtype or dtype) or rel(y, ref) > tol:
                             print(f"FAIL linear {kind}{bits} {dtype} n={n} k={k} g={g} m={m} "

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bivlm_kernels import formats, ops
+from bivlm_kernels.backends import reference as ref_ops
 from bivlm_kernels.nn import QuantLinear
 
 pytestmark = pytest.mark.skipif(
@@ -31,7 +32,7 @@ U32 = 2.0 ** -24
 
 
 def cpu_ext():
-    from bivlm_kernels import _cpu_extension
+    from bivlm_kernels.backends import cpu as _cpu_extension
     return _cpu_extension
 
 
@@ -55,7 +56,7 @@ def run_both(x, qweight, tables, bits, g, bias=None, out_dtype=None):
     args = (x, qweight, *tables, bits, g, bias, out_dtype)
     with ops.use_backend("cpu"):
         y = getattr(ops, name)(*args)
-    return y, getattr(ops, f"reference_{name}")(*args)
+    return y, getattr(ref_ops, name)(*args)
 
 
 def assert_within_bound(y, ref, x, w, g, out_dtype):
@@ -152,7 +153,7 @@ def test_dequantize_bit_exact(bits, dtype):
         name = "dequantize_lut" if bits < 4 else "dequantize_affine"
         with ops.use_backend("cpu"):
             got = getattr(ops, name)(qweight, *tables, bits, g)
-        want = getattr(ops, f"reference_{name}")(qweight, *tables, bits, g)
+        want = getattr(ref_ops, name)(qweight, *tables, bits, g)
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
@@ -162,7 +163,7 @@ def test_fp16_tables_subnormal_and_special_values():
     n, k, g = 4, 32, 32
     cb = vals.view(4, 1, 2).clone()
     qweight = formats.pack(torch.randint(0, 2, (n, k)), 1)
-    want = ops.reference_dequantize_lut(qweight, cb, 1, g)
+    want = ref_ops.dequantize_lut(qweight, cb, 1, g)
     ext = cpu_ext()
     for scalar in (0, 1):
         try:
@@ -171,7 +172,7 @@ def test_fp16_tables_subnormal_and_special_values():
                 assert torch.equal(ops.dequantize_lut(qweight, cb, 1, g), want)
                 x = torch.ones(1, k, dtype=torch.float16)
                 torch.testing.assert_close(ops.lut_linear(x, qweight, cb, 1, g, None, torch.float32),
-                                           ops.reference_lut_linear(x, qweight, cb, 1, g, None, torch.float32))
+                                           ref_ops.lut_linear(x, qweight, cb, 1, g, None, torch.float32))
         finally:
             ext.configure(force_scalar=0)
 
@@ -200,7 +201,7 @@ def test_segmented_matches_reference(dtype, perm):
         args = (x, p, qws, cbs, bits, g, bias, None)
         with ops.use_backend("cpu"):
             y = ops.segmented_lut_linear(*args)
-        ref = ops.reference_segmented_lut_linear(*args)
+        ref = ref_ops.segmented_lut_linear(*args)
         xp = x if p is None else x.index_select(-1, p)
         assert_within_bound(y, ref, xp, w, g, dtype)
 
@@ -213,12 +214,12 @@ def test_segmented_by_parts_equals_one_pass_and_opcheck():
     args = (x, p, qws, cbs, bits, g, bias, None)
     with ops.use_backend("cpu"):
         one = ops.segmented_lut_linear(*args)
-    parts = ops._segmented_by_parts(*args)              # per-segment lut_linear (the GPU paths)
+    parts = ops.segmented_by_parts(*args)              # per-segment lut_linear (the GPU paths)
     torch.testing.assert_close(one, parts, rtol=1e-5, atol=1e-5)
     torch.library.opcheck(ops.segmented_lut_linear, args)
     one.sum().backward()
     x2, b2 = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
-    ops.reference_segmented_lut_linear(x2, p, qws, cbs, bits, g, b2, None).sum().backward()
+    ref_ops.segmented_lut_linear(x2, p, qws, cbs, bits, g, b2, None).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(bias.grad, b2.grad)
 
@@ -412,7 +413,7 @@ def test_tmac_segmented(dtype, perm, tmac_everywhere, monkeypatch):
         args = (x, p, qws, cbs, bits, g, bias, None)
         with ops.use_backend("cpu"):
             y = ops.segmented_lut_linear(*args)
-        ref = ops.reference_segmented_lut_linear(*args)
+        ref = ref_ops.segmented_lut_linear(*args)
         xp = x if p is None else x.index_select(-1, p)
         assert_within_bound(y, ref, xp, w, g, dtype)
     assert calls["linear"] == 5 and calls["repack"] == 2
@@ -482,7 +483,7 @@ def test_direct_segmented_transposed_x_at_column_offsets():
             args = (x, p, qws, cbs, bits, g, None, torch.float32)
             with ops.use_backend("cpu"):
                 y = ops.segmented_lut_linear(*args)
-            ref = ops.reference_segmented_lut_linear(*args)
+            ref = ref_ops.segmented_lut_linear(*args)
             assert_within_bound(y, ref, x.index_select(-1, p), w, g, torch.float32)
     finally:
         ext.configure(tmac_max_m=old)
@@ -565,7 +566,7 @@ def test_g16_dequantize_bit_exact(bits, scalar):
             name = "dequantize_lut" if bits < 4 else "dequantize_affine"
             with ops.use_backend("cpu"):
                 got = getattr(ops, name)(qweight, *tables, bits, 16)
-            want = getattr(ops, f"reference_{name}")(qweight, *tables, bits, 16)
+            want = getattr(ref_ops, name)(qweight, *tables, bits, 16)
             assert got.dtype == want.dtype and torch.equal(got, want)
     finally:
         ext.configure(force_scalar=0)
@@ -600,7 +601,7 @@ def test_g16_segmented(perm, scalar, g16_path):
         args = (x, p, qws, cbs, bits, g, bias, None)
         with ops.use_backend("cpu"):
             y = ops.segmented_lut_linear(*args)
-        ref = ops.reference_segmented_lut_linear(*args)
+        ref = ref_ops.segmented_lut_linear(*args)
         assert_within_bound(y, ref, x if p is None else x.index_select(-1, p), w, g, torch.bfloat16)
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bivlm_kernels import formats, ops
+from bivlm_kernels.backends import reference as ref_ops
 from bivlm_kernels.nn import QuantLinear
 
 
@@ -86,8 +87,8 @@ def _dequant_fp32(fmt, qweight, tables, g):
 def _reference(fmt, x, qweight, tables, g, bias):
     kind, bits = FORMATS[fmt]
     if kind == "lut":
-        return ops.reference_lut_linear(x, qweight, tables[0], bits, g, bias, torch.float32)
-    return ops.reference_affine_linear(x, qweight, tables[0], tables[1], bits, g, bias, torch.float32)
+        return ref_ops.lut_linear(x, qweight, tables[0], bits, g, bias, torch.float32)
+    return ref_ops.affine_linear(x, qweight, tables[0], tables[1], bits, g, bias, torch.float32)
 
 
 def _rel(a, b):
@@ -129,7 +130,8 @@ def test_linear_matches_reference(fmt, g, dtype, n, k):
 def test_tensor_core_path_against_cuda_core_and_reference(fmt, g, dtype):
     """1/2-bit lut and 4-bit affine at M <= 16 go to the tensor-core kernels (tc_linear on the cached repack): the error is that
     of the CUDA-core GEMV (BIVLM_CUDA_TC=0's path) within 2x, both against the fp32 oracle; the repack is built once."""
-    from bivlm_kernels import repack_cache, tc_dispatch
+    from bivlm_kernels.backends import repack_cache
+    from bivlm_kernels.backends.cuda import routing as tc_dispatch
     repack_cache.clear()
     n, k = 3001, 4352                      # N not a multiple of 64, K not a multiple of 256
     qweight, tables = _weight(fmt, n, k, g, dtype, seed=3)
@@ -154,7 +156,8 @@ def test_tensor_core_path_against_cuda_core_and_reference(fmt, g, dtype):
 def test_segmented_one_launch_against_parts_and_reference(g, dtype):
     """The sub-2-bit layout (perm, 2-bit segment, 1-bit segment) at M <= 16 runs as seg_tc_linear (one decode
     launch + the split-K reduce): its error is that of the per-segment path (BIVLM_CUDA_TC=0) within 2x."""
-    from bivlm_kernels import repack_cache, tc_dispatch
+    from bivlm_kernels.backends import repack_cache
+    from bivlm_kernels.backends.cuda import routing as tc_dispatch
     repack_cache.clear()
     n, k2, k1 = 3001, 3 * g, 4096 + g
     gen = torch.Generator().manual_seed(5)
@@ -167,7 +170,7 @@ def test_segmented_one_launch_against_parts_and_reference(g, dtype):
     for m in (1, 3, 8, 16):
         x = torch.randn(m, k2 + k1, device="cuda").to(dtype)
         args = (x, perm, qws, cbs, [2, 1], g, bias, None)
-        ref = ops.reference_segmented_lut_linear(*args[:-1], torch.float32)
+        ref = ref_ops.segmented_lut_linear(*args[:-1], torch.float32)
         with ops.use_backend("cuda"):
             y = ops.run("segmented_lut_linear", *args)
             tc_dispatch.enabled = False
@@ -262,10 +265,10 @@ def test_dequantize_bit_exact(fmt, g, dtype, n, k):
     qweight, tables = _weight(fmt, n, k, g, dtype)
     if kind == "lut":
         got = torch.ops.bivlm_cuda.dequantize_lut(qweight, tables[0], bits, g)
-        want = ops.reference_dequantize_lut(qweight, tables[0], bits, g)
+        want = ref_ops.dequantize_lut(qweight, tables[0], bits, g)
     else:
         got = torch.ops.bivlm_cuda.dequantize_affine(qweight, *tables, bits, g)
-        want = ops.reference_dequantize_affine(qweight, *tables, bits, g)
+        want = ref_ops.dequantize_affine(qweight, *tables, bits, g)
     assert got.dtype == dtype and got.shape == (n, k)
     assert torch.equal(got, want)
 

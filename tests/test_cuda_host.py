@@ -27,7 +27,9 @@ import subprocess
 import pytest
 import torch
 
-from bivlm_kernels import formats, ops, repack
+from bivlm_kernels import formats, ops
+from bivlm_kernels.backends import reference as ref_ops
+from bivlm_kernels.backends.cuda import tc_repack as repack
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SRC = pathlib.Path(os.environ.get("BIVLM_CUDA_HOST_SRC", ROOT / "csrc"))
@@ -467,8 +469,8 @@ def _check(c, res):
         return f"returned errors {e0}, {e1}"
     if c.op == "dequantize":
         kind, bits = FORMATS[c.fmt]
-        ref = (ops.reference_dequantize_lut(c.qweight, *c.tables, bits, c.g) if kind == "lut"
-               else ops.reference_dequantize_affine(c.qweight, *c.tables, bits, c.g))
+        ref = (ref_ops.dequantize_lut(c.qweight, *c.tables, bits, c.g) if kind == "lut"
+               else ref_ops.dequantize_affine(c.qweight, *c.tables, bits, c.g))
         got = torch.frombuffer(bytearray(raw), dtype=c.dtype).reshape(c.n, c.k)
         bad = (got.view(torch.uint8).reshape(c.n, -1) != ref.view(torch.uint8).reshape(c.n, -1)).any(dim=1)
         return None if not bad.any() else f"not bit-exact in {int(bad.sum())} of {c.n} rows"

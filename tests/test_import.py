@@ -17,7 +17,7 @@ PROBE = textwrap.dedent("""
     x = torch.randn(2, 128)
     q = QuantLinear.from_linear(torch.nn.Linear(128, 8), 1, 64, dtype=torch.float32)
     assert q(x).shape == (2, 8)
-    loaded = [m for m in ("bivlm_kernels.triton", "bivlm_kernels._extension", "bivlm_kernels.quant")
+    loaded = [m for m in ("bivlm_kernels.backends.triton", "bivlm_kernels.backends.cuda.register", "bivlm_kernels.quant")
               if m in sys.modules and sys.modules[m] is not None]
     assert not loaded, loaded
     print("ok")

@@ -4,7 +4,7 @@ import gc
 import pytest
 import torch
 
-from bivlm_kernels import repack_cache as rc
+from bivlm_kernels.backends import repack_cache as rc
 
 
 def test_hit_stale_and_freed():

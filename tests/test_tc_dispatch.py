@@ -4,7 +4,10 @@ the kernel. The kernel itself runs in the host build (tests/test_cuda_host.py) a
 import pytest
 import torch
 
-from bivlm_kernels import formats, ops, repack, repack_cache, tc_dispatch
+from bivlm_kernels import formats, ops
+from bivlm_kernels.backends import reference as ref_ops
+from bivlm_kernels.backends import repack_cache
+from bivlm_kernels.backends.cuda import routing as tc_dispatch, tc_repack as repack
 
 
 def _weight(n, k, g, dtype, bits=1, seed=0):
@@ -78,7 +81,7 @@ def _spy():
 
     def lut(*args):
         calls.append("lut")
-        return ops.reference_lut_linear(*args)
+        return ref_ops.lut_linear(*args)
     return calls, tc_dispatch.routed_lut_linear(tc, lut)
 
 
@@ -94,7 +97,7 @@ def test_routing_and_result(m, g, dtype, bits):
     bias = torch.randn(n).to(dtype)
     calls, fn = _spy()
     got = fn(x, q, cb, bits, g, bias, None)
-    want = ops.reference_lut_linear(x, q, cb, bits, g, bias, None)
+    want = ref_ops.lut_linear(x, q, cb, bits, g, bias, None)
     goes_tc = g in (64, 128) and dtype != torch.float32 and m <= 16
     assert calls == ["tc" if goes_tc else "lut"]
     assert torch.equal(got, want)                                # same math on the round-tripped weight
@@ -111,7 +114,7 @@ def test_repack_is_cached_and_rebuilt_after_an_in_place_write():
     assert repack_cache.size() == 1
     cb.mul_(2)                                                   # e.g. load_state_dict into the same buffers
     y1 = fn(x, q, cb, 1, 128, None, None)
-    assert torch.equal(y1, ops.reference_lut_linear(x, q, cb, 1, 128, None, None))
+    assert torch.equal(y1, ref_ops.lut_linear(x, q, cb, 1, 128, None, None))
     assert not torch.equal(y0, y1)
 
 
@@ -161,11 +164,11 @@ def test_affine_routing_and_result(m, g, dtype):
 
     def aff(*args):
         calls.append("affine")
-        return ops.reference_affine_linear(*args)
+        return ref_ops.affine_linear(*args)
     got = tc_dispatch.routed_affine_linear(tc, aff)(x, q, sc, z, 4, g, None, None)
     goes_tc = g in (64, 128) and dtype != torch.float32 and m <= 16
     assert calls == ["tc" if goes_tc else "affine"]
-    assert torch.equal(got, ops.reference_affine_linear(x, q, sc, z, 4, g, None, None))
+    assert torch.equal(got, ref_ops.affine_linear(x, q, sc, z, 4, g, None, None))
 
 
 def _seg_spy():
@@ -179,7 +182,7 @@ def _seg_spy():
 
     def parts(*args):
         calls.append("parts")
-        return ops.reference_segmented_lut_linear(*args)
+        return ref_ops.segmented_lut_linear(*args)
     return calls, tc_dispatch.routed_segmented_lut_linear(seg, parts)
 
 
@@ -204,7 +207,7 @@ def test_segmented_routing_and_result(m, layout, g, dtype, perm_dtype):
     bias = torch.randn(n).to(dtype)
     calls, fn = _seg_spy()
     got = fn(x, perm, qws, cbs, list(layout), g, bias, None)
-    want = ops.reference_segmented_lut_linear(x, perm, qws, cbs, list(layout), g, bias, None)
+    want = ref_ops.segmented_lut_linear(x, perm, qws, cbs, list(layout), g, bias, None)
     goes = list(layout) in ([2, 1], [2], [1]) and g in (64, 128) and dtype != torch.float32 and m <= 16
     assert calls == ["seg" if goes else "parts"]
     assert torch.equal(got, want)
@@ -228,7 +231,7 @@ def test_segmented_perm_views_and_bad_perms():
     for perm in (torch.stack([view, view], 1)[:, 0], torch.cat([view[:1], view])[1:]):   # strided, offset by 4 bytes
         assert not perm.is_contiguous() or perm.storage_offset() != 0
         got = fn(x, perm, [q2, q1], [cb2, cb1], [2, 1], g, None, None)
-        assert torch.equal(got, ops.reference_segmented_lut_linear(x, perm, [q2, q1], [cb2, cb1], [2, 1], g))
+        assert torch.equal(got, ref_ops.segmented_lut_linear(x, perm, [q2, q1], [cb2, cb1], [2, 1], g))
     bad = view.clone()
     bad[0] = bad[1]                                                       # a duplicate
     with pytest.raises(ValueError, match="exactly once"):

@@ -20,11 +20,12 @@ triton = pytest.importorskip("triton")
 
 import bivlm_kernels  # noqa: E402
 from bivlm_kernels import formats, ops  # noqa: E402
+from bivlm_kernels.backends import reference as ref_ops  # noqa: E402
 from bivlm_kernels.formats import QuantizedSegment, QuantizedWeight  # noqa: E402
 from bivlm_kernels.nn import QuantLinear  # noqa: E402
-import bivlm_kernels.triton as bt  # noqa: E402
-from bivlm_kernels.triton import autotune  # noqa: E402
-from bivlm_kernels.triton.autotune import Config  # noqa: E402
+import bivlm_kernels.backends.triton as bt  # noqa: E402
+from bivlm_kernels.backends.triton import autotune  # noqa: E402
+from bivlm_kernels.backends.triton.autotune import Config  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (GPU variants at real sizes)")
@@ -51,8 +52,8 @@ def make_weight(bits, n, k, g, dtype, device=DEV):
 
 def reference(lut, x, qweight, t0, t1, bits, g, bias):
     if lut:
-        return ops.reference_lut_linear(x, qweight, t0, bits, g, bias, torch.float32)
-    return ops.reference_affine_linear(x, qweight, t0, t1, bits, g, bias, torch.float32)
+        return ref_ops.lut_linear(x, qweight, t0, bits, g, bias, torch.float32)
+    return ref_ops.affine_linear(x, qweight, t0, t1, bits, g, bias, torch.float32)
 
 
 def rel_err(y, ref):
@@ -266,10 +267,10 @@ def test_split_k_bias_added_once_and_out_dtype():
 def test_dequantize_bit_exact(bits, g, dtype):
     lut, qweight, t0, t1, _ = make_weight(bits, 70, 512, g, dtype)
     if lut:
-        got, want = bt.launch.dequantize_lut(qweight, t0, bits, g), ops.reference_dequantize_lut(qweight, t0, bits, g)
+        got, want = bt.launch.dequantize_lut(qweight, t0, bits, g), ref_ops.dequantize_lut(qweight, t0, bits, g)
     else:
         got = bt.launch.dequantize_affine(qweight, t0, t1, bits, g)
-        want = ops.reference_dequantize_affine(qweight, t0, t1, bits, g)
+        want = ref_ops.dequantize_affine(qweight, t0, t1, bits, g)
     assert got.dtype == dtype and got.shape == (70, 512)
     assert torch.equal(got, want)
 
@@ -300,8 +301,8 @@ def test_through_dispatcher():
         d4 = torch.ops.bivlm.dequantize_affine(qw4, s, z, 4, 64)
     assert_matches(y1, x, w32, bias, reference(True, x, qweight, cb, cb, 1, 64, bias), torch.float32)
     assert_matches(y4, x, w4, None, reference(False, x, qw4, s, z, 4, 64, None), torch.float16)
-    assert torch.equal(d1, ops.reference_dequantize_lut(qweight, cb, 1, 64))
-    assert torch.equal(d4, ops.reference_dequantize_affine(qw4, s, z, 4, 64))
+    assert torch.equal(d1, ref_ops.dequantize_lut(qweight, cb, 1, 64))
+    assert torch.equal(d4, ref_ops.dequantize_affine(qw4, s, z, 4, 64))
     with ops.use_backend("triton"), pytest.raises(ValueError):   # the op's own checks still run first
         torch.ops.bivlm.lut_linear(x[..., :128], qweight, cb, 1, 64)
 
@@ -376,7 +377,7 @@ def _run_python(code, interpret=True):
 
 def test_import_without_triton_raises_import_error():
     r = _run_python("import sys; sys.modules['triton'] = None\n"
-                    "try:\n    import bivlm_kernels.triton\nexcept ImportError as e:\n    print('IMPORTERROR', e)\n"
+                    "try:\n    import bivlm_kernels.backends.triton\nexcept ImportError as e:\n    print('IMPORTERROR', e)\n"
                     "import bivlm_kernels, torch\n"
                     "print('REF', bivlm_kernels.ops.available_backends('lut_linear', torch.device('cpu')))")
     assert "IMPORTERROR" in r.stdout, r.stdout + r.stderr
@@ -391,7 +392,7 @@ def test_import_queries_no_gpu(interpret):
                     "for name in ('is_available', 'device_count', 'get_device_name', 'get_device_properties',\n"
                     "             'current_device', '_lazy_init', 'init'):\n"
                     "    setattr(torch.cuda, name, boom)\n"
-                    "import bivlm_kernels.triton as bt\n"
+                    "import bivlm_kernels.backends.triton as bt\n"
                     "print('OK', len(bt.autotune._CONFIGS))", interpret)
     assert "OK 0" in r.stdout, r.stdout + r.stderr
 
@@ -474,10 +475,10 @@ def test_gpu_dequantize_bit_exact(bits):
         lut, qweight, t0, t1, _ = make_weight(bits, 4096, 4096, 128, dtype)
         if lut:
             assert torch.equal(bt.launch.dequantize_lut(qweight, t0, bits, 128),
-                               ops.reference_dequantize_lut(qweight, t0, bits, 128))
+                               ref_ops.dequantize_lut(qweight, t0, bits, 128))
         else:
             assert torch.equal(bt.launch.dequantize_affine(qweight, t0, t1, bits, 128),
-                               ops.reference_dequantize_affine(qweight, t0, t1, bits, 128))
+                               ref_ops.dequantize_affine(qweight, t0, t1, bits, 128))
 
 
 @requires_cuda
@@ -527,7 +528,7 @@ def test_compiles_for_sm90_without_spills(bits):
     ms = (1, 2, 16, 1024) if _COMPILE_ALL else (1, 1024)
     code = (
         "import json, torch\n"
-        "from bivlm_kernels.triton import offline, default_config\n"
+        "from bivlm_kernels.backends.triton import offline, default_config\n"
         "out = {}\n"
         f"for m in {ms!r}:\n"
         f"    key = ({bits} <= 2, {bits}, 128, torch.float16, 4096, 4096, min(m, 256))\n"

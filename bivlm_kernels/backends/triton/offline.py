@@ -4,7 +4,7 @@ Triton ships ``ptxas`` and ``cuobjdump``, so ``triton.compile`` can build sm_90 
 the default tiles were chosen here (no GPU was available): registers, spills, shared memory and the instruction
 mix of the main loop are read from the cubin. Run it in a process *without* ``TRITON_INTERPRET=1``::
 
-    python -m bivlm_kernels.triton.offline            # default configs, 1/2/4 bits, fp16, a few M
+    python -m bivlm_kernels.backends.triton.offline            # default configs, 1/2/4 bits, fp16, a few M
 """
 from __future__ import annotations
 

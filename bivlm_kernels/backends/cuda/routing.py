@@ -18,7 +18,9 @@ import os
 
 import torch
 
-from . import formats, ops, repack, repack_cache
+from ... import formats, ops
+from .. import reference, repack_cache
+from . import tc_repack
 
 MAX_M = 16          # csrc/bivlm_kernels.h kGemvMaxM
 enabled = os.environ.get("BIVLM_CUDA_TC", "1") != "0"
@@ -28,7 +30,7 @@ def tc_operands(x: torch.Tensor, qweight: torch.Tensor, tables, bits: int, group
     """(qtc, table) when this call goes to the tensor-core kernel, else None. ``tables``: (codebook,) or
     (scales, zeros). Arguments already checked."""
     k = x.shape[-1]
-    if not enabled or not repack.tc_supported(bits, group_size, tables[0].dtype) or k == 0:
+    if not enabled or not tc_repack.tc_supported(bits, group_size, tables[0].dtype) or k == 0:
         return None
     if not 1 <= x.numel() // k <= MAX_M:
         return None
@@ -38,7 +40,7 @@ def tc_operands(x: torch.Tensor, qweight: torch.Tensor, tables, bits: int, group
 def _repacked(bits, qweight, tables, k, group_size):
     """The cached tensor-core repack of one weight (one cache entry whichever op asks for it)."""
     return repack_cache.get(f"tc{bits}", (qweight, *tables),
-                            lambda: repack.repack_tables(bits, qweight, tables, k, group_size))
+                            lambda: tc_repack.repack_tables(bits, qweight, tables, k, group_size))
 
 
 def _kernel_perm(perm):
@@ -53,10 +55,10 @@ def _kernel_perm(perm):
 def reference_tc_linear(x, qtc, table, n, k, bits, group_size, bias=None, out_dtype=None):
     """What ``tc_linear`` computes: the reference op of the un-repacked weight."""
     if bits == 4:
-        qweight, scales, zeros = repack.unrepack_tc4(qtc, table, n, k, group_size)
-        return ops.reference_affine_linear(x, qweight, scales, zeros, bits, group_size, bias, out_dtype)
-    qweight, codebook = repack.unrepack_tc(qtc, table, n, k, group_size, bits)
-    return ops.reference_lut_linear(x, qweight, codebook, bits, group_size, bias, out_dtype)
+        qweight, scales, zeros = tc_repack.unrepack_tc4(qtc, table, n, k, group_size)
+        return reference.affine_linear(x, qweight, scales, zeros, bits, group_size, bias, out_dtype)
+    qweight, codebook = tc_repack.unrepack_tc(qtc, table, n, k, group_size, bits)
+    return reference.lut_linear(x, qweight, codebook, bits, group_size, bias, out_dtype)
 
 
 def routed_lut_linear(tc_kernel, lut_kernel):
@@ -88,7 +90,7 @@ def seg_operands(x, perm, qweights, codebooks, bits, group_size):
     bits = list(bits)
     if not enabled or bits not in ([2, 1], [2], [1]) or k == 0 or not 1 <= x.numel() // k <= MAX_M:
         return None
-    if not repack.tc_supported(1, group_size, codebooks[0].dtype):
+    if not tc_repack.tc_supported(1, group_size, codebooks[0].dtype):
         return None
     segs = {2: None, 1: None}
     for qw, cb, b in zip(qweights, codebooks, bits):
@@ -107,9 +109,9 @@ def reference_seg_tc_linear(x, perm, qtc2, table2, qtc1, table1, n, k2, k1, grou
     qweights, codebooks, bits = [], [], []
     for qtc, table, ks, b in ((qtc2, table2, k2, 2), (qtc1, table1, k1, 1)):
         if ks:
-            qw, cb = repack.unrepack_tc(qtc, table, n, ks, group_size, b)
+            qw, cb = tc_repack.unrepack_tc(qtc, table, n, ks, group_size, b)
             qweights.append(qw), codebooks.append(cb), bits.append(b)
-    return ops.reference_segmented_lut_linear(x, perm, qweights, codebooks, bits, group_size, bias, out_dtype)
+    return reference.segmented_lut_linear(x, perm, qweights, codebooks, bits, group_size, bias, out_dtype)
 
 
 def routed_segmented_lut_linear(seg_kernel, by_parts):

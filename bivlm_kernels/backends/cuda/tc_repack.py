@@ -58,7 +58,7 @@ from typing import Tuple
 
 import torch
 
-from . import formats
+from ... import formats
 
 TC_GROUP_SIZES = (64, 128)
 TC_DTYPES = (torch.float16, torch.bfloat16)

@@ -113,7 +113,7 @@ def dequantize(lut: bool, qweight, t0, t1, bits, group_size):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the four ops, with the exact op signatures (registered by bivlm_kernels.triton.__init__)
+# the four ops, with the exact op signatures (registered by bivlm_kernels.backends.triton.__init__)
 # ---------------------------------------------------------------------------------------------------------
 
 def lut_linear(x, qweight, codebook, bits, group_size, bias=None, out_dtype=None):

@@ -17,12 +17,13 @@ import logging
 
 import torch
 
-from . import ops, repack_cache
+from .. import ops
+from . import repack_cache
 
 log = logging.getLogger(__name__)
 
 try:
-    from . import _C_cpu  # noqa: F401  (its static initializers register torch.ops.bivlm_cpu.*)
+    from .. import _C_cpu  # noqa: F401  (its static initializers register torch.ops.bivlm_cpu.*)
 except ImportError as e:
     log.info("bivlm_kernels._C_cpu not available (%s); CPU tensors use the reference kernels", e)
     raise

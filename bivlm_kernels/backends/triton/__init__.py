@@ -11,9 +11,9 @@ try:
     import triton  # noqa: F401
     import triton.language  # noqa: F401
 except Exception as e:  # noqa: BLE001 -- any failure means "no Triton backend"
-    raise ImportError(f"bivlm_kernels.triton needs a working triton install: {e}") from e
+    raise ImportError(f"bivlm_kernels.backends.triton needs a working triton install: {e}") from e
 
-from .. import ops
+from ... import ops
 from . import autotune, launch
 from .autotune import (DECODE_MAX_M, M_BUCKETS, Config, clear_tuned_configs, default_config,
                        load_tuned_configs, m_bucket, save_tuned_configs)
