@@ -151,8 +151,8 @@ setup(
         "test": ["pytest", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["bivlm = bivlm_kernels.cli:main"],
-                  # vLLM calls this at start-up: registers quant_method "bivlm" (bivlm_kernels/vllm_plugin.py)
-                  "vllm.general_plugins": ["bivlm = bivlm_kernels.vllm_plugin:register"]},
+                  # vLLM calls this at start-up: registers quant_method "bivlm" (bivlm_kernels/integrations/vllm_plugin.py)
+                  "vllm.general_plugins": ["bivlm = bivlm_kernels.integrations.vllm_plugin:register"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 # `from_pretrained` of bivlm checkpoints: registers the transformers quantizer once transformers is imported
 # (no transformers import here).
-from . import hf_quantizer as _hf_quantizer  # noqa: E402
+from .integrations import hf_quantizer as _hf_quantizer  # noqa: E402
 
 _hf_quantizer.install()
 

@@ -65,8 +65,8 @@ def check_device(option: str, device: Optional[str]) -> None:
 def check_out_dir(option: str, out: str, overwrite: bool) -> str:
     """``--out``: a path of its own, free or (with --overwrite) a bivlm checkpoint or empty directory, in a
     place we can write to. Returns the absolute path."""
-    from . import safe_write
-    from .quant.io import is_checkpoint_dir
+    from .checkpoint import safe_write
+    from .checkpoint.directory import is_checkpoint_dir
     try:
         full = safe_write.check_output_path(out, option)
         safe_write.check_replaceable(full, overwrite, is_checkpoint_dir, what="checkpoint directory",
@@ -99,7 +99,7 @@ def check_input_file(option: str, path: Optional[str]) -> None:
 def inspect_model_dir(option: str, path: str) -> dict:
     """``--model`` of ``bivlm quantize``: a plain Hugging Face model directory (not a bivlm checkpoint) with a
     readable config.json and weight files. Returns ``{"safetensors": bool}``."""
-    from .quant.io import QUANT_FILE, is_checkpoint_dir
+    from .checkpoint.directory import QUANT_FILE, is_checkpoint_dir
     if not os.path.isdir(path):
         raise UsageError(f"{option} {path!r} is not a directory (a local Hugging Face model directory is "
                          f"expected; nothing is downloaded)")
@@ -143,7 +143,7 @@ def check_eval_model(option: str, path: Optional[str]) -> None:
     if path is None:
         return
     from . import checkpoint
-    from .quant.io import read_quant_info
+    from .checkpoint.directory import read_quant_info
     try:
         if os.path.isdir(path):
             read_quant_info(path)

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .hf_compat import cache_kwarg, output_cache
+from .models.hf_compat import cache_kwarg, output_cache
 
 
 # ------------------------------------------------------------------------------------------------ VQA
@@ -45,7 +45,7 @@ def majority_baseline(limit: Optional[int] = None) -> dict:
 def last_token_logits(model, inputs: dict) -> torch.Tensor:
     """Logits ``[B, V]`` at each sequence's last real token (inputs right-padded), without computing the
     ``lm_head`` over every position."""
-    from .pruning import map_positions
+    from .models.token_pruning import map_positions
     mask = inputs["attention_mask"]
     out = model.model(**inputs)
     h = out.last_hidden_state
@@ -103,7 +103,7 @@ def vqa_accuracy(model, processor, limit: Optional[int] = None, batch_size: int 
     if len(set(cand.tolist())) != len(answers):
         raise RuntimeError("the answers' first tokens are not distinct; closed-set scoring would be ambiguous")
     model.eval()
-    from .pruning import active_pruning
+    from .models.token_pruning import active_pruning
     if share_prefix and active_pruning(model) is not None:
         # a shared prefix would be pruned before the question is seen, and its cache is then reordered
         share_prefix = False
@@ -279,7 +279,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--layer-errors", type=int, default=0, metavar="K",
                         help="also print the K quantized layers with the largest relative output error")
     parser.add_argument("--prune-keep", type=float, default=None, metavar="R",
-                        help="token pruning (bivlm_kernels.pruning) during easy-VQA: keep this fraction of the "
+                        help="token pruning (bivlm_kernels.models.token_pruning) during easy-VQA: keep this fraction of the "
                         "image tokens, in (0, 1] (default: no pruning)")
     parser.add_argument("--prune-layer", type=int, default=2,
                         help="first decoder layer that sees the pruned sequence (default 2)")
@@ -298,7 +298,7 @@ def _evaluate_row(label, model, proc, args, out) -> dict:
     progress = not getattr(args, "no_progress", False)
     pruning = None
     if getattr(args, "prune_keep", None) is not None:
-        from .pruning import enable_token_pruning
+        from .models.token_pruning import enable_token_pruning
         pruning = enable_token_pruning(model, layer=args.prune_layer, keep=args.prune_keep,
                                        criterion=args.prune_criterion, target=args.prune_target)
     try:                                      # pruning only during VQA: perplexity reads every position

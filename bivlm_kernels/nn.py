@@ -29,6 +29,7 @@ from torch import nn
 from . import formats, ops
 from .backends import repack_cache
 from .formats import LayerSpec, QuantizedSegment, QuantizedWeight, SegmentSpec, tables, validation
+from .formats.rtn import rtn_quantize
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ class QuantLinear(nn.Module):
     @weight.setter
     def weight(self, value):
         raise AttributeError("QuantLinear.weight is read-only (dequantized on access); build a new layer with "
-                             "QuantLinear.from_linear / from_quantized, or bivlm_kernels.convert.dequantize_model")
+                             "QuantLinear.from_linear / from_quantized, or bivlm_kernels.nn.dequantize_model")
 
     def dequantize(self) -> torch.Tensor:
         """The weight ``[N, K]`` in original column order, in the layer's dtype."""
@@ -290,34 +291,6 @@ def _argument_label(name: str) -> str:
     return "qw.perm" if name == "perm" else name
 
 
-# ---------------------------------------------------------------------------------------------------------
-# calibration-free quantization used by from_linear
-# ---------------------------------------------------------------------------------------------------------
-
-def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype = torch.float16
-                 ) -> QuantizedWeight:
-    """Round-to-nearest (2/4 bits) or mean/abs-mean sign binarization (1 bit) per group of ``group_size``."""
-    kind = formats.check_bits(bits)
-    n, k = w.shape
-    formats.check_group_size(group_size, k)
-    wg = w.float().reshape(n, k // group_size, group_size)
-    if bits == 1:
-        mu = wg.mean(-1, keepdim=True)
-        alpha = (wg - mu).abs().mean(-1, keepdim=True)
-        codes = (wg >= mu).to(torch.int64)
-        seg = QuantizedSegment(1, codes.view(n, k), codebook=torch.cat([mu - alpha, mu + alpha], -1).to(dtype))
-        return QuantizedWeight([seg], group_size)
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    qmax = (1 << bits) - 1
-    scale = ((hi - lo) / qmax).clamp_min(1e-8)
-    codes = torch.round((wg - lo) / scale).clamp_(0, qmax).to(torch.int64).view(n, k)
-    if kind == "lut":
-        levels = lo + scale * torch.arange(qmax + 1, dtype=torch.float32, device=w.device)
-        return QuantizedWeight([QuantizedSegment(bits, codes, codebook=levels.to(dtype))], group_size)
-    return QuantizedWeight([QuantizedSegment(bits, codes, scales=scale.squeeze(-1).to(dtype),
-                                             zeros=(-lo / scale).squeeze(-1).to(dtype))], group_size)
-
-
 def quantize_linears_(model: nn.Module, bits: int, group_size: int = 128,
                       filter_fn: Optional[Callable[[str, nn.Linear], bool]] = None,
                       dtype: Optional[torch.dtype] = None) -> list:
@@ -334,8 +307,47 @@ def quantize_linears_(model: nn.Module, bits: int, group_size: int = 128,
             log.info("skipping %s: in_features=%d is not a multiple of group_size=%d", name, m.in_features,
                      group_size)
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(m, bits, group_size, dtype=dtype))
+        replace_module(model, name, QuantLinear.from_linear(m, bits, group_size, dtype=dtype))
         done.append(name)
     return done
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (dotted path) of ``model`` is (the one swap helper)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# back to dense: for code that needs plain layers again (fine-tuning, export, a tool that reads .weight). The
+# result computes what the packed model computed up to the kernel's summation order (the weight is exactly the
+# dequantized one), and stores full-precision weights: the memory savings are gone.
+# ---------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace, in place, each ``QuantLinear`` of ``model`` by an ``nn.Linear`` with the dequantized weight
+    (in ``dtype``, default the layer's table dtype) and the same bias; returns ``model``. A bare
+    ``QuantLinear`` passed as ``model`` is returned converted."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    if isinstance(model, QuantLinear):
+        return _dense(model, dtype)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name, ql in targets:
+        replace_module(model, name, _dense(ql, dtype))
+    if hasattr(model, "bivlm_quantization"):
+        del model.bivlm_quantization
+    return model
+
+
+def _dense(ql: QuantLinear, dtype) -> nn.Linear:
+    w = ql.dequantize()
+    dtype = dtype or w.dtype
+    lin = nn.Linear(ql.in_features, ql.out_features, bias=ql.bias is not None, device=w.device, dtype=dtype)
+    lin.weight.copy_(w.to(dtype))
+    if ql.bias is not None:
+        lin.bias.copy_(ql.bias.to(dtype))
+    lin.train(ql.training)
+    return lin

@@ -9,7 +9,7 @@ measured prefill time. Writes ``benchmarks/results/pruning_testbed.md``.
 Accuracy is the testbed's closed-set metric (``bivlm_kernels.evaluation.vqa_accuracy``): of the 13 answers'
 first tokens, the highest logit at the prompt's last position must be the right one; the fp32 unpruned number is
 cross-checked against ``vqa_accuracy`` itself. The testbed prompt has 16 ``<image>`` tokens, so ratios round
-(``bivlm_kernels.pruning.keep_count_for``: 50/25/10/5 % -> 8/4/2/1 tokens); the tables give the kept counts.
+(``bivlm_kernels.models.token_pruning.keep_count_for``: 50/25/10/5 % -> 8/4/2/1 tokens); the tables give the kept counts.
 Text pruning ranks every prompt token but the last (chat-template tokens included) and keeps the same ratio.
 
 Quantized models (language-model linears only; lm_head, vision tower and projector stay fp32; group size 64
@@ -34,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bivlm_kernels.pruning import CRITERIA, enable_token_pruning, keep_count_for  # noqa: E402
+from bivlm_kernels.models.token_pruning import CRITERIA, enable_token_pruning, keep_count_for  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -249,7 +249,7 @@ def main():
              f"{(time.time() - t_start) / 60:.1f} min",
              f"- model: testbed LLaVA (DINOv2-S + SmolLM2-135M, 30 decoder layers); {n_img} `<image>` tokens in a "
              f"{seq}-token prompt (first question); tokens pruned before decoder layer {args.layer} "
-             f"(`bivlm_kernels.pruning.enable_token_pruning(model, layer={args.layer}, keep=r, criterion=c, target=t)`)",
+             f"(`bivlm_kernels.models.token_pruning.enable_token_pruning(model, layer={args.layer}, keep=r, criterion=c, target=t)`)",
              f"- projector: {args.projector or 'the shipped bivlm_kernels/models/data/projector.safetensors'}",
              f"- data: first {n_q} easy-VQA test questions. Accuracy = the testbed's closed-set metric (of the 13 "
              f"answers' first tokens, the highest logit at the prompt's last position is the right one); "

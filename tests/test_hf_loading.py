@@ -113,7 +113,7 @@ def test_bad_quantization_config_is_refused(tmp_path):
 
 
 def test_dequantize_back_to_linear(tmp_path):
-    from bivlm_kernels.convert import dequantize_model
+    from bivlm_kernels.nn import dequantize_model
     model = _quantized("llava")
     batch = calib("llava")[0]
     ref = _logits(model, batch)

@@ -9,9 +9,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from bivlm_kernels import checkpoint, safe_write  # noqa: E402
+from bivlm_kernels import checkpoint  # noqa: E402
+from bivlm_kernels.checkpoint import safe_write  # noqa: E402
 from bivlm_kernels.nn import quantize_linears_  # noqa: E402
-from bivlm_kernels.quant import io as qio  # noqa: E402
+from bivlm_kernels.checkpoint import directory as qio  # noqa: E402
 from bivlm_kernels.quant import load_quantized, save_quantized  # noqa: E402
 
 
@@ -132,7 +133,7 @@ def test_a_failure_at_any_step_keeps_a_complete_checkpoint(model, tmp_path, monk
     with monkeypatch.context() as m:                        # count the steps of one good save
         steps = _instrument(m, model, -1)
         save_quantized(model, path, overwrite=True, report={"tag": "old"})
-    assert len(steps) > 20 and "bivlm_kernels.safe_write.install_dir" in steps
+    assert len(steps) > 20 and "bivlm_kernels.checkpoint.safe_write.install_dir" in steps
     outcomes = []
     for k in range(len(steps)):
         with monkeypatch.context() as m:
@@ -200,7 +201,7 @@ def test_leftovers_of_killed_saves_are_cleaned_and_only_ours(model, tmp_path, mo
     save_quantized(model, path, report={"tag": "old"})
     # a killed process runs no cleanup: no rmtree of the partial dir, no rmtree of the old one
     monkeypatch.setattr(qio.shutil, "rmtree", lambda *a, **k: None)
-    monkeypatch.setattr(checkpoint, "save", lambda *a, **k: (_ for _ in ()).throw(Injected("killed")))
+    monkeypatch.setattr(qio.checkpoint, "save", lambda *a, **k: (_ for _ in ()).throw(Injected("killed")))
     with pytest.raises(Injected):
         save_quantized(model, path, overwrite=True)
     monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""Token pruning (bivlm_kernels.pruning) on tiny random-init LLaVA, Qwen2-VL and Qwen2.5-VL models.
+"""Token pruning (bivlm_kernels.models.token_pruning) on tiny random-init LLaVA, Qwen2-VL and Qwen2.5-VL models.
 
 The oracle is the *unpatched* model with an explicit attention mask in layers >= L that hides the dropped
 prompt positions as keys: no gathering, original positions, full KV cache. A correctly pruned model must give
@@ -12,8 +12,8 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration)
 
-from bivlm_kernels.pruning import enable_token_pruning, keep_count_for  # noqa: E402
-from bivlm_kernels.hf_compat import cache_kwarg, find_cache, output_cache  # noqa: E402
+from bivlm_kernels.models.token_pruning import enable_token_pruning, keep_count_for  # noqa: E402
+from bivlm_kernels.models.hf_compat import cache_kwarg, find_cache, output_cache  # noqa: E402
 
 N_LAYERS = 4
 N_IMG = 16                                          # image tokens per image in every tiny model
@@ -303,7 +303,7 @@ def test_needs_input_ids():
 
 def test_map_positions_right_padded():
     # the testbed pads on the right: the last real token moves left by the number of pruned tokens
-    from bivlm_kernels.pruning import map_positions
+    from bivlm_kernels.models.token_pruning import map_positions
     model, inputs = make("llava")
     ids = torch.tensor([[BOS, 5] + [99] * N_IMG + [7, 8, 9, 10], [BOS, 5] + [99] * N_IMG + [7, 8, PAD, PAD]])
     enc = {"input_ids": ids, "attention_mask": (ids != PAD).long(), "pixel_values": inputs["pixel_values"]}

@@ -135,7 +135,7 @@ def test_group_size_16_needs_two_bits_or_more():
 
 def test_backend_without_a_group_size_falls_back(monkeypatch):
     monkeypatch.setitem(ops.BACKEND_GROUP_SIZES, "cpu", (32, 64, 128, 256))
-    monkeypatch.setattr(ops, "available_backends", lambda op, dev: ["cpu", "reference"])
+    monkeypatch.setattr(ops.dispatch, "available_backends", lambda op, dev: ["cpu", "reference"])
     assert ops.select_backend("lut_linear", torch.device("cpu"), 16) == "reference"
     assert ops.select_backend("lut_linear", torch.device("cpu"), 32) == "cpu"
     with ops.use_backend("cpu"):
@@ -206,7 +206,7 @@ def test_header_older_than_its_layers_is_refused(tmp_path):
 
 
 def test_vllm_plugin_refuses_compressed_tables():
-    from bivlm_kernels import vllm_plugin                    # the layout check needs no vLLM install
+    from bivlm_kernels.integrations import vllm_plugin                    # the layout check needs no vLLM install
     with pytest.raises(ValueError, match="compressed tables .* not supported in vLLM yet"):
         vllm_plugin._check_fusable([LayerSpec(64, 8, 16, (SegmentSpec(2, 64, "lut", 4, "grid"),))], "x")
 

@@ -11,8 +11,9 @@ import torch
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (GPU-sized install; see the module docstring)")
 
-from bivlm_kernels import checkpoint, vllm_plugin  # noqa: E402
-from bivlm_kernels.hf_quantizer import quantization_config  # noqa: E402
+from bivlm_kernels import checkpoint  # noqa: E402
+from bivlm_kernels.checkpoint import quantization_config  # noqa: E402
+from bivlm_kernels.integrations import vllm_plugin  # noqa: E402
 from bivlm_kernels.nn import QuantLinear  # noqa: E402
 
 H, HEADS, KV, HD = 128, 4, 2, 32

@@ -4,7 +4,7 @@
 For every tensor given, by buffer name (``perm``, ``bias``, ``segments.{i}.qweight`` / ``codebook`` /
 ``scales`` / ``zeros`` / ``qtable`` / ``tgrid``), :func:`check_layer_tensors` checks
 
-* the shape the layer's :class:`~bivlm_kernels.LayerSpec` implies;
+* the shape the layer's :class:`~bivlm_kernels.formats.LayerSpec` implies;
 * the dtype: ``qweight`` int32, ``perm`` int32/int64, the tables and the bias floating point;
 * the contents: ``perm`` a permutation of ``0 .. K-1`` (a duplicate index silently gives wrong outputs, an
   out-of-range one fails deep inside ``index_select``); codebooks, scales, zeros and the bias finite and
@@ -13,7 +13,7 @@ For every tensor given, by buffer name (``perm``, ``bias``, ``segments.{i}.qweig
 Codes: every bit pattern of a packed word is a valid code for 1, 2 and 4 bits (``2**b`` codebook entries, or
 0..15 for affine) and segment widths are multiples of the group size (>= 32), so packed words hold no padding
 bits: there is nothing left to check in ``qweight`` beyond its shape and dtype. Unpacked codes are
-range-checked by :func:`bivlm_kernels.pack` and :func:`~bivlm_kernels.lut_values`.
+range-checked by :func:`bivlm_kernels.formats.pack` and :func:`~bivlm_kernels.formats.lut_values`.
 
 Costs one pass over the tables and a sort of ``perm`` per layer: load time only, never in ``forward``.
 """
@@ -24,7 +24,6 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from . import tables
-from .packing import lut_values, pack
 from .spec import INT_BUFFERS, LayerSpec
 from .weight import check_perm
 

@@ -12,7 +12,7 @@ from .base import METHODS, Method, MethodConfig, get_method, register_method
 from .calibration import build_calibration_data, mix_text_and_images
 from .config import COMPONENTS, CalibrationConfig, ComponentConfig, QuantConfig, pick_group_size
 from .driver import quantize_model
-from .io import load_quantized, read_quant_info, save_quantized
+from ..checkpoint.directory import load_quantized, read_quant_info, save_quantized
 from .report import LayerReport, QuantReport
 
 from . import methods  # noqa: F401  (the methods register themselves in METHODS on import)

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from .. import formats
-from ..hf_compat import is_cache
-from ..nn import QuantLinear
+from ..models.hf_compat import is_cache
+from ..nn import QuantLinear, replace_module
 from .config import COMPONENTS, QuantConfig, pick_group_size
 from .report import LayerReport, QuantReport
 
@@ -285,12 +285,6 @@ def _capture(model, comp, batches, fwd_kwargs, in_device):
 # the driver
 # ---------------------------------------------------------------------------------------------------------
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _method_for(cfg, group_size, dtype, name):
     """The method object for one layer: the layer's dtype for the emitted tables and, when the method's config
     has a ``layer_name`` field (for its warnings), the layer's name."""
@@ -493,7 +487,7 @@ def _quantize_linear(model, cname, name, lin, lcfg, g, acc, n_rows, report):
         raise ValueError(f"method {lcfg.method!r} returned a {ql.out_features}x{ql.in_features} weight for "
                          f"{name} ({lin.out_features}x{lin.in_features})")
     err = float("nan") if H is None else _relative_error(W, ql.dequantize(), H)
-    _replace(model, name, ql)
+    replace_module(model, name, ql)
     bpw = ql.weight_bits
     report.layers.append(LayerReport(
         name=name, component=cname, method=lcfg.method, out_features=lin.out_features,

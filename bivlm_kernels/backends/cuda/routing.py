@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ... import formats, ops
+from ... import formats
 from .. import reference, repack_cache
 from . import tc_repack
 

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from ... import formats
+from ...formats.rtn import minmax_grid  # noqa: F401  (the one RTN grid; GPTQ uses it through here)
 
 
 def check_config(cfg, method: str, allowed_bits: Sequence[int]) -> None:
@@ -39,19 +40,6 @@ def check_k(k: int, group_size: int) -> None:
 def rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` as the layer will store it (``dtype``), back in fp32: methods compensate the *stored* values."""
     return x.to(dtype).float()
-
-
-def minmax_grid(x: torch.Tensor, bits: int):
-    """Per-row min-max uniform grid of ``2**bits`` levels over the columns of ``x`` ``[N, g]``.
-
-    Same grid as :func:`bivlm_kernels.nn.rtn_quantize` (lowest level = min, highest = max, float zero), so RTN
-    and GPTQ differ only in error compensation. Returns fp32 ``(lo, scale)`` ``[N, 1]``; :func:`grid_levels`
-    gives the values as the format will store them.
-    """
-    qmax = (1 << bits) - 1
-    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
-    scale = ((hi - lo) / qmax).clamp_min(1e-8)
-    return lo, scale
 
 
 def grid_levels(lo: torch.Tensor, scale: torch.Tensor, bits: int, kind: str, dtype: torch.dtype) -> torch.Tensor:

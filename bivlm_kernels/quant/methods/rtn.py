@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ...formats import QuantizedWeight
-from ...nn import rtn_quantize
+from ...formats.rtn import rtn_quantize
 from ..base import Method, MethodConfig, register_method
 from ._common import bits_info, check_config, check_k
 

@@ -23,7 +23,7 @@ import importlib.abc
 import importlib.util
 import sys
 
-QUANT_METHOD = "bivlm"
+from ..checkpoint.hf_config import QUANT_METHOD, check_quantization_config
 _registered = False
 
 
@@ -72,9 +72,9 @@ def register() -> None:
             return None
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from . import checkpoint
+            from .. import checkpoint, formats
             cfg = self.quantization_config
-            checkpoint.swap_in_empty_layers(model, cfg.layers, checkpoint._DTYPES[cfg.dtype])
+            checkpoint.swap_in_empty_layers(model, cfg.layers, formats.DTYPES_BY_NAME[cfg.dtype])
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
@@ -82,7 +82,7 @@ def register() -> None:
             return model
 
         def _dequantize(self, model, dtype=None):
-            from .convert import dequantize_model
+            from ..nn import dequantize_model
             return dequantize_model(model, dtype)
 
         def is_serializable(self, **kwargs):
@@ -153,29 +153,3 @@ def install() -> None:
         return
     if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())
-
-
-def check_quantization_config(cfg: dict) -> None:
-    """The one check of a ``quantization_config`` (format name and version, table dtype, per-layer layouts),
-    used by the transformers config above and by the vLLM plugin."""
-    from . import checkpoint, formats
-    fmt, version = cfg.get("format"), cfg.get("format_version")
-    if fmt != formats.FORMAT_NAME:
-        raise ValueError(f"quantization_config: format {fmt!r}; this bivlm_kernels reads {formats.FORMAT_NAME!r}")
-    formats.check_version(version, "quantization_config")
-    if cfg.get("dtype") not in checkpoint._DTYPES:
-        raise ValueError(f"quantization_config: dtype must be one of {list(checkpoint._DTYPES)}, "
-                         f"got {cfg.get('dtype')!r}")
-    layers = cfg.get("layers")
-    if not layers:
-        raise ValueError("quantization_config: 'layers' must map module names to layer layouts, got "
-                         f"{layers!r}")
-    checkpoint.check_layout(layers, "quantization_config: 'layers'", "quantization_config: layer")
-
-
-def quantization_config(layout: dict, dtype: str) -> dict:
-    """The ``quantization_config`` dict ``save_quantized`` writes into ``config.json``."""
-    from . import formats
-    return {"quant_method": QUANT_METHOD, "format": formats.FORMAT_NAME,
-            "format_version": formats.layout_version(layout),
-            "dtype": dtype, "layers": layout}

@@ -17,7 +17,7 @@ holds a half-written checkpoint)::
 ``QuantLinear`` layers of the recorded layout and loads the tensors strictly: the loaded model gives the same
 outputs bit for bit.
 
-Safety (:mod:`bivlm_kernels.safe_write`): an empty path, the current directory, a filesystem root or the home
+Safety (:mod:`bivlm_kernels.checkpoint.safe_write`): an empty path, the current directory, a filesystem root or the home
 directory is refused; ``overwrite=True`` replaces only a bivlm checkpoint (a valid ``quantization.json``) or an
 empty directory; the swap restores the old checkpoint if installing the new one fails. Leftovers of an
 interrupted save, ``NAME.partial-*`` and ``NAME.old-*`` beside ``path``, are removed by the next successful
@@ -32,8 +32,10 @@ import shutil
 import torch
 from torch import nn
 
-from .. import checkpoint, formats, safe_write
+from .. import formats
 from ..nn import QuantLinear
+from . import file as checkpoint, safe_write
+from .hf_config import quantization_config
 
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -49,8 +51,7 @@ def _model_dtype(model: nn.Module) -> str:
 
 def _add_hf_quantization_config(config_file: str, model: nn.Module, dtype: str) -> None:
     """``architectures`` and the ``quantization_config`` that lets ``from_pretrained`` rebuild the QuantLinear
-    layers (:mod:`bivlm_kernels.hf_quantizer`), added to the ``config.json`` that ``save_pretrained`` wrote."""
-    from ..hf_quantizer import quantization_config
+    layers (:mod:`bivlm_kernels.integrations.hf_quantizer`), added to the ``config.json`` that ``save_pretrained`` wrote."""
     with open(config_file) as f:
         cfg = json.load(f)
     cfg["architectures"] = [type(model).__name__]

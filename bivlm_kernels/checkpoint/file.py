@@ -19,10 +19,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import formats, safe_write
-from .nn import QuantLinear
-
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from .. import formats
+from ..formats import DTYPES_BY_NAME as _DTYPES
+from ..nn import QuantLinear, replace_module
+from . import safe_write
 # Header keys this module writes and reads back; extra_metadata may not change them (a "dtype" of the user's
 # would make an fp32 model reload as fp16 without a word).
 RESERVED_KEYS = ("format", "format_version", "dtype", "layers")
@@ -45,7 +45,7 @@ def save(model: nn.Module, path: str, extra_metadata: Optional[dict] = None) -> 
 
     ``path`` may be new or an existing checkpoint of this format (replaced); any other existing file, a
     directory, a link or an empty path is refused. The file is written to a temporary file in the same
-    directory, fsync'ed and renamed into place (see :mod:`bivlm_kernels.safe_write`), so ``path`` always holds
+    directory, fsync'ed and renamed into place (see :mod:`bivlm_kernels.checkpoint.safe_write`), so ``path`` always holds
     a complete checkpoint. ``extra_metadata`` adds header keys (values JSON-encoded unless str); the keys in
     :data:`RESERVED_KEYS` are refused.
     """
@@ -157,9 +157,7 @@ def swap_in_empty_layers(model: nn.Module, layout: dict, dtype: torch.dtype) -> 
                              f"{getattr(old, 'out_features', '?')}x{getattr(old, 'in_features', '?')}")
         device = next(iter(old.buffers()), next(iter(old.parameters()), None))
         device = device.device if device is not None else None
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_spec(spec, dtype=dtype, device=device))
+        replace_module(model, name, QuantLinear.from_spec(spec, dtype=dtype, device=device))
 
 
 def load(model: nn.Module, path: str) -> nn.Module:

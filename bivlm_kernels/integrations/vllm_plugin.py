@@ -22,10 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import formats, ops
-from .hf_quantizer import check_quantization_config
+from .. import formats, ops
+from ..checkpoint.hf_config import QUANT_METHOD, check_quantization_config
 
-QUANT_METHOD = "bivlm"
 # vLLM's fused linears -> the checkpoint's (HF) module names of their parts, in vLLM's shard order.
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _SHARD = {"q": 0, "k": 1, "v": 2}
@@ -44,7 +43,7 @@ def _config_class():
     from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
     class BivlmVllmConfig(QuantizationConfig):
-        """``quantization_config`` of a bivlm checkpoint (see :mod:`bivlm_kernels.hf_quantizer`)."""
+        """``quantization_config`` of a bivlm checkpoint (see :mod:`bivlm_kernels.integrations.hf_quantizer`)."""
 
         def __init__(self, layers: dict, dtype: str):
             super().__init__()
