@@ -59,6 +59,8 @@ from typing import Callable, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .report import module_bytes
+
 log = logging.getLogger(__name__)
 
 HOOKS = ("input_layernorm", "block_output")
@@ -617,16 +619,6 @@ def _errors_by_block(report, names: Sequence[str]) -> List[float]:
     return [sum(e) / len(e) if e else float("nan") for e in errs]
 
 
-def _module_bytes(m: nn.Module) -> int:
-    # as the driver counts it: every parameter and buffer, tied tensors once
-    seen, n = set(), 0
-    for t in list(m.parameters()) + list(m.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            n += t.numel() * t.element_size()
-    return n
-
-
 def _merged_report(quant_reports: dict, names: Sequence[str], low_set: set):
     """One driver ``QuantReport`` for the assembled model: low-run rows for the low layers, high-run rows
     for everything else (``mixed`` is already one)."""
@@ -910,14 +902,14 @@ def luq_quantize(model: nn.Module, calibration_data: Sequence[dict], low_method:
                              low_method if i in low_set else high_method, bb["honest_bits"], bb["nominal_bits"],
                              bb["weights"], bb["bytes"], errors[i]))
     report = LUQReport(rows, k, order, assembly, entropy.to_dict(), target, evaluations, quant_reports,
-                       _module_bytes(model))
+                       module_bytes(model))
     # What save_quantized records: the equivalent single config (high + per-layer low overrides), the driver's
     # per-Linear rows of the layers actually in the model, and the LUQ report under the key "luq".
     equivalent = _config(base_config, high_cc, {layer_override_pattern(names[i]): {
         "method": low_method, "bits": low_bits, "options": dict(low_options or {})} for i in order[:k]})
     merged = _merged_report(quant_reports, names, low_set)
     if merged is not None and "mixed" not in quant_reports:
-        merged.model_bytes_after = _module_bytes(model)
+        merged.model_bytes_after = module_bytes(model)
     rec = {"config": equivalent.to_dict(), "report": merged.to_dict() if merged is not None else None}
     if rec["report"] is not None:
         rec["report"]["luq"] = report.to_dict()
