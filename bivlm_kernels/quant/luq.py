@@ -59,6 +59,8 @@ from typing import Callable, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .driver import quantize_model
+from .methods._common import check_choice
 from .report import module_bytes
 
 log = logging.getLogger(__name__)
@@ -170,11 +172,6 @@ class LayerEntropies:
         return "\n".join(lines)
 
 
-def _check_choice(value, name: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; allowed: {list(choices)}")
-
-
 def _model_dtype_device(model: nn.Module):
     p = next(iter(model.parameters()), None)
     if p is None:
@@ -203,7 +200,7 @@ def collect_activations(model: nn.Module, calibration_data: Iterable[dict], laye
     One forward per calibration sample; tokens where ``attention_mask == 0`` are dropped. With ``max_tokens``,
     the same seeded random subset of ``max_tokens`` token positions is kept for every layer.
     """
-    _check_choice(hook, "hook", HOOKS)
+    check_choice(hook, "hook", HOOKS)
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
         raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
     names, blocks = decoder_layers(model)
@@ -343,8 +340,8 @@ def layer_entropies(model: nn.Module, calibration_data: Iterable[dict], layers: 
     ``layers`` restricts the pass to some layer indices (the order then ranks those). Deterministic for a fixed
     seed.
     """
-    _check_choice(hook, "hook", HOOKS)
-    _check_choice(estimator, "estimator", ESTIMATORS)
+    check_choice(hook, "hook", HOOKS)
+    check_choice(estimator, "estimator", ESTIMATORS)
     if estimator == "kmeans":
         try:
             import sklearn  # noqa: F401  (fail before the forward pass, not after)
@@ -661,11 +658,7 @@ def _config(base_config, language, overrides: Optional[dict] = None):
 
 def _run_driver(model, config, data, progress: bool = True):
     """``quantize_model`` -> ``(model, report)``."""
-    from . import quantize_model
-    out = quantize_model(model, config, data, progress=progress)
-    if isinstance(out, tuple):
-        return out[0], out[1]
-    return out, getattr(out, "quant_report", None)
+    return quantize_model(model, config, data, progress=progress)
 
 
 def layer_override_pattern(name: str) -> str:
@@ -730,13 +723,13 @@ class SwapPair:
 
     def layer_bits(self, kind: str = "honest") -> tuple:
         """Per-layer bits/weight ``(low, high)``: ``kind="honest"`` (all buffers) or ``"nominal"`` (codes)."""
-        _check_choice(kind, "kind", BUDGET_BITS)
+        check_choice(kind, "kind", BUDGET_BITS)
         key = "honest_bits" if kind == "honest" else "nominal_bits"
         return [block_bits(b)[key] for b in self.low_blocks], [block_bits(b)[key] for b in self.high_blocks]
 
     def average_bits(self, kind: str = "honest") -> float:
         """Bits/weight over the decoder Linear weights of the model as currently assembled."""
-        _check_choice(kind, "kind", BUDGET_BITS)
+        check_choice(kind, "kind", BUDGET_BITS)
         rows = [block_bits(self.model.get_submodule(n)) for n in self.names]
         if kind == "honest":
             return sum(r["bytes"] for r in rows) * 8 / sum(r["weights"] for r in rows)
@@ -801,8 +794,8 @@ def luq_quantize(model: nn.Module, calibration_data: Sequence[dict], low_method:
 
     ``model`` is quantized in place (``swap`` also quantizes a deep copy for the low run).
     """
-    _check_choice(assembly, "assembly", ASSEMBLIES)
-    _check_choice(budget_bits, "budget_bits", BUDGET_BITS)
+    check_choice(assembly, "assembly", ASSEMBLIES)
+    check_choice(budget_bits, "budget_bits", BUDGET_BITS)
     given = [x for x in (n_low, target_avg_bits, target_bytes) if x is not None]
     if n_low is not None and len(given) > 1:
         raise ValueError("n_low fixes k: do not combine it with target_avg_bits / target_bytes")
