@@ -59,6 +59,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..models import decoder_layers
 from .driver import quantize_model
 from .methods._common import check_choice
 from .report import module_bytes
@@ -76,47 +77,6 @@ _TOL = 1e-9           # relative slack when comparing a budget with a sum of flo
 # ---------------------------------------------------------------------------------------------------------
 # decoder layers
 # ---------------------------------------------------------------------------------------------------------
-
-def decoder_layers(model: nn.Module):
-    """``(names, blocks)`` of the language model's decoder layers, in forward order.
-
-    Uses the driver's adapters (:func:`bivlm_kernels.models.find_components`: LLaVA, Qwen2-VL, Qwen2.5-VL and a
-    generic path for plain causal LMs). The adapters look for ``nn.Linear`` layers, so an already quantized
-    model (``QuantLinear`` everywhere) goes through :func:`_find_decoder_layers` instead.
-    """
-    from ..models import find_components
-    try:
-        comps = find_components(model)
-    except ValueError:
-        comps = {}
-    if "language" in comps:
-        lang = comps["language"]
-        return list(lang.block_names), list(lang.blocks)
-    return _find_decoder_layers(model)
-
-
-_VISION_WORDS = ("vision_tower", "visual", "vision_model", "vision_encoder")
-
-
-def _find_decoder_layers(model: nn.Module):
-    """Fallback finder: the longest ``nn.ModuleList`` of same-type blocks holding ``nn.Linear`` or
-    ``QuantLinear`` layers, outside any vision tower; blocks with an ``input_layernorm`` preferred."""
-    from ..nn import QuantLinear
-    cands = []
-    for n, m in model.named_modules():
-        if not (isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1):
-            continue
-        if any(w in n.split(".") for w in _VISION_WORDS):
-            continue
-        if not any(isinstance(x, (nn.Linear, QuantLinear)) for x in m.modules()):
-            continue
-        cands.append((hasattr(m[0], "input_layernorm"), len(m), n, m))
-    if not cands:
-        raise ValueError(f"no language-model decoder layers found in {type(model).__name__}: expected an "
-                         f"nn.ModuleList of decoder blocks (e.g. model.layers, model.language_model.layers)")
-    _, _, n, m = max(cands, key=lambda t: (t[0], t[1]))
-    return [f"{n}.{i}" for i in range(len(m))], list(m)
-
 
 def _block_list(model: nn.Module, names: Sequence[str]) -> nn.ModuleList:
     """The ``nn.ModuleList`` that holds the decoder layers (the parent of ``names``)."""
