@@ -51,7 +51,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional, Sequence, Union
@@ -60,6 +59,7 @@ import torch
 from torch import nn
 
 from ..models import decoder_layers
+from .calibration import mix_calibration
 from .driver import quantize_model
 from .methods._common import check_choice
 from .report import module_bytes
@@ -419,38 +419,6 @@ def select_layers(order: Sequence[int], n_layers: int, bits_low, bits_high=4,
         log.warning("LUQ selection: the quality threshold %s is not met even with no ultra-low-bit layer "
                     "(k=0); selecting k=0", threshold)
     return lo
-
-
-# ---------------------------------------------------------------------------------------------------------
-# calibration mix
-# ---------------------------------------------------------------------------------------------------------
-
-def mix_calibration(samples: Sequence[dict], mix: Optional[float], seed: int = 0) -> List[dict]:
-    """The largest subset of ``samples`` whose share of multimodal samples (with ``pixel_values``) is ``mix``.
-
-    ``mix=None`` keeps the data as given; if the data has only one kind of sample and ``mix`` asks for both, the
-    data is kept with a warning. Seeded, order-preserving.
-    """
-    samples = list(samples)
-    if mix is None:
-        return samples
-    if not 0.0 <= float(mix) <= 1.0:
-        raise ValueError(f"mix (share of image+text samples) must lie in [0, 1] or be None, got {mix!r}")
-    img = [i for i, s in enumerate(samples) if s.get("pixel_values") is not None]
-    txt = [i for i, s in enumerate(samples) if s.get("pixel_values") is None]
-    if (mix > 0 and not img) or (mix < 1 and not txt):
-        if 0 < mix < 1:
-            log.warning("mix=%s asks for image and text samples, but the calibration data has %d image and %d "
-                        "text-only samples; using it as given", mix, len(img), len(txt))
-            return samples
-        raise ValueError(f"mix={mix} needs {'image' if mix == 1 else 'text-only'} samples; the calibration data "
-                         f"has {len(img)} image and {len(txt)} text-only samples")
-    n = min(len(img) / mix if mix > 0 else math.inf, len(txt) / (1 - mix) if mix < 1 else math.inf)
-    n_img = min(len(img), int(round(n * mix)))
-    n_txt = min(len(txt), int(math.floor(n + 1e-9)) - n_img)
-    rng = random.Random(seed)
-    keep = set(rng.sample(img, n_img)) | set(rng.sample(txt, n_txt))
-    return [s for i, s in enumerate(samples) if i in keep]
 
 
 # ---------------------------------------------------------------------------------------------------------
