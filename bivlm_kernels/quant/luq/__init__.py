@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
 
 from torch import nn
 
 from ...models import decoder_layers
 from ..calibration import mix_calibration
+from ..config import ComponentConfig
 from ..methods._common import check_choice
 from ..report import module_bytes
 from .assembly import (ASSEMBLIES, BUDGET_BITS, SwapPair, _component, _config, _probe_honest_bits,
@@ -41,6 +43,137 @@ __all__ = ["luq_quantize", "layer_entropies", "collect_activations", "kmeans_ent
            "LayerEntropies", "prefix_bits", "select_layers", "mix_calibration", "decoder_layers", "block_bits",
            "LUQLayer", "LUQReport", "assemble_swap", "SwapPair", "layer_override_pattern", "HOOKS",
            "ESTIMATORS", "ASSEMBLIES", "BUDGET_BITS"]
+
+
+@dataclass
+class _Plan:
+    """What :func:`luq_quantize` was asked: the two settings, the driver's frame, and how ``k`` is chosen."""
+    low: ComponentConfig
+    high: ComponentConfig
+    base_config: object
+    progress: bool
+    budget_bits: str
+    n_low: Optional[int]
+    target_avg_bits: Optional[float]
+    target_bytes: Optional[float]
+    quality_fn: Optional[Callable[[nn.Module], float]]
+    threshold: Optional[float]
+    higher_is_better: bool
+    evaluations: dict = field(default_factory=dict)     # quality values seen, {k: value}
+
+    def target(self) -> dict:
+        """The budget / threshold used, as the report records it."""
+        t = {k: v for k, v in (("avg_bits", self.target_avg_bits), ("bytes", self.target_bytes),
+                               ("n_low", self.n_low), ("threshold", self.threshold)) if v is not None}
+        t["budget_bits"] = self.budget_bits
+        return t
+
+    def low_overrides(self, names: Sequence[str], low_layers: Sequence[int]) -> dict:
+        """Driver overrides that put decoder layers ``low_layers`` at the low setting."""
+        return {layer_override_pattern(names[i]): {"method": self.low.method, "bits": self.low.bits,
+                                                   "options": dict(self.low.options)} for i in low_layers}
+
+    def choose_k(self, order: List[int], b_low, b_high, sizes, candidate: Callable[[int], nn.Module]) -> int:
+        """``n_low``, or :func:`select_layers` with per-layer bits ``b_low`` / ``b_high``; the quality check
+        runs ``quality_fn`` on ``candidate(k)``, the model with the first ``k`` layers of ``order`` low."""
+        if self.n_low is not None:
+            return self.n_low
+
+        def quality_at(k: int) -> float:
+            q = float(self.quality_fn(candidate(k)))
+            self.evaluations[k] = q
+            return q
+        return select_layers(order, len(sizes), b_low, b_high, self.target_avg_bits, self.target_bytes,
+                             quality_at if self.quality_fn else None, self.threshold, sizes, self.higher_is_better)
+
+
+def _check_targets(assembly, budget_bits, n_low, target_avg_bits, target_bytes, quality_fn, threshold) -> None:
+    """ValueError for an unknown assembly / budget kind, or a combination that does not say how to pick ``k``."""
+    check_choice(assembly, "assembly", ASSEMBLIES)
+    check_choice(budget_bits, "budget_bits", BUDGET_BITS)
+    given = [x for x in (n_low, target_avg_bits, target_bytes) if x is not None]
+    if n_low is not None and len(given) > 1:
+        raise ValueError("n_low fixes k: do not combine it with target_avg_bits / target_bytes")
+    if n_low is not None and quality_fn is not None:
+        raise ValueError("n_low fixes k: do not combine it with quality_fn")
+    if not given and quality_fn is None:
+        raise ValueError("say how many layers go ultra-low: n_low, target_avg_bits, target_bytes or "
+                         "quality_fn + threshold")
+    if (quality_fn is None) != (threshold is None):
+        raise ValueError("quality_fn and threshold go together: give both or neither")
+
+
+def _entropy_order(model, calibration_data, entropy, entropy_data, n_layers: int, **kw) -> LayerEntropies:
+    """``entropy`` if given, else :func:`layer_entropies` (keywords ``kw``) on ``entropy_data``, by default
+    the multimodal samples of ``calibration_data`` (all of them for a text-only model)."""
+    if entropy is None:
+        ent_data = entropy_data
+        if ent_data is None:
+            mm = [s for s in calibration_data if s.get("pixel_values") is not None]
+            ent_data = mm or calibration_data
+        entropy = layer_entropies(model, ent_data, **kw)
+    if len(entropy) != n_layers:
+        raise ValueError(f"entropy has {len(entropy)} layers, the model has {n_layers} decoder layers")
+    return entropy
+
+
+def _run_swap(model, calib, plan: _Plan, names, order, sizes):
+    """Both uniform runs (the low one on a deep copy of the *unquantized* model), ``k``, then the assembly:
+    ``(model, k, quant_reports, per-layer errors)``."""
+    pair = SwapPair.quantize(model, calib, plan.low, plan.high, plan.base_config, names, plan.progress)
+    b_low, b_high = pair.layer_bits(plan.budget_bits)
+    k = plan.choose_k(order, b_low, b_high, sizes, lambda j: pair.assemble(order[:j]))
+    pair.assemble(order[:k])
+    errs_low, errs_high = _errors_by_block(pair.low_report, names), _errors_by_block(pair.high_report, names)
+    errors = [errs_low[i] if i in set(order[:k]) else errs_high[i] for i in range(len(names))]
+    return pair.model, k, {"high": pair.high_report, "low": pair.low_report}, errors
+
+
+def _run_sequential(model, calib, plan: _Plan, names, blocks, order, sizes):
+    """Per-layer bits estimated (probe or nominal), ``k`` selected, then one layer-sequential run with per-layer
+    overrides: ``(model, k, quant_reports, per-layer errors)``."""
+    low, high = plan.low, plan.high
+    if plan.budget_bits == "honest":
+        b_low = _probe_honest_bits(blocks[0], low.method, low.bits, low.group_size, low.options)
+        b_high = _probe_honest_bits(blocks[0], high.method, high.bits, high.group_size, high.options)
+    else:
+        b_low, b_high = float(low.bits), float(high.bits)
+    pristine = copy.deepcopy(model) if plan.quality_fn is not None else None
+
+    def mixed_config(k: int):
+        return _config(plan.base_config, high, plan.low_overrides(names, order[:k]))
+
+    k = plan.choose_k(order, b_low, b_high, sizes,
+                      lambda j: _run_driver(copy.deepcopy(pristine), mixed_config(j), calib, plan.progress)[0])
+    model, mixed_report = _run_driver(model, mixed_config(k), calib, plan.progress)
+    return model, k, {"mixed": mixed_report}, _errors_by_block(mixed_report, names)
+
+
+def _build_report(model, plan: _Plan, names, entropy: LayerEntropies, k: int, assembly: str, quant_reports: dict,
+                  errors) -> LUQReport:
+    """The LUQ report, measured on the assembled model, and what ``save_quantized`` records
+    (``model.bivlm_quantization``)."""
+    order, rank, low_set = list(entropy.order), entropy.rank(), set(entropy.order[:k])
+    rows = []
+    for i, name in enumerate(names):
+        bb = block_bits(model.get_submodule(name))
+        low = i in low_set
+        rows.append(LUQLayer(i, name, float(entropy.entropies[i]), rank[i], "low" if low else "high",
+                             plan.low.method if low else plan.high.method, bb["honest_bits"], bb["nominal_bits"],
+                             bb["weights"], bb["bytes"], errors[i]))
+    report = LUQReport(rows, k, order, assembly, entropy.to_dict(), plan.target(), plan.evaluations,
+                       quant_reports, module_bytes(model))
+    # What save_quantized records: the equivalent single config (high + per-layer low overrides), the driver's
+    # per-Linear rows of the layers actually in the model, and the LUQ report under the key "luq".
+    equivalent = _config(plan.base_config, plan.high, plan.low_overrides(names, order[:k]))
+    merged = _merged_report(quant_reports, names, low_set)
+    if merged is not None and "mixed" not in quant_reports:
+        merged.model_bytes_after = module_bytes(model)
+    rec = {"config": equivalent.to_dict(), "report": merged.to_dict() if merged is not None else None}
+    if rec["report"] is not None:
+        rec["report"]["luq"] = report.to_dict()
+    model.bivlm_quantization = rec
+    return report
 
 
 def luq_quantize(model: nn.Module, calibration_data: Sequence[dict], low_method: str = "billm",
@@ -76,123 +209,38 @@ def luq_quantize(model: nn.Module, calibration_data: Sequence[dict], low_method:
 
     ``model`` is quantized in place (``swap`` also quantizes a deep copy for the low run).
     """
-    check_choice(assembly, "assembly", ASSEMBLIES)
-    check_choice(budget_bits, "budget_bits", BUDGET_BITS)
-    given = [x for x in (n_low, target_avg_bits, target_bytes) if x is not None]
-    if n_low is not None and len(given) > 1:
-        raise ValueError("n_low fixes k: do not combine it with target_avg_bits / target_bytes")
-    if n_low is not None and quality_fn is not None:
-        raise ValueError("n_low fixes k: do not combine it with quality_fn")
-    if not given and quality_fn is None:
-        raise ValueError("say how many layers go ultra-low: n_low, target_avg_bits, target_bytes or "
-                         "quality_fn + threshold")
-    if (quality_fn is None) != (threshold is None):
-        raise ValueError("quality_fn and threshold go together: give both or neither")
+    _check_targets(assembly, budget_bits, n_low, target_avg_bits, target_bytes, quality_fn, threshold)
     calibration_data = list(calibration_data)
     if not calibration_data:
         raise ValueError("calibration_data is empty")
-    low_cc = _component(low_method, low_bits, group_size, low_options)
-    high_cc = _component(high_method, high_bits, group_size, high_options)
-    _config(base_config, low_cc)               # validate both settings before any forward pass
-    _config(base_config, high_cc)
-
+    plan = _Plan(_component(low_method, low_bits, group_size, low_options),
+                 _component(high_method, high_bits, group_size, high_options), base_config, progress,
+                 budget_bits, n_low, target_avg_bits, target_bytes, quality_fn, threshold, higher_is_better)
+    _config(base_config, plan.low)               # validate both settings before any forward pass
+    _config(base_config, plan.high)
     names, blocks = decoder_layers(model)
-    L = len(blocks)
-    if n_low is not None and not (isinstance(n_low, int) and 0 <= n_low <= L):
-        raise ValueError(f"n_low must be an int in [0, {L}], got {n_low!r}")
+    if n_low is not None and not (isinstance(n_low, int) and 0 <= n_low <= len(blocks)):
+        raise ValueError(f"n_low must be an int in [0, {len(blocks)}], got {n_low!r}")
 
     # 1. entropy order on the multimodal samples (on the unquantized model)
-    if entropy is None:
-        ent_data = entropy_data
-        if ent_data is None:
-            mm = [s for s in calibration_data if s.get("pixel_values") is not None]
-            ent_data = mm or calibration_data
-        entropy = layer_entropies(model, ent_data, hook=hook, estimator=estimator, n_clusters=n_clusters,
-                                  seed=seed, n_init=n_init, max_tokens=max_tokens)
-    if len(entropy) != L:
-        raise ValueError(f"entropy has {len(entropy)} layers, the model has {L} decoder layers")
+    entropy = _entropy_order(model, calibration_data, entropy, entropy_data, len(blocks), hook=hook,
+                             estimator=estimator, n_clusters=n_clusters, seed=seed, n_init=n_init,
+                             max_tokens=max_tokens)
     order = list(entropy.order)
     calib = mix_calibration(calibration_data, mix, seed=0)
-    target = {k: v for k, v in (("avg_bits", target_avg_bits), ("bytes", target_bytes), ("n_low", n_low),
-                                 ("threshold", threshold)) if v is not None}
-    target["budget_bits"] = budget_bits
-    evaluations = {}
     sizes = [block_bits(b)["weights"] for b in blocks]
 
+    # 2. quantize and assemble: two uniform runs + swap, or one layer-sequential mixed run
     if assembly == "swap":
-        # 2. both uniform runs; the low one on a deep copy of the *unquantized* model
-        pair = SwapPair.quantize(model, calib, low_cc, high_cc, base_config, names, progress)
-        model = pair.model
-        b_low, b_high = pair.layer_bits(budget_bits)
-
-        def quality_at(k: int) -> float:
-            pair.assemble(order[:k])
-            q = float(quality_fn(model))
-            evaluations[k] = q
-            return q
-
-        k = n_low if n_low is not None else select_layers(
-            order, L, b_low, b_high, target_avg_bits, target_bytes,
-            quality_at if quality_fn else None, threshold, sizes, higher_is_better)
-        pair.assemble(order[:k])
-        quant_reports = {"high": pair.high_report, "low": pair.low_report}
-        errs_low, errs_high = _errors_by_block(pair.low_report, names), _errors_by_block(pair.high_report, names)
-        errors = [errs_low[i] if i in set(order[:k]) else errs_high[i] for i in range(L)]
-        del pair
+        model, k, quant_reports, errors = _run_swap(model, calib, plan, names, order, sizes)
     else:
-        # 2. estimate per-layer bits, select, then one layer-sequential run with per-layer overrides
-        if budget_bits == "honest":
-            b_low = _probe_honest_bits(blocks[0], low_method, low_bits, group_size, low_options)
-            b_high = _probe_honest_bits(blocks[0], high_method, high_bits, group_size, high_options)
-        else:
-            b_low, b_high = float(low_bits), float(high_bits)
-        pristine = copy.deepcopy(model) if quality_fn is not None else None
-
-        def mixed_config(k: int):
-            ov = {layer_override_pattern(names[i]): {"method": low_method, "bits": low_bits,
-                                                     "options": dict(low_options or {})} for i in order[:k]}
-            return _config(base_config, high_cc, ov)
-
-        def quality_at(k: int) -> float:
-            m, _ = _run_driver(copy.deepcopy(pristine), mixed_config(k), calib, progress)
-            q = float(quality_fn(m))
-            evaluations[k] = q
-            return q
-
-        k = n_low if n_low is not None else select_layers(
-            order, L, b_low, b_high, target_avg_bits, target_bytes,
-            quality_at if quality_fn else None, threshold, sizes, higher_is_better)
-        model, mixed_report = _run_driver(model, mixed_config(k), calib, progress)
-        quant_reports = {"mixed": mixed_report}
-        errors = _errors_by_block(mixed_report, names)
+        model, k, quant_reports, errors = _run_sequential(model, calib, plan, names, blocks, order, sizes)
 
     # 3. report, measured on the assembled model
-    final_blocks = [model.get_submodule(n) for n in names]
-    rank = entropy.rank()
-    low_set = set(order[:k])
-    rows = []
-    for i, blk in enumerate(final_blocks):
-        bb = block_bits(blk)
-        rows.append(LUQLayer(i, names[i], float(entropy.entropies[i]), rank[i], "low" if i in low_set else "high",
-                             low_method if i in low_set else high_method, bb["honest_bits"], bb["nominal_bits"],
-                             bb["weights"], bb["bytes"], errors[i]))
-    report = LUQReport(rows, k, order, assembly, entropy.to_dict(), target, evaluations, quant_reports,
-                       module_bytes(model))
-    # What save_quantized records: the equivalent single config (high + per-layer low overrides), the driver's
-    # per-Linear rows of the layers actually in the model, and the LUQ report under the key "luq".
-    equivalent = _config(base_config, high_cc, {layer_override_pattern(names[i]): {
-        "method": low_method, "bits": low_bits, "options": dict(low_options or {})} for i in order[:k]})
-    merged = _merged_report(quant_reports, names, low_set)
-    if merged is not None and "mixed" not in quant_reports:
-        merged.model_bytes_after = module_bytes(model)
-    rec = {"config": equivalent.to_dict(), "report": merged.to_dict() if merged is not None else None}
-    if rec["report"] is not None:
-        rec["report"]["luq"] = report.to_dict()
-    model.bivlm_quantization = rec
+    report = _build_report(model, plan, names, entropy, k, assembly, quant_reports, errors)
     if target_avg_bits is not None:
         reached = report.average_bits if budget_bits == "honest" else report.average_nominal_bits
         if reached > target_avg_bits * (1 + 1e-6):
             log.warning("LUQ: reached %.4f %s bits/weight, above target_avg_bits=%s (the %s assembly estimates "
                         "honest bits before quantizing)", reached, budget_bits, target_avg_bits, assembly)
     return model, report
-
