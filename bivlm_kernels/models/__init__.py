@@ -2,6 +2,6 @@
 
 ``models.testbed`` (real small weights, heavy optional dependencies) is deliberately not imported here.
 """
-from .adapters import Component, find_components, generic_components, register_adapter
+from .adapters import Component, decoder_layers, find_components, generic_components, register_adapter
 
-__all__ = ["Component", "find_components", "generic_components", "register_adapter"]
+__all__ = ["Component", "decoder_layers", "find_components", "generic_components", "register_adapter"]

@@ -201,3 +201,18 @@ def find_components(model: nn.Module) -> Dict[str, Component]:
             f"others need a ModuleList of identical blocks; add one with register_adapter)")
     order = ("vision", "projector", "language")
     return {k: comps[k] for k in order if k in comps}
+
+
+def decoder_layers(model: nn.Module):
+    """``(names, blocks)`` of the language model's decoder layers, in forward order: the ``"language"``
+    component of :func:`find_components`. ``QuantLinear`` counts as a linear layer there, so this works on an
+    already quantized model too (LUQ assembles and measures quantized models)."""
+    try:
+        comps = find_components(model)
+    except ValueError:
+        comps = {}
+    if "language" not in comps:
+        raise ValueError(f"no language-model decoder layers found in {type(model).__name__}: expected an "
+                         f"nn.ModuleList of decoder blocks (e.g. model.layers, model.language_model.layers)")
+    lang = comps["language"]
+    return list(lang.block_names), list(lang.blocks)

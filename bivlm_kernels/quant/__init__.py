@@ -9,7 +9,7 @@
 Importing this package imports transformers only when a function needs it.
 """
 from .base import METHODS, Method, MethodConfig, get_method, register_method
-from .calibration import build_calibration_data, mix_text_and_images
+from .calibration import build_calibration_data, mix_calibration, mix_text_and_images
 from .config import COMPONENTS, CalibrationConfig, ComponentConfig, QuantConfig, pick_group_size
 from .driver import quantize_model
 from ..checkpoint.directory import load_quantized, read_quant_info, save_quantized
@@ -21,5 +21,5 @@ from .luq import SwapPair, layer_entropies, luq_quantize, select_layers
 __all__ = ["METHODS", "Method", "MethodConfig", "get_method", "register_method", "COMPONENTS",
            "CalibrationConfig", "ComponentConfig", "QuantConfig", "pick_group_size", "quantize_model",
            "save_quantized", "load_quantized", "read_quant_info", "build_calibration_data",
-           "mix_text_and_images", "LayerReport", "QuantReport", "luq_quantize", "layer_entropies",
+           "mix_calibration", "mix_text_and_images", "LayerReport", "QuantReport", "luq_quantize", "layer_entropies",
            "select_layers", "SwapPair"]

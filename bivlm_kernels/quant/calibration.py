@@ -3,11 +3,18 @@
 LUQ calibrates on image+text samples mixed with ratio alpha; its exact definition is not published. Ours
 (documented default, ``mix=0.5``): alpha is the share of samples given as image + text, the rest text only (the
 same texts, without their image). Each sample is one batch of one sequence, so no padding enters a Hessian.
+Three rules apply it: :func:`build_calibration_data` (from (image, text) pairs), :func:`mix_text_and_images`
+(interleave ready-made multimodal and text-only batches) and :func:`mix_calibration` (the largest subset of
+ready-made batches with that share, as LUQ's assembly uses it).
 """
 from __future__ import annotations
 
+import logging
+import math
 import random
 from typing import Iterable, List, Optional, Sequence, Tuple
+
+log = logging.getLogger(__name__)
 
 
 def _prompt(processor, text: str, with_image: bool) -> str:
@@ -85,3 +92,33 @@ def mix_text_and_images(image_batches: Iterable[dict], text_batches: Iterable[di
         raise ValueError("no calibration batches: both inputs are empty (or n_samples is 0)")
     random.Random(seed).shuffle(out)
     return out
+
+
+def mix_calibration(samples: Sequence[dict], mix: Optional[float], seed: int = 0) -> List[dict]:
+    """The largest subset of ``samples`` whose share of multimodal samples (with ``pixel_values``) is ``mix``.
+
+    LUQ's alpha on ready-made model input dicts (what :func:`~bivlm_kernels.quant.luq.luq_quantize` applies to
+    its calibration data): unlike :func:`mix_text_and_images` nothing is shuffled or repeated, samples are only
+    dropped. ``mix=None`` keeps the data as given; if the data has only one kind of sample and ``mix`` asks for
+    both, the data is kept with a warning. Seeded, order-preserving.
+    """
+    samples = list(samples)
+    if mix is None:
+        return samples
+    if not 0.0 <= float(mix) <= 1.0:
+        raise ValueError(f"mix (share of image+text samples) must lie in [0, 1] or be None, got {mix!r}")
+    img = [i for i, s in enumerate(samples) if s.get("pixel_values") is not None]
+    txt = [i for i, s in enumerate(samples) if s.get("pixel_values") is None]
+    if (mix > 0 and not img) or (mix < 1 and not txt):
+        if 0 < mix < 1:
+            log.warning("mix=%s asks for image and text samples, but the calibration data has %d image and %d "
+                        "text-only samples; using it as given", mix, len(img), len(txt))
+            return samples
+        raise ValueError(f"mix={mix} needs {'image' if mix == 1 else 'text-only'} samples; the calibration data "
+                         f"has {len(img)} image and {len(txt)} text-only samples")
+    n = min(len(img) / mix if mix > 0 else math.inf, len(txt) / (1 - mix) if mix < 1 else math.inf)
+    n_img = min(len(img), int(round(n * mix)))
+    n_txt = min(len(txt), int(math.floor(n + 1e-9)) - n_img)
+    rng = random.Random(seed)
+    keep = set(rng.sample(img, n_img)) | set(rng.sample(txt, n_txt))
+    return [s for i, s in enumerate(samples) if i in keep]

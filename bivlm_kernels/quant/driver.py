@@ -33,7 +33,7 @@ from .. import formats
 from ..models.hf_compat import is_cache
 from ..nn import QuantLinear, replace_module
 from .config import COMPONENTS, QuantConfig, pick_group_size
-from .report import LayerReport, QuantReport
+from .report import LayerReport, QuantReport, module_bytes
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,6 @@ def _module_device(m: nn.Module) -> torch.device:
     for t in list(m.parameters()) + list(m.buffers()):
         return t.device
     return torch.device("cpu")
-
-
-def _module_bytes(m: nn.Module) -> int:
-    seen, n = set(), 0
-    for t in list(m.parameters()) + list(m.buffers()):
-        if t.data_ptr() not in seen:           # tied weights count once
-            seen.add(t.data_ptr())
-            n += t.numel() * t.element_size()
-    return n
 
 
 def _hidden_from_output(out):
@@ -324,7 +315,7 @@ def quantize_model(model: nn.Module, config, calibration_data: Iterable[dict], *
         if (device is not None or cfg.device is not None) else None
 
     t_start = time.perf_counter()
-    report = QuantReport(model_bytes_before=_module_bytes(model))
+    report = QuantReport(model_bytes_before=module_bytes(model))
     was_training = model.training
     model.eval()
     # Qwen2-VL caches rope deltas on the model during a forward; put them back afterwards.
@@ -348,7 +339,7 @@ def quantize_model(model: nn.Module, config, calibration_data: Iterable[dict], *
         for m, v in rope_state.items():
             m.rope_deltas = v
         model.train(was_training)
-    report.model_bytes_after = _module_bytes(model)
+    report.model_bytes_after = module_bytes(model)
     report.seconds = time.perf_counter() - t_start
     if not report.layers:
         log.warning("no layer was quantized (check include/exclude/overrides and group sizes)")

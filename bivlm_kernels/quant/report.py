@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
+from torch import nn
+
 
 @dataclass
 class LayerReport:
@@ -112,3 +114,13 @@ def _mb(n: int) -> str:
 def _clean(d: dict) -> dict:
     # JSON has no NaN: write None for a rel. error that could not be measured.
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def module_bytes(m: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``m``, tied tensors once (a report's ``model_bytes_*``)."""
+    seen, n = set(), 0
+    for t in list(m.parameters()) + list(m.buffers()):
+        if t.data_ptr() not in seen:           # tied weights count once
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n
