@@ -39,8 +39,8 @@ def no_model_load(monkeypatch):
     """Loading a model (or building the testbed) fails the test: the checks must come first."""
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the options were checked")
-    monkeypatch.setattr(cli, "_load_model", boom)
-    monkeypatch.setattr(cli, "_testbed", boom)
+    monkeypatch.setattr(cli.quantize, "_load_model", boom)
+    monkeypatch.setattr(cli.quantize, "_testbed", boom)
     import bivlm_kernels.models.testbed as tb
     monkeypatch.setattr(tb, "load_testbed", boom)
 

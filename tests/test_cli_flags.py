@@ -14,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from bivlm_kernels import cli, evaluation  # noqa: E402
+from bivlm_kernels.cli import eval as cli_eval  # noqa: E402
 from bivlm_kernels.quant import base as quant_base  # noqa: E402
 from test_cli import _model_dir, expect_usage_error  # noqa: E402
 
@@ -161,7 +162,7 @@ def _fake_testbed(tmp_path, monkeypatch):
     tok = transformers.AutoTokenizer.from_pretrained(src)
     batches = [dict(tok("w1 w2 w3 w4", return_tensors="pt")) for _ in range(2)]
     calls = []
-    monkeypatch.setattr(cli, "_testbed", lambda: (lambda: (model, tok),
+    monkeypatch.setattr(cli.quantize, "_testbed", lambda: (lambda: (model, tok),
                                                   lambda proc, n, mix, seed: calls.append(seed) or batches))
     monkeypatch.setattr(evaluation, "vqa_accuracy", lambda m, p, limit, progress: calls.append(progress) or
                         {"accuracy": 0.5})
@@ -200,7 +201,7 @@ def test_eval_rows_pass_the_progress_switch(monkeypatch, no_progress):
     args = types.SimpleNamespace(prune_keep=None, limit=1, batch_size=1, no_ppl=False, ppl_tokens=None,
                                  no_progress=no_progress)
     import io
-    evaluation._evaluate_row("x", torch.nn.Linear(2, 2), types.SimpleNamespace(tokenizer=None), args, io.StringIO())
+    cli_eval._evaluate_row("x", torch.nn.Linear(2, 2), types.SimpleNamespace(tokenizer=None), args, io.StringIO())
     assert calls == [("vqa", not no_progress), ("ppl", not no_progress)]
 
 

@@ -21,6 +21,11 @@ class UsageError(SystemExit):
         self.code = 2
 
 
+def usage(command: str, message: str) -> UsageError:
+    """``UsageError("bivlm COMMAND: message")``."""
+    return UsageError(f"bivlm {command}: {message}")
+
+
 def check_at_least(option: str, value, minimum: float) -> None:
     """A finite number >= ``minimum`` (None: the option was not given)."""
     if value is not None and (not math.isfinite(value) or value < minimum):
@@ -65,8 +70,8 @@ def check_device(option: str, device: Optional[str]) -> None:
 def check_out_dir(option: str, out: str, overwrite: bool) -> str:
     """``--out``: a path of its own, free or (with --overwrite) a bivlm checkpoint or empty directory, in a
     place we can write to. Returns the absolute path."""
-    from .checkpoint import safe_write
-    from .checkpoint.directory import is_checkpoint_dir
+    from ..checkpoint import safe_write
+    from ..checkpoint.directory import is_checkpoint_dir
     try:
         full = safe_write.check_output_path(out, option)
         safe_write.check_replaceable(full, overwrite, is_checkpoint_dir, what="checkpoint directory",
@@ -99,7 +104,7 @@ def check_input_file(option: str, path: Optional[str]) -> None:
 def inspect_model_dir(option: str, path: str) -> dict:
     """``--model`` of ``bivlm quantize``: a plain Hugging Face model directory (not a bivlm checkpoint) with a
     readable config.json and weight files. Returns ``{"safetensors": bool}``."""
-    from .checkpoint.directory import QUANT_FILE, is_checkpoint_dir
+    from ..checkpoint.directory import QUANT_FILE, is_checkpoint_dir
     if not os.path.isdir(path):
         raise UsageError(f"{option} {path!r} is not a directory (a local Hugging Face model directory is "
                          f"expected; nothing is downloaded)")
@@ -142,8 +147,8 @@ def check_eval_model(option: str, path: Optional[str]) -> None:
     """``bivlm eval --model``: a bivlm checkpoint directory or a bivlm .safetensors file."""
     if path is None:
         return
-    from . import checkpoint
-    from .checkpoint.directory import read_quant_info
+    from .. import checkpoint
+    from ..checkpoint.directory import read_quant_info
     try:
         if os.path.isdir(path):
             read_quant_info(path)

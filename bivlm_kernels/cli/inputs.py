@@ -1,7 +1,7 @@
 """What ``bivlm quantize`` reads besides its options: a --model directory, a --calib-file, the testbed.
 
 Split from :mod:`bivlm_kernels.cli` (the command flow); every failure is a one-line
-:class:`~bivlm_kernels.cli_checks.UsageError` naming the option.
+:class:`~bivlm_kernels.cli.checks.UsageError` naming the option.
 """
 from __future__ import annotations
 
@@ -9,12 +9,8 @@ import json
 import os
 from typing import Optional
 
-from . import cli_checks as checks
-from .cli_checks import UsageError
-
-
-def _usage(message: str) -> UsageError:
-    return UsageError(f"bivlm quantize: {message}")
+from . import checks
+from .checks import usage
 
 
 def model_class(path: str):
@@ -24,12 +20,12 @@ def model_class(path: str):
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:                  # unknown model_type, malformed fields ...
-        raise _usage(f"--model {path!r}: config.json cannot be read by transformers "
+        raise usage("quantize", f"--model {path!r}: config.json cannot be read by transformers "
                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     archs = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, a) for a in archs if isinstance(getattr(transformers, a, None), type)), None)
     if cls is None or not issubclass(cls, transformers.PreTrainedModel):
-        raise _usage(f"--model {path!r}: config.json names architectures {archs}, none of which this "
+        raise usage("quantize", f"--model {path!r}: config.json names architectures {archs}, none of which this "
                      f"transformers ({transformers.__version__}) provides")
     return cls
 
@@ -51,7 +47,7 @@ def load_model(path: str, cls, dtype: Optional[str], safetensors: bool, progress
     try:
         model, info = cls.from_pretrained(path, **kw)
     except Exception as e:
-        raise _usage(f"--model {path!r} cannot be loaded ({type(e).__name__}: "
+        raise usage("quantize", f"--model {path!r} cannot be loaded ({type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -75,7 +71,7 @@ def calib_from_file(path: str) -> list:
         with open(path) as f:
             lines = f.readlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise _usage(f"--calib-file {path!r} cannot be read as text ({e})") from None
+        raise usage("quantize", f"--calib-file {path!r} cannot be read as text ({e})") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -85,7 +81,7 @@ def calib_from_file(path: str) -> list:
             if not isinstance(text, str):
                 raise TypeError
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise _usage(f"--calib-file {path}:{i + 1} must be a JSON object with a 'text' string") from None
+            raise usage("quantize", f"--calib-file {path}:{i + 1} must be a JSON object with a 'text' string") from None
         img = rec.get("image")
         if img is not None:
             from PIL import Image
@@ -93,24 +89,24 @@ def calib_from_file(path: str) -> list:
             try:
                 img = Image.open(img_path).convert("RGB")
             except (OSError, ValueError) as e:
-                raise _usage(f"--calib-file {path}:{i + 1}: image {img_path!r} cannot be opened ({e})") from None
+                raise usage("quantize", f"--calib-file {path}:{i + 1}: image {img_path!r} cannot be opened ({e})") from None
         pairs.append((img, text))
     if not pairs:
-        raise _usage(f"--calib-file {path} holds no calibration samples")
+        raise usage("quantize", f"--calib-file {path} holds no calibration samples")
     return pairs
 
 
 def testbed():
     try:
-        from .models import testbed
-        from .models.testbed import calibration_data, load_testbed
+        from ..models import testbed
+        from ..models.testbed import calibration_data, load_testbed
     except ImportError as e:
-        raise _usage(f"no --model given and the testbed is unavailable ({e}); pass --model PATH (a local Hugging "
+        raise usage("quantize", f"no --model given and the testbed is unavailable ({e}); pass --model PATH (a local Hugging "
                      f"Face model directory), or install the testbed extras (pip install 'bivlm_kernels[testbed]')"
                      ) from None
     missing = testbed.missing_packages()
     if missing:
-        raise _usage(f"no --model given and the testbed needs {missing}; pass --model PATH or install them "
+        raise usage("quantize", f"no --model given and the testbed needs {missing}; pass --model PATH or install them "
                      f"({testbed.PIP_DEPS})")
     return load_testbed, calibration_data
 
@@ -118,12 +114,12 @@ def testbed():
 def testbed_text(n: int) -> list:
     """Text-only calibration samples for a --model without --calib-file: the testbed's shipped text."""
     try:
-        from .models.testbed import read_text
+        from ..models.testbed import read_text
         text = read_text("calib")
     except (ImportError, FileNotFoundError) as e:
-        raise _usage(f"--model without --calib-file uses the testbed's calibration text, which is unavailable "
+        raise usage("quantize", f"--model without --calib-file uses the testbed's calibration text, which is unavailable "
                      f"({e}); pass --calib-file JSONL") from None
     chunks = [c.strip() for c in text.split("\n\n") if len(c.strip()) > 200]
     if not chunks:
-        raise _usage("the testbed calibration text is empty; pass --calib-file JSONL")
+        raise usage("quantize", "the testbed calibration text is empty; pass --calib-file JSONL")
     return [(None, chunks[i % len(chunks)]) for i in range(n)]
