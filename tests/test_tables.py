@@ -219,3 +219,24 @@ def test_compressed_layer_compiles_fullgraph():
     compiled = torch.compile(layer, fullgraph=True)      # the expansion is traced inline (no cache lookup)
     with torch.no_grad():
         assert torch.allclose(compiled(x), layer(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["nan", "shape"])
+def test_loaded_weights_are_checked_like_every_load_path(bad):
+    """process_weights_after_loading runs formats.validation.check_layer_tensors on the fused rows (no vLLM)."""
+    from bivlm_kernels.formats import LayerSpec, SegmentSpec
+    from bivlm_kernels.integrations import vllm_plugin
+    spec = LayerSpec(in_features=64, out_features=8, group_size=32, segments=(SegmentSpec(2, 64),))
+    method = vllm_plugin._LinearMethod([spec, spec], "model.layers.0.mlp.gate_up_proj")
+    seg = torch.nn.Module()
+    seg.qweight = torch.nn.Parameter(torch.zeros(16, 4, dtype=torch.int32), requires_grad=False)
+    seg.codebook = torch.nn.Parameter(torch.randn(16, 2, 4), requires_grad=False)
+    layer = torch.nn.Module()
+    layer.segments = torch.nn.ModuleList([seg])
+    method.process_weights_after_loading(layer)              # a good layer passes
+    if bad == "nan":
+        seg.codebook.data[3, 1, 2] = float("nan")
+    else:
+        seg.codebook = torch.nn.Parameter(torch.randn(16, 1, 4), requires_grad=False)
+    with pytest.raises(ValueError, match="gate_up_proj: codebook"):
+        method.process_weights_after_loading(layer)

@@ -91,3 +91,4 @@ def test_refusals(vllm_ctx):
     with pytest.raises(ValueError, match="only"):
         vllm_plugin.part_specs(layers, f"{PREFIX}.qkv_proj")
     assert vllm_plugin.part_specs(layers, f"{PREFIX}.o_proj") is None
+

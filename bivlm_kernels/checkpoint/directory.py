@@ -29,17 +29,16 @@ import json
 import os
 import shutil
 
-import torch
 from torch import nn
 
 from .. import formats
+from ..formats import DTYPES_BY_NAME
 from ..nn import QuantLinear
 from . import file as checkpoint, safe_write
 from .hf_config import quantization_config
 
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _model_dtype(model: nn.Module) -> str:
@@ -175,8 +174,8 @@ def read_quant_info(path: str) -> dict:
             raise ValueError(f"{qfile!r}: {key!r} must be "
                              f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}, "
                              f"got {type(info[key]).__name__} {info[key]!r:.80}")
-    if info["dtype"] not in _DTYPES:
-        raise ValueError(f"{qfile!r} has dtype {info['dtype']!r}; expected one of {list(_DTYPES)}")
+    if info["dtype"] not in DTYPES_BY_NAME:
+        raise ValueError(f"{qfile!r} has dtype {info['dtype']!r}; expected one of {list(DTYPES_BY_NAME)}")
     return info
 
 
@@ -206,9 +205,9 @@ def load_quantized(path: str, device=None) -> nn.Module:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:                       # missing / malformed config.json
         raise ValueError(f"{path!r}: config.json cannot be read ({type(e).__name__}: {e})") from None
-    dtype = _DTYPES.get(info["dtype"])
+    dtype = DTYPES_BY_NAME.get(info["dtype"])
     if dtype is None:
-        raise ValueError(f"{QUANT_FILE} has dtype {info['dtype']!r}; expected one of {list(_DTYPES)}")
+        raise ValueError(f"{QUANT_FILE} has dtype {info['dtype']!r}; expected one of {list(DTYPES_BY_NAME)}")
     try:
         from transformers.initialization import no_init_weights
     except ImportError:                          # older transformers

@@ -19,10 +19,13 @@ GEMM for large M on CUDA; the CPU kernels or the reference on CPU).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from .. import formats, ops
+from ..formats.validation import check_layer_tensors
 from ..checkpoint.hf_config import QUANT_METHOD, check_quantization_config
 
 # vLLM's fused linears -> the checkpoint's (HF) module names of their parts, in vLLM's shard order.
@@ -148,7 +151,7 @@ class _LinearMethod:
         offsets = [sum(want[:i]) for i in range(len(want))]
         seg = nn.Module()
         for name, shape in seg_spec.buffer_shapes(n, self.group_size).items():
-            dt = torch.int32 if name == "qweight" else params_dtype
+            dt = torch.int32 if name in formats.INT_BUFFERS else params_dtype
             p = nn.Parameter(torch.empty(shape, dtype=dt), requires_grad=False)
             p.weight_loader = _row_loader(offsets, want, self.prefix, name)
             seg.register_parameter(name, p)
@@ -161,11 +164,11 @@ class _LinearMethod:
         return ops.affine_linear(x, p.qweight, p.scales, p.zeros, self.bits, self.group_size, bias)
 
     def process_weights_after_loading(self, layer):
-        p = layer.segments[0]
-        tables = {"codebook": p.codebook} if self.kind == "lut" else {"scales": p.scales, "zeros": p.zeros}
-        for name, t in tables.items():
-            if not torch.isfinite(t).all():
-                raise ValueError(f"bivlm: {self.prefix}: {name} contains NaN or inf after loading")
+        """The checkpoint's content, checked as every other load path checks it (``check_layer_tensors``), on
+        the fused layer's rows."""
+        spec = dataclasses.replace(self.specs[0], out_features=sum(sp.out_features for sp in self.specs))
+        tensors = {f"segments.0.{name}": t for name, t in layer.segments[0].named_parameters()}
+        check_layer_tensors(spec, tensors, label=lambda name: f"bivlm: {self.prefix}: {name.rsplit('.', 1)[-1]}")
 
 
 def _row_loader(offsets, sizes, prefix, name):

@@ -22,6 +22,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from ...formats import DTYPES_BY_NAME
+
 log = logging.getLogger(__name__)
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -259,7 +261,6 @@ def choose(key: Key, device: torch.device, run: Callable[[Config], object]) -> C
 # save / load (explicit only)
 # ---------------------------------------------------------------------------------------------------------
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _key_str(key: Key) -> str:
@@ -269,9 +270,9 @@ def _key_str(key: Key) -> str:
 
 def _key_parse(s: str) -> Key:
     kind, bits, g, dt, n, k, mb = s.split("|")
-    if kind not in ("lut", "affine") or dt not in _DTYPES or int(mb) not in M_BUCKETS:
+    if kind not in ("lut", "affine") or dt not in DTYPES_BY_NAME or int(mb) not in M_BUCKETS:
         raise ValueError(f"bad tuned-config key {s!r}")
-    return (kind == "lut", int(bits), int(g), _DTYPES[dt], int(n), int(k), int(mb))
+    return (kind == "lut", int(bits), int(g), DTYPES_BY_NAME[dt], int(n), int(k), int(mb))
 
 
 def _gpu_name(gpu_name: Optional[str]) -> str:

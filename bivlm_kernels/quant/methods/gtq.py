@@ -24,15 +24,13 @@ from typing import Optional
 
 import torch
 
-from ...formats import tables
-from ...formats import QuantizedSegment, QuantizedWeight
+from ...formats import DTYPES_BY_NAME, QuantizedSegment, QuantizedWeight, tables
 from ..base import Method, MethodConfig, register_method
 from ..hessian import prepare_hessian
 from . import _tablefit as tf
 from ._refit import refit_fields
 from ._common import bits_info, check_choice, check_config, check_k, check_percdamp, gptq_columns, rounded
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclasses.dataclass
@@ -69,7 +67,7 @@ def gtq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GTQConfig) -> QuantizedW
     """GTQ on ``W`` ``[N, K]`` with Hessian ``H`` ``[K, K]`` (see the module doc)."""
     N, K = W.shape
     g, bits, form, tb = cfg.group_size, cfg.bits, cfg.form, cfg.table_bits
-    dtype = cfg.dtype if cfg.table_dtype is None else _DTYPES[cfg.table_dtype]
+    dtype = cfg.dtype if cfg.table_dtype is None else DTYPES_BY_NAME[cfg.table_dtype]
     if dtype != cfg.dtype and cfg.dtype != torch.float32:
         raise ValueError(f"table_dtype={cfg.table_dtype!r} needs an fp32 layer (it is {cfg.dtype}): only fp32 "
                          f"stores every {dtype} value exactly")
@@ -161,7 +159,7 @@ class GTQ(Method):
         check_config(c, self.name, (1, 2, 4))
         check_choice(c.form, "form", ("grid", "entries") if c.bits in (1, 2) else ("grid",))
         tables.check_table_bits(c.table_bits)
-        check_choice(c.table_dtype, "table_dtype", (None, *_DTYPES))
+        check_choice(c.table_dtype, "table_dtype", (None, *DTYPES_BY_NAME))
         for name in ("weighted", "compensate", "act_order", "refit"):
             if not isinstance(getattr(c, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
