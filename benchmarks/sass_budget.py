@@ -89,8 +89,6 @@ branch outcome other than the ones modelled above (M < MT within a bucket runs f
 from __future__ import annotations
 
 import argparse
-import collections
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -105,179 +103,15 @@ import sys
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sass_model import (BITS, CLOCK_GHZ, COPY_FRACTION, DTYPES, GPUS, GROUPS, LATENCY_US, MS, SCHEDULERS, SHAPE, SMS,
+                        WARP, bits_per_weight, budget, ceilings, issue_rate, little_need_kib, resident_warps)
+# find_loop, is_weight_load: used by the tests and sass_budget_seg through this module
+from sass_parse import find_loop, is_weight_load, loop_stats, parse_sass  # noqa: F401
 
-# ---- machine model (the issue's numbers) -----------------------------------------------------------------------
-SMS, SCHEDULERS, WARP = 132, 4, 32
-CLOCK_GHZ = 1.755
-COPY_FRACTION = 0.9
-GPUS = {"H200": 4.8e12, "H100": 3.35e12}      # HBM bandwidth, bytes/s (H100 SXM)
-SHAPE = (28672, 8192)                         # N x K of the ceiling columns
-LATENCY_US = 0.6                              # assumed loaded DRAM latency for Little's law (not measured)
-BITS = (1, 2, 4)
-MS = (1, 2, 4, 8, 16)
-GROUPS = (128, 64)
-DTYPES = ("fp16", "bf16")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
 PIP_HINT = "pip install nvidia-cuda-cuobjdump   (or install a CUDA toolkit / triton, whose wheel ships cuobjdump)"
-
-
-def bits_per_weight(bits: int, g: int, entry_bits: int = 16) -> float:
-    """Code bits plus the per-group table: lut (b <= 2) 2^b entries, affine (b = 4) a scale and a zero."""
-    tables = (1 << bits) if bits <= 2 else 2
-    return bits + tables * entry_bits / g
-
-
-def issue_rate(clock_ghz: float = CLOCK_GHZ) -> float:
-    """Thread-instructions per second the whole GPU can issue (one warp instruction per scheduler per clock)."""
-    return SMS * SCHEDULERS * clock_ghz * 1e9 * WARP
-
-
-def budget(bits: int, g: int, bandwidth: float, clock_ghz: float = CLOCK_GHZ) -> float:
-    """Instructions per weight that still let the kernel stream at COPY_FRACTION of ``bandwidth``."""
-    return issue_rate(clock_ghz) * bits_per_weight(bits, g) / (8 * COPY_FRACTION * bandwidth)
-
-
-def ceilings(ipw: float, bits: int, g: int, m: int, bandwidth: float, clock_ghz: float = CLOCK_GHZ,
-             shape: Tuple[int, int] = SHAPE, stream_bpw: Optional[float] = None) -> dict:
-    """Issue- and memory-bound times (us) of one call and the speedup ceilings over fp16. stream_bpw: the bits
-    per weight the kernel reads when its repacked layout streams more than the format holds."""
-    n, k = shape
-    io = 2 * m * k + 2 * m * n
-    bw = COPY_FRACTION * bandwidth
-    t_issue = n * k * ipw / issue_rate(clock_ghz)
-    t_mem = (n * k * (stream_bpw or bits_per_weight(bits, g)) / 8 + io) / bw
-    t_fp16 = (2 * n * k + io) / bw
-    return {"t_issue_us": t_issue * 1e6, "t_mem_us": t_mem * 1e6, "t_fp16_us": t_fp16 * 1e6,
-            "ceiling": t_fp16 / max(t_issue, t_mem), "mem_ceiling": t_fp16 / t_mem}
-
-
-def resident_warps(regs: int, block_warps: int = 4, max_warps: int = 64, max_blocks: int = 32) -> int:
-    """Warps per SM allowed by the register file (64K registers, 8-register / 256-per-warp granularity)."""
-    per_warp = -(-max(regs, 1) * WARP // 256) * 256
-    blocks = min(max_blocks, (65536 // per_warp) // block_warps, max_warps // block_warps)
-    return blocks * block_warps
-
-
-def little_need_kib(bandwidth: float, latency_us: float = LATENCY_US) -> float:
-    """Bytes each SM must keep in flight to sustain ``bandwidth`` at ``latency_us`` (Little's law), KiB."""
-    return bandwidth * latency_us * 1e-6 / SMS / 1024
-
-
-# ---- SASS parsing -----------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Instr:
-    addr: int
-    pred: str          # "" or "@P0", "@!UP1", ...
-    op: str            # full opcode with modifiers, e.g. "LDG.E.EF.128"
-    args: str
-
-    @property
-    def base(self) -> str:
-        return self.op.split(".")[0]
-
-    def branch_target(self) -> Optional[int]:
-        if self.base != "BRA":
-            return None
-        m = re.search(r"(0x[0-9a-f]+)\s*$", self.args.strip())
-        return int(m.group(1), 16) if m else None
-
-
-_FUNC = re.compile(r"^\s*Function\s*:\s*(\S+)")
-_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
-
-
-def parse_sass(text: str) -> Dict[str, List[Instr]]:
-    """``cuobjdump -sass`` text -> {function name: instructions in address order}."""
-    funcs: Dict[str, List[Instr]] = {}
-    cur: Optional[List[Instr]] = None
-    for line in text.splitlines():
-        f = _FUNC.match(line)
-        if f:
-            cur = funcs.setdefault(f.group(1), [])
-            continue
-        m = _INSTR.match(line)
-        if m and cur is not None:
-            cur.append(Instr(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4).strip()))
-    return funcs
-
-
-def find_loop(instrs: List[Instr]) -> Optional[Tuple[int, int]]:
-    """Indices (first, last) of the longest backward-branch loop, or None. The branch is the last instruction."""
-    index = {ins.addr: i for i, ins in enumerate(instrs)}
-    best = None
-    for i, ins in enumerate(instrs):
-        t = ins.branch_target()
-        if t is not None and t < ins.addr and t in index:
-            if best is None or i - index[t] > best[1] - best[0]:
-                best = (index[t], i)
-    return best
-
-
-FMA_OPS = ("FFMA", "HFMA2", "HMMA", "IMMA", "HGMMA", "DFMA")
-
-
-def is_weight_load(ins: Instr) -> bool:
-    """Streaming global load (``ld.global.cs`` / ``__ldcs`` -> ``LDG.E.EF``): how the kernels read qweight."""
-    return ins.base == "LDG" and ".EF" in ins.op
-
-
-def load_bytes(ins: Instr) -> int:
-    for w in ("128", "64"):
-        if f".{w}" in ins.op:
-            return int(w) // 8
-    return 2 if (".U16" in ins.op or ".S16" in ins.op) else 1 if (".U8" in ins.op or ".S8" in ins.op) else 4
-
-
-def classify_region(body: List[Instr]) -> str:
-    """What a block jumped over by a forward branch holds: 'prefetch', 'compute', 'reload' or 'other'."""
-    if any(is_weight_load(i) for i in body):
-        return "prefetch"
-    if any(i.base == "FFMA" for i in body) and not any(i.base in ("HMMA", "HGMMA", "IMMA") for i in body):
-        return "epilogue"     # the tensor-core GEMVs' slot-block epilogue (FFMAs into y, no mma)
-    if any(i.base in FMA_OPS for i in body):
-        return "compute"
-    if any(i.base in ("LDG", "LD", "LDS", "LDC") for i in body):
-        return "reload"
-    return "other"
-
-
-def loop_stats(instrs: List[Instr]) -> Optional[dict]:
-    """Counts over the main loop: static total, opcode mix, weight-load bytes, conditional table reloads,
-    inner backward branches; plus local-memory (spill) instructions of the whole function."""
-    loop = find_loop(instrs)
-    local = sum(1 for i in instrs if i.base in ("LDL", "STL"))
-    if loop is None:
-        return None
-    lo, hi = loop
-    body = instrs[lo:hi + 1]
-    index = {ins.addr: i for i, ins in enumerate(instrs)}
-    reload_idx, epi_idx = set(), set()
-    regions = collections.Counter()
-    inner = 0
-    for i in range(lo, hi):
-        t = instrs[i].branch_target()
-        if t is None or t not in index:
-            continue
-        j = index[t]
-        if j <= i:
-            inner += j >= lo
-            continue
-        if j > hi + 1 or not instrs[i].pred:  # leaves the loop, or an unconditional jump (else-branch)
-            continue
-        kind = classify_region(instrs[i + 1:j])
-        regions[kind] += 1
-        if kind == "reload":
-            reload_idx.update(range(i + 1, j))
-        if kind == "epilogue":
-            epi_idx.update(range(i + 1, j))
-    mix = collections.Counter(i.base for i in body)
-    wl = [i for i in body if is_weight_load(i)]
-    return {"static": len(body), "reload": len(reload_idx), "reload_regions": regions["reload"],
-            "epilogue": len(epi_idx), "epilogue_regions": regions["epilogue"],
-            "regions": dict(regions), "weight_loads": len(wl), "weight_bytes": sum(load_bytes(i) for i in wl),
-            "inner_loops": inner, "local_ops": local, "mix": dict(mix.most_common())}
 
 
 # ---- tools ---------------------------------------------------------------------------------------------------------

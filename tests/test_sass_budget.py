@@ -6,17 +6,14 @@ decode configuration (1 bit, fp16, M = 1, VEC = 4, sm_90) is compiled from csrc/
 elsewhere that test is skipped with the reason. The budget itself (``--check``) is not a test: today's kernels are
 over it (benchmarks/results/sass_budget.md).
 """
-import importlib.util
 import os
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("sass_budget", os.path.join(ROOT, "benchmarks", "sass_budget.py"))
-sb = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("sass_budget", sb)    # dataclasses look their module up there
-_spec.loader.exec_module(sb)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))   # the tool's modules import each other by name
+import sass_budget as sb  # noqa: E402
 
 # Two functions. In the first: a forward jump (no loop), the main loop 0x0050..0x0100 (12 instructions) holding a
 # weight prefetch block (two LDG.E.EF.128 = 32 bytes), a conditional table reload block (0x00b0, 0x00c0) and one
