@@ -94,11 +94,10 @@ import hashlib
 import os
 import platform
 import shlex
-import statistics
 import sys
-import time
 from typing import Iterable, List
 
+from bench_eager import eager_us
 from sass_model import (BITS, CLOCK_GHZ, COPY_FRACTION, DTYPES, GPUS, GROUPS, LATENCY_US, MS, SCHEDULERS, SHAPE, SMS,
                         WARP, bits_per_weight, budget, ceilings, issue_rate, little_need_kib, resident_warps)
 # Most of these only for the tests and sass_budget_seg, which reach them through this module:
@@ -106,46 +105,6 @@ from sass_build import (_DT, _TC, PIP_HINT, ROOT, _run, compile_cubin, cuda_rows
                         find_nvcc, gemv_reload_fraction, gemv_weights_per_iter, measure_cubin, parse_ptxas, tc_rows,
                         tool_version, triton_rows)
 from sass_parse import find_loop, is_weight_load, loop_stats, parse_sass  # noqa: F401
-
-
-# ---- thin eager path ----------------------------------------------------------------------------------------------
-def eager_us(calls: int = 3000) -> dict:
-    """Median host time (us) of QuantLinear.forward, 64 x 64, 1 bit, M = 1, CPU: with the reference kernel, the
-    reference kernel alone, and forward / ops.run with the kernel replaced by a stub that returns a preallocated
-    output -- the last two are the host path itself (checks, backend selection, op call), the kernel excluded."""
-    import torch
-    sys.path.insert(0, ROOT)
-    from bivlm_kernels import ops
-    from bivlm_kernels.nn import QuantLinear
-    torch.manual_seed(0)
-    layer = QuantLinear.from_linear(torch.nn.Linear(64, 64), bits=1, group_size=64, dtype=torch.float16)
-    x = torch.randn(1, 64, dtype=torch.float16)
-    seg = layer.segments[0]
-
-    def median(fn):
-        for _ in range(200):
-            fn()
-        ts = []
-        for _ in range(calls):
-            t0 = time.perf_counter_ns()
-            fn()
-            ts.append(time.perf_counter_ns() - t0)
-        return statistics.median(ts) / 1e3
-
-    args = (x, seg.qweight, seg.codebook, 1, 64, layer.bias, None)
-    out = torch.empty(1, 64, dtype=torch.float16)
-    real = ops._KERNELS["lut_linear"]["reference"]
-    with ops.use_backend("reference"), torch.inference_mode():
-        fwd = median(lambda: layer(x))
-        ref = median(lambda: ops.reference_lut_linear(*args))
-        ops._KERNELS["lut_linear"]["reference"] = lambda *a: out
-        try:
-            fwd_stub = median(lambda: layer(x))
-            run_stub = median(lambda: ops.run("lut_linear", *args))
-        finally:
-            ops._KERNELS["lut_linear"]["reference"] = real
-    return {"forward_us": fwd, "kernel_us": ref, "overhead_us": fwd_stub, "run_us": run_stub, "calls": calls,
-            "threads": torch.get_num_threads()}
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------
