@@ -97,14 +97,11 @@ import shlex
 import sys
 from typing import Iterable, List
 
+import sass_seg
 from bench_eager import eager_us
+from sass_build import PIP_HINT, ROOT, _run, cuda_rows, find_cuobjdump, find_nvcc, tool_version, triton_rows
 from sass_model import (BITS, CLOCK_GHZ, COPY_FRACTION, DTYPES, GPUS, GROUPS, LATENCY_US, MS, SCHEDULERS, SHAPE, SMS,
                         WARP, bits_per_weight, budget, ceilings, issue_rate, little_need_kib, resident_warps)
-# Most of these only for the tests and sass_budget_seg, which reach them through this module:
-from sass_build import (_DT, _TC, PIP_HINT, ROOT, _run, compile_cubin, cuda_rows, find_cuobjdump,  # noqa: F401
-                        find_nvcc, gemv_reload_fraction, gemv_weights_per_iter, measure_cubin, parse_ptxas, tc_rows,
-                        tool_version, triton_rows)
-from sass_parse import find_loop, is_weight_load, loop_stats, parse_sass  # noqa: F401
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------
@@ -178,6 +175,28 @@ def summary(rows: List[dict], clock: float, dtype: str = "fp16", g: int = 128) -
     return out
 
 
+def seg_table(rows: List[dict], clock: float) -> List[str]:
+    """Markdown rows of the segmented kernel (sm_90): each loop's instr/w, and their sum against the limit at every
+    salient share f of ``sass_seg``."""
+    head = ["dtype", "M", "g", "1-bit loop", "2-bit loop", "gather"]
+    for f in sass_seg.SHARES:
+        head += [f"instr/w f={f:g}", f"limit f={f:g}", f"ceil H200 f={f:g}"]
+    head += ["regs", "spill"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: (DTYPES.index(r["dtype"]), r["m"], -r["g"])):
+        if r["arch"] != 90:
+            continue
+        cells = [r["dtype"], str(r["m"]), str(r["g"]), _f(r["ipw1"]), _f(r["ipw2"]), _f(r["gather"], ".3f")]
+        for f in sass_seg.SHARES:
+            ipw, lim = sass_seg.combined(r, f, clock)
+            ceil = ceilings(ipw, 1, r["g"], r["m"], GPUS["H200"], clock,
+                            stream_bpw=sass_seg.stream_bpw(f, r["g"]))["ceiling"]
+            cells += [_f(ipw) + (" ✓" if ipw <= lim else " ✗"), _f(lim), _f(ceil, ".1f") + "x"]
+        cells += [str(r["registers"]), f"{r['spill']} B"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def superseded(r: dict, rows: Iterable[dict]) -> bool:
     """A CUDA-core GEMV row whose configuration the dispatcher sends to the tensor-core kernel instead
     (csrc/ops.cpp: gemv_tc_supported -> launch_gemv_tc)."""
@@ -227,7 +246,6 @@ def main(argv=None) -> int:
         if args.check:
             return 2
 
-    import sass_budget_seg   # noqa: E402 (imports this module)
     rows: List[dict] = []
     seg: List[dict] = []
     unmeasured: List[str] = []
@@ -242,7 +260,7 @@ def main(argv=None) -> int:
             rows += r
             unmeasured += [f"sm_{arch} {n}" for n in u]
             try:
-                seg += sass_budget_seg.seg_rows(arch, args.cache_dir, nvcc, cuobjdump)
+                seg += sass_seg.seg_rows(arch, args.cache_dir, nvcc, cuobjdump)
             except RuntimeError as e:
                 print(f"sass_budget: {e}", file=sys.stderr)
                 return 2
@@ -289,8 +307,8 @@ def main(argv=None) -> int:
                   "f = the 2-bit (salient) share of the columns; `instr/w` = (1 - f) x 1-bit loop + f x 2-bit loop + "
                   "gather, each measured in the fused kernel's own SASS; `limit` = 1.1 x ((1 - f) x 1-bit budget + "
                   "f x 2-bit budget); the ceiling counts the streamed bits (1-bit repack, 2-bit repack, the int32 "
-                  "perm). See `benchmarks/sass_budget_seg.py`.", ""]
-        lines += sass_budget_seg.table(seg, clock) + [""]
+                  "perm). See `benchmarks/sass_seg.py`.", ""]
+        lines += seg_table(seg, clock) + [""]
     if not args.no_eager:
         e = eager_us()
         what = "`QuantLinear.forward`, 64x64, 1 bit g64, fp16, M = 1, reference backend"
@@ -305,10 +323,10 @@ def main(argv=None) -> int:
                   "", f"{e['calls']} calls after 200 warm-up, torch threads = {e['threads']}, "
                       f"load average {os.getloadavg()[0]:.1f} (a shared machine: read ±20 %).", ""]
     if unmeasured:
-        lines += ["Kernels in the cubins that no row measures (add them to `benchmarks/sass_budget.py`): "
+        lines += ["Kernels in the cubins that no row measures (add them to `benchmarks/sass_build.py`): "
                   + ", ".join(f"`{u}`" for u in unmeasured), ""]
     lines += [n + "" for n in notes]
-    bad = failures(rows, clock) + sass_budget_seg.failures(seg, clock)
+    bad = failures(rows, clock) + sass_seg.failures(seg, clock)
     lines.append(f"`--check`: {len(bad)} CUDA configuration(s) over budget or spilling." if bad else
                  "`--check`: every CUDA configuration is within budget and spill-free.")
     text = "\n".join(lines) + "\n"
