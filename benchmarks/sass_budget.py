@@ -89,13 +89,14 @@ branch outcome other than the ones modelled above (M < MT within a bucket runs f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import os
 import platform
 import shlex
 import sys
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import sass_seg
 from bench_eager import eager_us
@@ -224,7 +225,23 @@ def failures(rows: Iterable[dict], clock: float) -> List[str]:
 READING = "## Reading"   # a hand-written section of --out that a rerun keeps (everything from this heading on)
 
 
-def main(argv=None) -> int:
+@dataclasses.dataclass
+class Measurement:
+    """What one run measured: the tools, every row (in the report's order) and what it could not measure."""
+    cuobjdump: str
+    nvcc: Optional[str]
+    rows: List[dict]            # CUDA, tensor-core and Triton rows (sass_build)
+    seg: List[dict]             # the segmented kernel's rows (sass_seg)
+    unmeasured: List[str]       # kernels in the cubins that no row measures
+    notes: List[str]
+    eager: Optional[dict]       # bench_eager.eager_us(); None with --no-eager
+
+
+class CannotMeasure(Exception):
+    """A missing tool or a failed compile: the run stops with exit status 2."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="also write the markdown report here")
     ap.add_argument("--check", action="store_true", help="exit 1 if a CUDA decode config is over budget or spills")
@@ -233,18 +250,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-eager", action="store_true", help="skip the QuantLinear.forward host timing")
     ap.add_argument("--clock-ghz", type=float, default=CLOCK_GHZ, help=f"issue clock (default {CLOCK_GHZ})")
     ap.add_argument("--cache-dir", default=os.path.join(ROOT, "build", "sass_budget"))
-    args = ap.parse_args(argv)
-    clock = args.clock_ghz
+    return ap.parse_args(argv)
 
+
+def measure(args: argparse.Namespace) -> Measurement:
+    """Compile and count every kernel the arguments select (and time the thin eager path unless --no-eager)."""
     cuobjdump, nvcc = find_cuobjdump(), find_nvcc()
     if cuobjdump is None:
-        print(f"sass_budget: no cuobjdump found. Install one:\n    {PIP_HINT}", file=sys.stderr)
-        return 2
+        raise CannotMeasure(f"no cuobjdump found. Install one:\n    {PIP_HINT}")
     if nvcc is None:
-        print("sass_budget: no nvcc (set CUDA_HOME or put nvcc on PATH): CUDA kernels are not measured",
-              file=sys.stderr)
+        msg = "no nvcc (set CUDA_HOME or put nvcc on PATH): CUDA kernels are not measured"
         if args.check:
-            return 2
+            raise CannotMeasure(msg)
+        print(f"sass_budget: {msg}", file=sys.stderr)
 
     rows: List[dict] = []
     seg: List[dict] = []
@@ -254,22 +272,29 @@ def main(argv=None) -> int:
         if nvcc:
             try:
                 r, u = cuda_rows(arch, args.cache_dir, nvcc, cuobjdump)
-            except RuntimeError as e:   # e.g. csrc/ in the middle of an edit
-                print(f"sass_budget: {e}", file=sys.stderr)
-                return 2
-            rows += r
-            unmeasured += [f"sm_{arch} {n}" for n in u]
-            try:
+                rows += r
+                unmeasured += [f"sm_{arch} {n}" for n in u]
                 seg += sass_seg.seg_rows(arch, args.cache_dir, nvcc, cuobjdump)
-            except RuntimeError as e:
-                print(f"sass_budget: {e}", file=sys.stderr)
-                return 2
+            except RuntimeError as e:   # e.g. csrc/ in the middle of an edit
+                raise CannotMeasure(str(e)) from e
         if not args.no_triton:
             try:
                 rows += triton_rows(arch, args.cache_dir)
             except ImportError as e:
                 notes.append(f"Triton not measured: {e}")
+    order = {"cuda": 0, "cuda-tc": 1, "triton": 2}
+    rows.sort(key=lambda r: (order[r["path"]], r["bits"], DTYPES.index(r["dtype"]), r["m"], -r["g"]))
+    return Measurement(cuobjdump, nvcc, rows, seg, unmeasured, notes, None if args.no_eager else eager_us())
 
+
+def check(m: Measurement, clock: float) -> List[str]:
+    """The ``--check`` failures: CUDA and segmented-kernel configurations over budget, spilling or without a loop."""
+    return failures(m.rows, clock) + sass_seg.failures(m.seg, clock)
+
+
+def report(m: Measurement, args: argparse.Namespace, bad: List[str], argv=None) -> str:
+    """The markdown report; ``bad`` is ``check``'s list (its count closes the report)."""
+    clock, nvcc, cuobjdump, rows = args.clock_ghz, m.nvcc, m.cuobjdump, m.rows
     lines = [f"# Static SASS budget of the decode kernels ({datetime.date.today().isoformat()})", "",
              f"Command: `python {' '.join(shlex.quote(a) for a in ['benchmarks/sass_budget.py', *sys.argv[1:]])}`"
              if argv is None else "", "",
@@ -294,23 +319,21 @@ def main(argv=None) -> int:
         f"{b}-bit g{g} ({bits_per_weight(b, g):g} bpw): H200 {budget(b, g, GPUS['H200'], clock):.2f}, "
         f"H100 {budget(b, g, GPUS['H100'], clock):.2f}" for b in BITS for g in GROUPS))
     lines.append("")
-    order = {"cuda": 0, "cuda-tc": 1, "triton": 2}
-    rows.sort(key=lambda r: (order[r["path"]], r["bits"], DTYPES.index(r["dtype"]), r["m"], -r["g"]))
     lines += ["## Summary", ""] + summary(rows, clock)
     for arch in args.arch:
         sel = [r for r in rows if r["arch"] == arch]
         if sel:
             lines += [f"## sm_{arch}" + ("" if arch == 90 else " (registers and spills; ceilings are for sm_90)"), ""]
             lines += table(sel, clock, sm90=arch == 90) + [""]
-    if seg:
+    if m.seg:
         lines += ["## The sub-2-bit layout in one launch (`gemv_tc_seg_kernel`, sm_90)", "",
                   "f = the 2-bit (salient) share of the columns; `instr/w` = (1 - f) x 1-bit loop + f x 2-bit loop + "
                   "gather, each measured in the fused kernel's own SASS; `limit` = 1.1 x ((1 - f) x 1-bit budget + "
                   "f x 2-bit budget); the ceiling counts the streamed bits (1-bit repack, 2-bit repack, the int32 "
                   "perm). See `benchmarks/sass_seg.py`.", ""]
-        lines += seg_table(seg, clock) + [""]
-    if not args.no_eager:
-        e = eager_us()
+        lines += seg_table(m.seg, clock) + [""]
+    if m.eager is not None:
+        e = m.eager
         what = "`QuantLinear.forward`, 64x64, 1 bit g64, fp16, M = 1, reference backend"
         lines += ["## Thin eager path (host, CPU)", "",
                   "| what | µs per call (median) |", "|---|---|",
@@ -322,24 +345,38 @@ def main(argv=None) -> int:
                   f"{e['run_us']:.1f} |",
                   "", f"{e['calls']} calls after 200 warm-up, torch threads = {e['threads']}, "
                       f"load average {os.getloadavg()[0]:.1f} (a shared machine: read ±20 %).", ""]
-    if unmeasured:
+    if m.unmeasured:
         lines += ["Kernels in the cubins that no row measures (add them to `benchmarks/sass_build.py`): "
-                  + ", ".join(f"`{u}`" for u in unmeasured), ""]
-    lines += [n + "" for n in notes]
-    bad = failures(rows, clock) + sass_seg.failures(seg, clock)
+                  + ", ".join(f"`{u}`" for u in m.unmeasured), ""]
+    lines += [n + "" for n in m.notes]
     lines.append(f"`--check`: {len(bad)} CUDA configuration(s) over budget or spilling." if bad else
                  "`--check`: every CUDA configuration is within budget and spill-free.")
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def write(text: str, out: Optional[str]) -> None:
+    """Print the report and, with --out, write it there, keeping the hand-written READING section of the old file."""
     print(text)
-    if args.out:
+    if out:
         kept = ""
-        if os.path.isfile(args.out):
-            with open(args.out) as f:
+        if os.path.isfile(out):
+            with open(out) as f:
                 old = f.read()
             if READING in old:
                 kept = "\n" + old[old.index(READING):]
-        with open(args.out, "w") as f:
+        with open(out, "w") as f:
             f.write(text + kept)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        m = measure(args)
+    except CannotMeasure as e:
+        print(f"sass_budget: {e}", file=sys.stderr)
+        return 2
+    bad = check(m, args.clock_ghz)
+    write(report(m, args, bad, argv), args.out)
     if args.check and bad:
         print("\n".join(bad), file=sys.stderr)
         return 1
@@ -378,3 +415,5 @@ def _versions() -> str:
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     sys.exit(main())
+
+
