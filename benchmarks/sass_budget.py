@@ -75,16 +75,24 @@ reference backend, inference mode), median over many calls, with the kernel repl
 preallocated tensor: the checks, backend selection and op call that every call pays (the issue's goal: <= 10 us);
 ``ops.run`` with the stub splits it into the module's part and the op's. (The forward with the real reference
 kernel and the kernel alone are printed too; their difference is not the overhead: the two timings see different
-cache states, which on a loaded machine is more than the overhead itself.)
+cache states, which on a loaded machine is more than the overhead itself.) The timing is
+``bench_eager.eager_us``.
 
 Measuring a new kernel: the CUDA TUs are ``csrc/*_b{1,2,4}.cu``; every kernel in their cubins that no row
 measures is listed at the end of the report. Give a new one a name pattern and a weights-per-iteration formula
-next to ``_GEMV`` / ``gemv_weights_per_iter`` (the streaming-load check then confirms the unrolling; keep loading
-qweight with ``ld.global.cs`` or extend ``is_weight_load``) and pick it per M in ``cuda_rows`` as the dispatcher does.
+next to ``_GEMV`` / ``gemv_weights_per_iter`` in ``sass_build.py`` (the streaming-load check then confirms the
+unrolling; keep loading qweight with ``ld.global.cs`` or extend ``sass_parse.is_weight_load``) and pick it per M in
+``sass_build.cuda_rows`` as the dispatcher does.
 
 What this cannot tell: latency, occupancy effects and load-in-flight stalls (a kernel within budget can still
 miss the roofline), dual issue / pipe contention (all instructions are weighted 1), clocks under load, and any
 branch outcome other than the ones modelled above (M < MT within a bucket runs fewer row blocks).
+
+Files: this one is the command line and the markdown report (measure, check, write); the parts it runs are
+``sass_model.py`` (the machine model: bits per weight, budget, ceilings, occupancy), ``sass_parse.py`` (SASS text
+-> instructions, main loop, loop statistics), ``sass_build.py`` (nvcc / cuobjdump / Triton compiles; the CUDA,
+tensor-core and Triton rows), ``sass_seg.py`` (the segmented kernel's rows) and ``bench_eager.py`` (the thin eager
+path's timing). None of them imports this one.
 """
 from __future__ import annotations
 
