@@ -75,502 +75,42 @@ reference backend, inference mode), median over many calls, with the kernel repl
 preallocated tensor: the checks, backend selection and op call that every call pays (the issue's goal: <= 10 us);
 ``ops.run`` with the stub splits it into the module's part and the op's. (The forward with the real reference
 kernel and the kernel alone are printed too; their difference is not the overhead: the two timings see different
-cache states, which on a loaded machine is more than the overhead itself.)
+cache states, which on a loaded machine is more than the overhead itself.) The timing is
+``bench_eager.eager_us``.
 
 Measuring a new kernel: the CUDA TUs are ``csrc/*_b{1,2,4}.cu``; every kernel in their cubins that no row
 measures is listed at the end of the report. Give a new one a name pattern and a weights-per-iteration formula
-next to ``_GEMV`` / ``gemv_weights_per_iter`` (the streaming-load check then confirms the unrolling; keep loading
-qweight with ``ld.global.cs`` or extend ``is_weight_load``) and pick it per M in ``cuda_rows`` as the dispatcher does.
+next to ``_GEMV`` / ``gemv_weights_per_iter`` in ``sass_build.py`` (the streaming-load check then confirms the
+unrolling; keep loading qweight with ``ld.global.cs`` or extend ``sass_parse.is_weight_load``) and pick it per M in
+``sass_build.cuda_rows`` as the dispatcher does.
 
 What this cannot tell: latency, occupancy effects and load-in-flight stalls (a kernel within budget can still
 miss the roofline), dual issue / pipe contention (all instructions are weighted 1), clocks under load, and any
 branch outcome other than the ones modelled above (M < MT within a bucket runs fewer row blocks).
+
+Files: this one is the command line and the markdown report (measure, check, write); the parts it runs are
+``sass_model.py`` (the machine model: bits per weight, budget, ceilings, occupancy), ``sass_parse.py`` (SASS text
+-> instructions, main loop, loop statistics), ``sass_build.py`` (nvcc / cuobjdump / Triton compiles; the CUDA,
+tensor-core and Triton rows), ``sass_seg.py`` (the segmented kernel's rows) and ``bench_eager.py`` (the thin eager
+path's timing). None of them imports this one.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import datetime
 import hashlib
-import json
 import os
 import platform
-import re
 import shlex
-import shutil
-import statistics
-import subprocess
 import sys
-import time
-from typing import Dict, Iterable, List, Optional, Tuple
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# ---- machine model (the issue's numbers) -----------------------------------------------------------------------
-SMS, SCHEDULERS, WARP = 132, 4, 32
-CLOCK_GHZ = 1.755
-COPY_FRACTION = 0.9
-GPUS = {"H200": 4.8e12, "H100": 3.35e12}      # HBM bandwidth, bytes/s (H100 SXM)
-SHAPE = (28672, 8192)                         # N x K of the ceiling columns
-LATENCY_US = 0.6                              # assumed loaded DRAM latency for Little's law (not measured)
-BITS = (1, 2, 4)
-MS = (1, 2, 4, 8, 16)
-GROUPS = (128, 64)
-DTYPES = ("fp16", "bf16")
-
-NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
-PIP_HINT = "pip install nvidia-cuda-cuobjdump   (or install a CUDA toolkit / triton, whose wheel ships cuobjdump)"
-
-
-def bits_per_weight(bits: int, g: int, entry_bits: int = 16) -> float:
-    """Code bits plus the per-group table: lut (b <= 2) 2^b entries, affine (b = 4) a scale and a zero."""
-    tables = (1 << bits) if bits <= 2 else 2
-    return bits + tables * entry_bits / g
-
-
-def issue_rate(clock_ghz: float = CLOCK_GHZ) -> float:
-    """Thread-instructions per second the whole GPU can issue (one warp instruction per scheduler per clock)."""
-    return SMS * SCHEDULERS * clock_ghz * 1e9 * WARP
-
-
-def budget(bits: int, g: int, bandwidth: float, clock_ghz: float = CLOCK_GHZ) -> float:
-    """Instructions per weight that still let the kernel stream at COPY_FRACTION of ``bandwidth``."""
-    return issue_rate(clock_ghz) * bits_per_weight(bits, g) / (8 * COPY_FRACTION * bandwidth)
-
-
-def ceilings(ipw: float, bits: int, g: int, m: int, bandwidth: float, clock_ghz: float = CLOCK_GHZ,
-             shape: Tuple[int, int] = SHAPE, stream_bpw: Optional[float] = None) -> dict:
-    """Issue- and memory-bound times (us) of one call and the speedup ceilings over fp16. stream_bpw: the bits
-    per weight the kernel reads when its repacked layout streams more than the format holds."""
-    n, k = shape
-    io = 2 * m * k + 2 * m * n
-    bw = COPY_FRACTION * bandwidth
-    t_issue = n * k * ipw / issue_rate(clock_ghz)
-    t_mem = (n * k * (stream_bpw or bits_per_weight(bits, g)) / 8 + io) / bw
-    t_fp16 = (2 * n * k + io) / bw
-    return {"t_issue_us": t_issue * 1e6, "t_mem_us": t_mem * 1e6, "t_fp16_us": t_fp16 * 1e6,
-            "ceiling": t_fp16 / max(t_issue, t_mem), "mem_ceiling": t_fp16 / t_mem}
-
-
-def resident_warps(regs: int, block_warps: int = 4, max_warps: int = 64, max_blocks: int = 32) -> int:
-    """Warps per SM allowed by the register file (64K registers, 8-register / 256-per-warp granularity)."""
-    per_warp = -(-max(regs, 1) * WARP // 256) * 256
-    blocks = min(max_blocks, (65536 // per_warp) // block_warps, max_warps // block_warps)
-    return blocks * block_warps
-
-
-def little_need_kib(bandwidth: float, latency_us: float = LATENCY_US) -> float:
-    """Bytes each SM must keep in flight to sustain ``bandwidth`` at ``latency_us`` (Little's law), KiB."""
-    return bandwidth * latency_us * 1e-6 / SMS / 1024
-
-
-# ---- SASS parsing -----------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Instr:
-    addr: int
-    pred: str          # "" or "@P0", "@!UP1", ...
-    op: str            # full opcode with modifiers, e.g. "LDG.E.EF.128"
-    args: str
-
-    @property
-    def base(self) -> str:
-        return self.op.split(".")[0]
-
-    def branch_target(self) -> Optional[int]:
-        if self.base != "BRA":
-            return None
-        m = re.search(r"(0x[0-9a-f]+)\s*$", self.args.strip())
-        return int(m.group(1), 16) if m else None
-
-
-_FUNC = re.compile(r"^\s*Function\s*:\s*(\S+)")
-_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
-
-
-def parse_sass(text: str) -> Dict[str, List[Instr]]:
-    """``cuobjdump -sass`` text -> {function name: instructions in address order}."""
-    funcs: Dict[str, List[Instr]] = {}
-    cur: Optional[List[Instr]] = None
-    for line in text.splitlines():
-        f = _FUNC.match(line)
-        if f:
-            cur = funcs.setdefault(f.group(1), [])
-            continue
-        m = _INSTR.match(line)
-        if m and cur is not None:
-            cur.append(Instr(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4).strip()))
-    return funcs
-
-
-def find_loop(instrs: List[Instr]) -> Optional[Tuple[int, int]]:
-    """Indices (first, last) of the longest backward-branch loop, or None. The branch is the last instruction."""
-    index = {ins.addr: i for i, ins in enumerate(instrs)}
-    best = None
-    for i, ins in enumerate(instrs):
-        t = ins.branch_target()
-        if t is not None and t < ins.addr and t in index:
-            if best is None or i - index[t] > best[1] - best[0]:
-                best = (index[t], i)
-    return best
-
-
-FMA_OPS = ("FFMA", "HFMA2", "HMMA", "IMMA", "HGMMA", "DFMA")
-
-
-def is_weight_load(ins: Instr) -> bool:
-    """Streaming global load (``ld.global.cs`` / ``__ldcs`` -> ``LDG.E.EF``): how the kernels read qweight."""
-    return ins.base == "LDG" and ".EF" in ins.op
-
-
-def load_bytes(ins: Instr) -> int:
-    for w in ("128", "64"):
-        if f".{w}" in ins.op:
-            return int(w) // 8
-    return 2 if (".U16" in ins.op or ".S16" in ins.op) else 1 if (".U8" in ins.op or ".S8" in ins.op) else 4
-
-
-def classify_region(body: List[Instr]) -> str:
-    """What a block jumped over by a forward branch holds: 'prefetch', 'compute', 'reload' or 'other'."""
-    if any(is_weight_load(i) for i in body):
-        return "prefetch"
-    if any(i.base == "FFMA" for i in body) and not any(i.base in ("HMMA", "HGMMA", "IMMA") for i in body):
-        return "epilogue"     # the tensor-core GEMVs' slot-block epilogue (FFMAs into y, no mma)
-    if any(i.base in FMA_OPS for i in body):
-        return "compute"
-    if any(i.base in ("LDG", "LD", "LDS", "LDC") for i in body):
-        return "reload"
-    return "other"
-
-
-def loop_stats(instrs: List[Instr]) -> Optional[dict]:
-    """Counts over the main loop: static total, opcode mix, weight-load bytes, conditional table reloads,
-    inner backward branches; plus local-memory (spill) instructions of the whole function."""
-    loop = find_loop(instrs)
-    local = sum(1 for i in instrs if i.base in ("LDL", "STL"))
-    if loop is None:
-        return None
-    lo, hi = loop
-    body = instrs[lo:hi + 1]
-    index = {ins.addr: i for i, ins in enumerate(instrs)}
-    reload_idx, epi_idx = set(), set()
-    regions = collections.Counter()
-    inner = 0
-    for i in range(lo, hi):
-        t = instrs[i].branch_target()
-        if t is None or t not in index:
-            continue
-        j = index[t]
-        if j <= i:
-            inner += j >= lo
-            continue
-        if j > hi + 1 or not instrs[i].pred:  # leaves the loop, or an unconditional jump (else-branch)
-            continue
-        kind = classify_region(instrs[i + 1:j])
-        regions[kind] += 1
-        if kind == "reload":
-            reload_idx.update(range(i + 1, j))
-        if kind == "epilogue":
-            epi_idx.update(range(i + 1, j))
-    mix = collections.Counter(i.base for i in body)
-    wl = [i for i in body if is_weight_load(i)]
-    return {"static": len(body), "reload": len(reload_idx), "reload_regions": regions["reload"],
-            "epilogue": len(epi_idx), "epilogue_regions": regions["epilogue"],
-            "regions": dict(regions), "weight_loads": len(wl), "weight_bytes": sum(load_bytes(i) for i in wl),
-            "inner_loops": inner, "local_ops": local, "mix": dict(mix.most_common())}
-
-
-# ---- tools ---------------------------------------------------------------------------------------------------------
-def find_cuobjdump() -> Optional[str]:
-    cands = [shutil.which("cuobjdump")]
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home:
-            cands.append(os.path.join(home, "bin", "cuobjdump"))
-    try:
-        import triton
-        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-    except ImportError:
-        pass
-    try:
-        import nvidia.cuda_cuobjdump as pkg  # pip install nvidia-cuda-cuobjdump
-        cands.append(os.path.join(list(pkg.__path__)[0], "bin", "cuobjdump"))
-    except ImportError:
-        pass
-    return next((c for c in cands if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
-
-
-def find_nvcc() -> Optional[str]:
-    cands = [shutil.which("nvcc")] + [os.path.join(h, "bin", "nvcc") for h in
-                                      (os.environ.get("CUDA_HOME"), "/usr/local/cuda") if h]
-    return next((c for c in cands if c and os.path.isfile(c)), None)
-
-
-def tool_version(path: str) -> str:
-    out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-    return next((line for line in out if "release" in line), out[-1] if out else "?").strip()
-
-
-def _run(cmd: List[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, **kw)
-
-
-# ---- CUDA ------------------------------------------------------------------------------------------------------------
-_GEMV = re.compile(r"gemv_kernelI(6__half|13__nv_bfloat16|f)Li(\d+)ELi(\d+)ELi(\d+)E")
-_DT = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}
-_TC = re.compile(r"gemv_tc_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)ELi(\d+)E")     # <T, BITS, MT, G>
-_TC1 = re.compile(r"gemv_tc_b1_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)E")           # <T, MT, G>
-_TC2 = re.compile(r"gemv_tc_b2_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)E")           # <T, MT, G>
-
-
-def tc_shape(mt: int, bits: int) -> Tuple[int, int, int]:
-    """(n8 tiles, group slots S, m16 tiles per warp R) of the slot-block kernels for bucket MT: 1 bit
-    gemv_tc_b1_kernel (gemv_tc1.cuh Tc1Shape), 4 bits gemv_tc_kernel (gemv_tc.cuh TcShape)."""
-    return (2 if mt > 8 else 1), (1 if mt >= 8 else 8 // mt), (2 if mt > 8 and bits == 4 else 4)
-
-
-def tc_rows(name: str, m, instrs, props, arch: int, fixed_bits: int = 0) -> List[dict]:
-    """One row for a tensor-core instantiation (g is a template argument). Each iteration of its loop decodes the
-    streaming loads' 128 / bits weights per 16 bytes. The 1/4-bit kernel's slot-block epilogue (the forward-branch
-    blocks that read S from shared memory) runs (chunks per iteration) x (256 / bits) / (S g) times per iteration,
-    whatever the number of copies the unrolling made; ``static`` counts every copy once. The 2-bit kernel has no
-    epilogue (executed = static)."""
-    two_bit = fixed_bits == 2
-    if fixed_bits:
-        dt, bits, mt, g = _DT[m.group(1)], fixed_bits, int(m.group(2)), int(m.group(3))
-    else:
-        dt, bits, mt, g = _DT[m.group(1)], int(m.group(2)), int(m.group(3)), int(m.group(4))
-    st = loop_stats(instrs)
-    p = props.get(name, {})
-    nt, slots, r_tiles = tc_shape(mt, bits)
-    if two_bit:
-        r_tiles, slots = 4, 1
-    wpi = st["weight_bytes"] * 8 // bits if st else 0
-    executed = float("nan")
-    if st and wpi:
-        chunk_k = 256 // bits
-        chunks = wpi / (r_tiles * 128 / bits)
-        runs = chunks * chunk_k / (slots * g) if slots * g >= chunk_k else 0.0   # below: unconditional
-        per_copy = st["epilogue"] / st["epilogue_regions"] if st["epilogue_regions"] else 0.0
-        executed = st["static"] - st["epilogue"] + runs * per_copy
-    # The 1-bit repack streams D (fp32) and (c0, c1) per (row, group): 64 table bits, not the format's 32.
-    stream_bpw = 1 + 64 / g if bits == 1 else None
-    return [dict(path="cuda-tc", arch=arch, bits=bits, dtype=dt, m=mt, g=g, vec=4, kernel=name, stream_bpw=stream_bpw,
-                 config=f"tc{bits}<{dt},{mt},{g}> R={r_tiles}" + ("" if two_bit else f" S={slots}"),
-                 weights_per_iter=wpi or float("nan"),
-                 unroll=1, static_ipw=st["static"] / wpi if wpi else float("nan"),
-                 ipw=executed / wpi if wpi else float("nan"), registers=p.get("registers"), stack=p.get("stack", 0),
-                 spill=p.get("spill_stores", 0) + p.get("spill_loads", 0),
-                 local_ops=st["local_ops"] if st else 0, stats=st)]
-
-
-def gemv_weights_per_iter(bits: int, mt: int, vec: int) -> int:
-    """ROWS rows x VEC words x 32/BITS codes per thread per iteration of gemv_kernel's K loop."""
-    rows = 4 if mt <= 2 else 2
-    return rows * vec * 32 // bits
-
-
-def gemv_reload_fraction(bits: int, g: int, vec: int) -> float:
-    """Share of the VEC - 1 conditional table reloads of one chunk that run at group size g."""
-    wpg = g * bits // 32
-    if vec <= 1 or wpg >= vec:
-        return 0.0
-    return (vec // wpg - 1) / (vec - 1)
-
-
-def compile_cubin(src: str, arch: int, cache: str, nvcc: str) -> Tuple[str, str]:
-    """``nvcc -cubin`` of one .cu (including csrc/) for sm_<arch>, cached by the sources, flags and nvcc version;
-    returns (cubin path, ``-Xptxas -v`` log)."""
-    csrc = os.path.join(ROOT, "csrc")
-    cmd = [nvcc, "-cubin", *NVCC_FLAGS, "-I" + csrc, f"-arch=sm_{arch}", "-Xptxas", "-v"]
-    h = hashlib.sha256(" ".join(cmd[1:]).encode() + tool_version(nvcc).encode())
-    with open(src, "rb") as f:
-        h.update(f.read())
-    for name in sorted(os.listdir(csrc)):
-        if name.endswith((".cuh", ".h")):
-            with open(os.path.join(csrc, name), "rb") as f:
-                h.update(name.encode() + f.read())
-    stem = os.path.splitext(os.path.basename(src))[0]
-    base = os.path.join(cache, f"{stem}_sm{arch}_{h.hexdigest()[:16]}")
-    if not os.path.isfile(base + ".cubin"):
-        os.makedirs(cache, exist_ok=True)
-        print(f"  nvcc {os.path.basename(src)} sm_{arch} ...", file=sys.stderr, flush=True)
-        r = _run(["nice", "-n", "10", *cmd, "-o", base + ".cubin.partial", src])
-        if r.returncode != 0:
-            raise RuntimeError(f"nvcc failed on {src} (sm_{arch}):\n{r.stderr[-3000:]}")
-        with open(base + ".ptxas.log", "w") as f:
-            f.write(r.stderr)
-        os.replace(base + ".cubin.partial", base + ".cubin")
-    with open(base + ".ptxas.log") as f:
-        return base + ".cubin", f.read()
-
-
-def parse_ptxas(log: str) -> Dict[str, dict]:
-    """``-Xptxas -v`` -> {function: {registers, stack, spill_stores, spill_loads}}."""
-    out: Dict[str, dict] = {}
-    cur = None
-    for line in log.splitlines():
-        m = re.search(r"Function properties for (\S+)", line) or re.search(r"Compiling entry function '(\S+)'", line)
-        if m:
-            cur = out.setdefault(m.group(1), {})
-            continue
-        if cur is None:
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
-            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            cur["registers"] = int(m.group(1))
-    return out
-
-
-def cuda_sources(bits: int) -> List[str]:
-    """The TUs of one bit width: csrc/gemv_b{bits}.cu and any other csrc/*_b{bits}.cu a later kernel adds."""
-    import glob
-    return sorted(glob.glob(os.path.join(ROOT, "csrc", f"*_b{bits}.cu")))
-
-
-def cuda_rows(arch: int, cache: str, nvcc: str, cuobjdump: str) -> Tuple[List[dict], List[str]]:
-    """One row per (bits, dtype, MT, g) of the VEC = 4 GEMV; plus the names of kernels nobody measures."""
-    rows, unmeasured = [], []
-    for bits in BITS:
-        for src in cuda_sources(bits):
-            cubin, log = compile_cubin(src, arch, cache, nvcc)
-            r, u = measure_cubin(cubin, log, cuobjdump, arch)
-            rows += [x for x in r if x["dtype"] in DTYPES and x["vec"] == 4 and x["m"] in MS]
-            unmeasured += u
-    return rows, sorted(set(unmeasured))
-
-
-def measure_cubin(cubin: str, ptxas_log: str, cuobjdump: str, arch: int) -> Tuple[List[dict], List[str]]:
-    """Rows (one per g in GROUPS) for every gemv_kernel instantiation in a cubin; names of the other kernels."""
-    rows, unmeasured = [], []
-    props = parse_ptxas(ptxas_log)
-    funcs = parse_sass(_run([cuobjdump, "-sass", cubin]).stdout)
-    for name, instrs in sorted(funcs.items()):
-        tc = _TC.search(name)
-        if tc:
-            rows += tc_rows(name, tc, instrs, props, arch)
-            continue
-        tc1 = _TC1.search(name)
-        if tc1:
-            rows += tc_rows(name, tc1, instrs, props, arch, fixed_bits=1)
-            continue
-        tc2 = _TC2.search(name)
-        if tc2:
-            rows += tc_rows(name, tc2, instrs, props, arch, fixed_bits=2)
-            continue
-        m = _GEMV.search(name)
-        if not m:
-            unmeasured.append(name)
-            continue
-        dt, b, mt, vec = _DT[m.group(1)], int(m.group(2)), int(m.group(3)), int(m.group(4))
-        st = loop_stats(instrs)
-        p = props.get(name, {})
-        formula = gemv_weights_per_iter(b, mt, vec)
-        from_sass = st["weight_bytes"] * 8 // b if st else 0
-        wpi = from_sass or formula
-        for g in GROUPS:
-            executed = st["static"] - (1 - gemv_reload_fraction(b, g, vec)) * st["reload"] if st else float("nan")
-            rows.append(dict(path="cuda", arch=arch, bits=b, dtype=dt, m=mt, g=g, vec=vec, kernel=name,
-                             config=f"gemv<{dt},{b},{mt},{vec}> ROWS={4 if mt <= 2 else 2}",
-                             weights_per_iter=wpi, unroll=(from_sass / formula) if formula else 0,
-                             static_ipw=st["static"] / wpi if st else float("nan"),
-                             ipw=executed / wpi, registers=p.get("registers"), stack=p.get("stack", 0),
-                             spill=p.get("spill_stores", 0) + p.get("spill_loads", 0),
-                             local_ops=st["local_ops"] if st else 0, stats=st))
-    return rows, unmeasured
-
-
-# ---- Triton -------------------------------------------------------------------------------------------------------
-def triton_rows(arch: int, cache: str) -> List[dict]:
-    import torch
-    import triton
-    from bivlm_kernels.triton import offline
-    from bivlm_kernels.triton.autotune import default_config
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
-    h = hashlib.sha256(triton.__version__.encode())
-    for name in ("kernels.py", "kernel_tc.py"):
-        with open(os.path.join(ROOT, "bivlm_kernels", "triton", name), "rb") as f:
-            h.update(f.read())
-    src_hash = h.hexdigest()[:16]
-    rows = []
-    n, k = SHAPE
-    for bits in BITS:
-        for dt in DTYPES:
-            for m in MS:
-                for g in GROUPS:
-                    cfg = default_config((bits <= 2, bits, g, dtypes[dt], n, k, m))
-                    if cfg.kernel == "dense":
-                        continue
-                    key = hashlib.sha256(f"{src_hash} {arch} {bits} {dt} {g} {cfg}".encode()).hexdigest()[:16]
-                    path = os.path.join(cache, f"triton_{key}.json")
-                    if os.path.isfile(path):
-                        with open(path) as f:
-                            info = json.load(f)
-                    else:
-                        print(f"  triton {cfg.kernel} bits={bits} {dt} M={m} g={g} sm_{arch} ...", file=sys.stderr,
-                              flush=True)
-                        ck = offline.compile_linear(cfg, bits, dtypes[dt], group_size=g, arch=arch)
-                        info = offline.inspect(ck)
-                        cubin = os.path.join(cache, f"triton_{key}.cubin")
-                        with open(cubin, "wb") as f:
-                            f.write(ck.asm["cubin"])
-                        sass = _run([offline._tool("cuobjdump"), "-sass", cubin]).stdout
-                        fn = next(iter(parse_sass(sass).values()), [])
-                        info["local_ops"] = sum(1 for i in fn if i.base in ("LDL", "STL"))
-                        os.makedirs(cache, exist_ok=True)
-                        with open(path, "w") as f:
-                            json.dump(info, f)
-                    wpi = cfg.block_n * cfg.block_k / (WARP * cfg.num_warps)
-                    ipw = info["loop_instructions"] / wpi
-                    rows.append(dict(path="triton", arch=arch, bits=bits, dtype=dt, m=m, g=g,
-                                     config=f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
-                                            f"s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}",
-                                     weights_per_iter=wpi, unroll=1.0, static_ipw=ipw, ipw=ipw,
-                                     registers=info["registers"], stack=info["stack"], spill=None,
-                                     local_ops=info["local_ops"], stats={"mix": info["loop_mix"]}))
-    return rows
-
-
-# ---- thin eager path ----------------------------------------------------------------------------------------------
-def eager_us(calls: int = 3000) -> dict:
-    """Median host time (us) of QuantLinear.forward, 64 x 64, 1 bit, M = 1, CPU: with the reference kernel, the
-    reference kernel alone, and forward / ops.run with the kernel replaced by a stub that returns a preallocated
-    output -- the last two are the host path itself (checks, backend selection, op call), the kernel excluded."""
-    import torch
-    sys.path.insert(0, ROOT)
-    from bivlm_kernels import ops
-    from bivlm_kernels.nn import QuantLinear
-    torch.manual_seed(0)
-    layer = QuantLinear.from_linear(torch.nn.Linear(64, 64), bits=1, group_size=64, dtype=torch.float16)
-    x = torch.randn(1, 64, dtype=torch.float16)
-    seg = layer.segments[0]
-
-    def median(fn):
-        for _ in range(200):
-            fn()
-        ts = []
-        for _ in range(calls):
-            t0 = time.perf_counter_ns()
-            fn()
-            ts.append(time.perf_counter_ns() - t0)
-        return statistics.median(ts) / 1e3
-
-    args = (x, seg.qweight, seg.codebook, 1, 64, layer.bias, None)
-    out = torch.empty(1, 64, dtype=torch.float16)
-    real = ops._KERNELS["lut_linear"]["reference"]
-    with ops.use_backend("reference"), torch.inference_mode():
-        fwd = median(lambda: layer(x))
-        ref = median(lambda: ops.reference_lut_linear(*args))
-        ops._KERNELS["lut_linear"]["reference"] = lambda *a: out
-        try:
-            fwd_stub = median(lambda: layer(x))
-            run_stub = median(lambda: ops.run("lut_linear", *args))
-        finally:
-            ops._KERNELS["lut_linear"]["reference"] = real
-    return {"forward_us": fwd, "kernel_us": ref, "overhead_us": fwd_stub, "run_us": run_stub, "calls": calls,
-            "threads": torch.get_num_threads()}
+from typing import Iterable, List, Optional
+
+import sass_seg
+from bench_eager import eager_us
+from sass_build import PIP_HINT, ROOT, _run, cuda_rows, find_cuobjdump, find_nvcc, tool_version, triton_rows
+from sass_model import (BITS, CLOCK_GHZ, COPY_FRACTION, DTYPES, GPUS, GROUPS, LATENCY_US, MS, SCHEDULERS, SHAPE, SMS,
+                        WARP, bits_per_weight, budget, ceilings, issue_rate, little_need_kib, resident_warps)
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------
@@ -644,6 +184,28 @@ def summary(rows: List[dict], clock: float, dtype: str = "fp16", g: int = 128) -
     return out
 
 
+def seg_table(rows: List[dict], clock: float) -> List[str]:
+    """Markdown rows of the segmented kernel (sm_90): each loop's instr/w, and their sum against the limit at every
+    salient share f of ``sass_seg``."""
+    head = ["dtype", "M", "g", "1-bit loop", "2-bit loop", "gather"]
+    for f in sass_seg.SHARES:
+        head += [f"instr/w f={f:g}", f"limit f={f:g}", f"ceil H200 f={f:g}"]
+    head += ["regs", "spill"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: (DTYPES.index(r["dtype"]), r["m"], -r["g"])):
+        if r["arch"] != 90:
+            continue
+        cells = [r["dtype"], str(r["m"]), str(r["g"]), _f(r["ipw1"]), _f(r["ipw2"]), _f(r["gather"], ".3f")]
+        for f in sass_seg.SHARES:
+            ipw, lim = sass_seg.combined(r, f, clock)
+            ceil = ceilings(ipw, 1, r["g"], r["m"], GPUS["H200"], clock,
+                            stream_bpw=sass_seg.stream_bpw(f, r["g"]))["ceiling"]
+            cells += [_f(ipw) + (" ✓" if ipw <= lim else " ✗"), _f(lim), _f(ceil, ".1f") + "x"]
+        cells += [str(r["registers"]), f"{r['spill']} B"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def superseded(r: dict, rows: Iterable[dict]) -> bool:
     """A CUDA-core GEMV row whose configuration the dispatcher sends to the tensor-core kernel instead
     (csrc/ops.cpp: gemv_tc_supported -> launch_gemv_tc)."""
@@ -671,7 +233,23 @@ def failures(rows: Iterable[dict], clock: float) -> List[str]:
 READING = "## Reading"   # a hand-written section of --out that a rerun keeps (everything from this heading on)
 
 
-def main(argv=None) -> int:
+@dataclasses.dataclass
+class Measurement:
+    """What one run measured: the tools, every row (in the report's order) and what it could not measure."""
+    cuobjdump: str
+    nvcc: Optional[str]
+    rows: List[dict]            # CUDA, tensor-core and Triton rows (sass_build)
+    seg: List[dict]             # the segmented kernel's rows (sass_seg)
+    unmeasured: List[str]       # kernels in the cubins that no row measures
+    notes: List[str]
+    eager: Optional[dict]       # bench_eager.eager_us(); None with --no-eager
+
+
+class CannotMeasure(Exception):
+    """A missing tool or a failed compile: the run stops with exit status 2."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="also write the markdown report here")
     ap.add_argument("--check", action="store_true", help="exit 1 if a CUDA decode config is over budget or spills")
@@ -680,20 +258,20 @@ def main(argv=None) -> int:
     ap.add_argument("--no-eager", action="store_true", help="skip the QuantLinear.forward host timing")
     ap.add_argument("--clock-ghz", type=float, default=CLOCK_GHZ, help=f"issue clock (default {CLOCK_GHZ})")
     ap.add_argument("--cache-dir", default=os.path.join(ROOT, "build", "sass_budget"))
-    args = ap.parse_args(argv)
-    clock = args.clock_ghz
+    return ap.parse_args(argv)
 
+
+def measure(args: argparse.Namespace) -> Measurement:
+    """Compile and count every kernel the arguments select (and time the thin eager path unless --no-eager)."""
     cuobjdump, nvcc = find_cuobjdump(), find_nvcc()
     if cuobjdump is None:
-        print(f"sass_budget: no cuobjdump found. Install one:\n    {PIP_HINT}", file=sys.stderr)
-        return 2
+        raise CannotMeasure(f"no cuobjdump found. Install one:\n    {PIP_HINT}")
     if nvcc is None:
-        print("sass_budget: no nvcc (set CUDA_HOME or put nvcc on PATH): CUDA kernels are not measured",
-              file=sys.stderr)
+        msg = "no nvcc (set CUDA_HOME or put nvcc on PATH): CUDA kernels are not measured"
         if args.check:
-            return 2
+            raise CannotMeasure(msg)
+        print(f"sass_budget: {msg}", file=sys.stderr)
 
-    import sass_budget_seg   # noqa: E402 (imports this module)
     rows: List[dict] = []
     seg: List[dict] = []
     unmeasured: List[str] = []
@@ -702,22 +280,29 @@ def main(argv=None) -> int:
         if nvcc:
             try:
                 r, u = cuda_rows(arch, args.cache_dir, nvcc, cuobjdump)
+                rows += r
+                unmeasured += [f"sm_{arch} {n}" for n in u]
+                seg += sass_seg.seg_rows(arch, args.cache_dir, nvcc, cuobjdump)
             except RuntimeError as e:   # e.g. csrc/ in the middle of an edit
-                print(f"sass_budget: {e}", file=sys.stderr)
-                return 2
-            rows += r
-            unmeasured += [f"sm_{arch} {n}" for n in u]
-            try:
-                seg += sass_budget_seg.seg_rows(arch, args.cache_dir, nvcc, cuobjdump)
-            except RuntimeError as e:
-                print(f"sass_budget: {e}", file=sys.stderr)
-                return 2
+                raise CannotMeasure(str(e)) from e
         if not args.no_triton:
             try:
                 rows += triton_rows(arch, args.cache_dir)
             except ImportError as e:
                 notes.append(f"Triton not measured: {e}")
+    order = {"cuda": 0, "cuda-tc": 1, "triton": 2}
+    rows.sort(key=lambda r: (order[r["path"]], r["bits"], DTYPES.index(r["dtype"]), r["m"], -r["g"]))
+    return Measurement(cuobjdump, nvcc, rows, seg, unmeasured, notes, None if args.no_eager else eager_us())
 
+
+def check(m: Measurement, clock: float) -> List[str]:
+    """The ``--check`` failures: CUDA and segmented-kernel configurations over budget, spilling or without a loop."""
+    return failures(m.rows, clock) + sass_seg.failures(m.seg, clock)
+
+
+def report(m: Measurement, args: argparse.Namespace, bad: List[str], argv=None) -> str:
+    """The markdown report; ``bad`` is ``check``'s list (its count closes the report)."""
+    clock, nvcc, cuobjdump, rows = args.clock_ghz, m.nvcc, m.cuobjdump, m.rows
     lines = [f"# Static SASS budget of the decode kernels ({datetime.date.today().isoformat()})", "",
              f"Command: `python {' '.join(shlex.quote(a) for a in ['benchmarks/sass_budget.py', *sys.argv[1:]])}`"
              if argv is None else "", "",
@@ -742,23 +327,21 @@ def main(argv=None) -> int:
         f"{b}-bit g{g} ({bits_per_weight(b, g):g} bpw): H200 {budget(b, g, GPUS['H200'], clock):.2f}, "
         f"H100 {budget(b, g, GPUS['H100'], clock):.2f}" for b in BITS for g in GROUPS))
     lines.append("")
-    order = {"cuda": 0, "cuda-tc": 1, "triton": 2}
-    rows.sort(key=lambda r: (order[r["path"]], r["bits"], DTYPES.index(r["dtype"]), r["m"], -r["g"]))
     lines += ["## Summary", ""] + summary(rows, clock)
     for arch in args.arch:
         sel = [r for r in rows if r["arch"] == arch]
         if sel:
             lines += [f"## sm_{arch}" + ("" if arch == 90 else " (registers and spills; ceilings are for sm_90)"), ""]
             lines += table(sel, clock, sm90=arch == 90) + [""]
-    if seg:
+    if m.seg:
         lines += ["## The sub-2-bit layout in one launch (`gemv_tc_seg_kernel`, sm_90)", "",
                   "f = the 2-bit (salient) share of the columns; `instr/w` = (1 - f) x 1-bit loop + f x 2-bit loop + "
                   "gather, each measured in the fused kernel's own SASS; `limit` = 1.1 x ((1 - f) x 1-bit budget + "
                   "f x 2-bit budget); the ceiling counts the streamed bits (1-bit repack, 2-bit repack, the int32 "
-                  "perm). See `benchmarks/sass_budget_seg.py`.", ""]
-        lines += sass_budget_seg.table(seg, clock) + [""]
-    if not args.no_eager:
-        e = eager_us()
+                  "perm). See `benchmarks/sass_seg.py`.", ""]
+        lines += seg_table(m.seg, clock) + [""]
+    if m.eager is not None:
+        e = m.eager
         what = "`QuantLinear.forward`, 64x64, 1 bit g64, fp16, M = 1, reference backend"
         lines += ["## Thin eager path (host, CPU)", "",
                   "| what | µs per call (median) |", "|---|---|",
@@ -770,24 +353,38 @@ def main(argv=None) -> int:
                   f"{e['run_us']:.1f} |",
                   "", f"{e['calls']} calls after 200 warm-up, torch threads = {e['threads']}, "
                       f"load average {os.getloadavg()[0]:.1f} (a shared machine: read ±20 %).", ""]
-    if unmeasured:
-        lines += ["Kernels in the cubins that no row measures (add them to `benchmarks/sass_budget.py`): "
-                  + ", ".join(f"`{u}`" for u in unmeasured), ""]
-    lines += [n + "" for n in notes]
-    bad = failures(rows, clock) + sass_budget_seg.failures(seg, clock)
+    if m.unmeasured:
+        lines += ["Kernels in the cubins that no row measures (add them to `benchmarks/sass_build.py`): "
+                  + ", ".join(f"`{u}`" for u in m.unmeasured), ""]
+    lines += [n + "" for n in m.notes]
     lines.append(f"`--check`: {len(bad)} CUDA configuration(s) over budget or spilling." if bad else
                  "`--check`: every CUDA configuration is within budget and spill-free.")
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def write(text: str, out: Optional[str]) -> None:
+    """Print the report and, with --out, write it there, keeping the hand-written READING section of the old file."""
     print(text)
-    if args.out:
+    if out:
         kept = ""
-        if os.path.isfile(args.out):
-            with open(args.out) as f:
+        if os.path.isfile(out):
+            with open(out) as f:
                 old = f.read()
             if READING in old:
                 kept = "\n" + old[old.index(READING):]
-        with open(args.out, "w") as f:
+        with open(out, "w") as f:
             f.write(text + kept)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        m = measure(args)
+    except CannotMeasure as e:
+        print(f"sass_budget: {e}", file=sys.stderr)
+        return 2
+    bad = check(m, args.clock_ghz)
+    write(report(m, args, bad, argv), args.out)
     if args.check and bad:
         print("\n".join(bad), file=sys.stderr)
         return 1
@@ -826,3 +423,5 @@ def _versions() -> str:
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     sys.exit(main())
+
+

@@ -1,4 +1,5 @@
-"""Tests of the static SASS budget tool ``benchmarks/sass_budget.py``.
+"""Tests of the static SASS budget tool ``benchmarks/sass_budget.py`` and the modules it is made of
+(``sass_model``, ``sass_parse``, ``sass_build``, ``sass_seg`` in benchmarks/).
 
 The parser, loop finder and counter run on a small synthetic ``cuobjdump -sass`` listing whose loop and blocks
 are known (so a broken loop finder or counter fails here). Where nvcc and cuobjdump are present, one real
@@ -6,17 +7,18 @@ decode configuration (1 bit, fp16, M = 1, VEC = 4, sm_90) is compiled from csrc/
 elsewhere that test is skipped with the reason. The budget itself (``--check``) is not a test: today's kernels are
 over it (benchmarks/results/sass_budget.md).
 """
-import importlib.util
 import os
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("sass_budget", os.path.join(ROOT, "benchmarks", "sass_budget.py"))
-sb = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("sass_budget", sb)    # dataclasses look their module up there
-_spec.loader.exec_module(sb)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))   # the tool's modules import each other by name
+import sass_budget as sb  # noqa: E402  (the report: which rows --check skips)
+import sass_build as build  # noqa: E402
+import sass_model as model  # noqa: E402
+import sass_parse as parse  # noqa: E402
+import sass_seg as ss  # noqa: E402
 
 # Two functions. In the first: a forward jump (no loop), the main loop 0x0050..0x0100 (12 instructions) holding a
 # weight prefetch block (two LDG.E.EF.128 = 32 bytes), a conditional table reload block (0x00b0, 0x00c0) and one
@@ -59,17 +61,17 @@ GEMV = "_ZN5bivlm6detail11gemv_kernelI6__halfLi1ELi1ELi4EEEvNS0_10GemvParamsIT_E
 
 
 def test_parse_and_find_loop():
-    funcs = sb.parse_sass(SASS)
+    funcs = parse.parse_sass(SASS)
     assert list(funcs) == [GEMV, "other_kernel"]
     ins = funcs[GEMV]
     assert len(ins) == 21 and ins[0].op == "LDC" and ins[6].pred == "@P1" and ins[7].op == "LDG.E.EF.128"
-    lo, hi = sb.find_loop(ins)
+    lo, hi = parse.find_loop(ins)
     assert (ins[lo].addr, ins[hi].addr) == (0x50, 0x100)      # the longest backward branch, not 0x110 or 0x140
-    assert sb.find_loop(funcs["other_kernel"]) is None
+    assert parse.find_loop(funcs["other_kernel"]) is None
 
 
 def test_loop_stats():
-    st = sb.loop_stats(sb.parse_sass(SASS)[GEMV])
+    st = parse.loop_stats(parse.parse_sass(SASS)[GEMV])
     assert st["static"] == 12
     assert st["weight_loads"] == 2 and st["weight_bytes"] == 32
     assert st["regions"] == {"prefetch": 1, "reload": 1}
@@ -80,26 +82,26 @@ def test_loop_stats():
 
 
 def test_budget_derivation():
-    assert [sb.bits_per_weight(b, 128) for b in (1, 2, 4)] == [1.25, 2.5, 4.25]
-    assert [sb.bits_per_weight(b, 64) for b in (1, 2, 4)] == [1.5, 3.0, 4.5]
-    h200, h100 = sb.GPUS["H200"], sb.GPUS["H100"]
+    assert [model.bits_per_weight(b, 128) for b in (1, 2, 4)] == [1.25, 2.5, 4.25]
+    assert [model.bits_per_weight(b, 64) for b in (1, 2, 4)] == [1.5, 3.0, 4.5]
+    h200, h100 = model.GPUS["H200"], model.GPUS["H100"]
     # The issue's "about 1.2 / 2.4 / 4.0 (H200), 1.7 / 3.4 / 5.8 (H100)" is this formula at 1.98 GHz.
     for bits, want200, want100 in ((1, 1.2, 1.7), (2, 2.4, 3.4), (4, 4.0, 5.8)):
-        assert sb.budget(bits, 128, h200, 1.98) == pytest.approx(want200, rel=0.04)
-        assert sb.budget(bits, 128, h100, 1.98) == pytest.approx(want100, rel=0.04)
+        assert model.budget(bits, 128, h200, 1.98) == pytest.approx(want200, rel=0.04)
+        assert model.budget(bits, 128, h100, 1.98) == pytest.approx(want100, rel=0.04)
     # At the default clock the budget scales with it; and a kernel at its budget is memory-bound at 90 %.
-    assert sb.budget(1, 128, h200) == pytest.approx(1.2 * sb.CLOCK_GHZ / 1.98, rel=0.02)
-    c = sb.ceilings(sb.budget(1, 128, h200), 1, 128, 1, h200)
+    assert model.budget(1, 128, h200) == pytest.approx(1.2 * model.CLOCK_GHZ / 1.98, rel=0.02)
+    c = model.ceilings(model.budget(1, 128, h200), 1, 128, 1, h200)
     assert c["t_issue_us"] == pytest.approx(c["t_mem_us"], rel=0.01)
     assert c["ceiling"] == pytest.approx(16 / 1.25, rel=0.01)
-    assert sb.ceilings(3.15, 1, 128, 1, h200)["ceiling"] == pytest.approx(4.4, abs=0.1)   # the issue's figure
+    assert model.ceilings(3.15, 1, 128, 1, h200)["ceiling"] == pytest.approx(4.4, abs=0.1)   # the issue's figure
 
 
 def test_gemv_model():
-    assert [sb.gemv_weights_per_iter(b, mt, 4) for b, mt in ((1, 1), (2, 2), (4, 1), (1, 4), (4, 16))] == \
+    assert [build.gemv_weights_per_iter(b, mt, 4) for b, mt in ((1, 1), (2, 2), (4, 1), (1, 4), (4, 16))] == \
         [512, 256, 128, 256, 64]
-    assert sb.gemv_reload_fraction(1, 64, 4) == pytest.approx(1 / 3)
-    assert sb.gemv_reload_fraction(1, 128, 4) == 0 and sb.gemv_reload_fraction(2, 64, 4) == 0
+    assert build.gemv_reload_fraction(1, 64, 4) == pytest.approx(1 / 3)
+    assert build.gemv_reload_fraction(1, 128, 4) == 0 and build.gemv_reload_fraction(2, 64, 4) == 0
 
 
 def test_ptxas_log():
@@ -107,14 +109,14 @@ def test_ptxas_log():
            "ptxas info    : Function properties for _Zk\n"
            "    8 bytes stack frame, 16 bytes spill stores, 12 bytes spill loads\n"
            "ptxas info    : Used 128 registers, used 0 barriers, 8 bytes cumulative stack size\n")
-    assert sb.parse_ptxas(log) == {"_Zk": {"stack": 8, "spill_stores": 16, "spill_loads": 12, "registers": 128}}
+    assert build.parse_ptxas(log) == {"_Zk": {"stack": 8, "spill_stores": 16, "spill_loads": 12, "registers": 128}}
 
 
 def _tools_reason():
-    if sb.find_nvcc() is None:
+    if build.find_nvcc() is None:
         return "needs nvcc (CUDA toolkit) to compile csrc/ for sm_90"
-    if sb.find_cuobjdump() is None:
-        return f"needs cuobjdump: {sb.PIP_HINT}"
+    if build.find_cuobjdump() is None:
+        return f"needs cuobjdump: {build.PIP_HINT}"
     return None
 
 
@@ -124,14 +126,14 @@ def test_real_config_compiles(tmp_path):
     src = tmp_path / "one.cu"
     src.write_text('#include "gemv.cuh"\ntemplate __global__ void bivlm::detail::gemv_kernel<__half, 1, 1, 4>('
                    'const bivlm::detail::GemvParams<__half>);\n')
-    cubin, log = sb.compile_cubin(str(src), 90, str(tmp_path / "cache"), sb.find_nvcc())
-    rows, other = sb.measure_cubin(cubin, log, sb.find_cuobjdump(), 90)
+    cubin, log = build.compile_cubin(str(src), 90, str(tmp_path / "cache"), build.find_nvcc())
+    rows, other = build.measure_cubin(cubin, log, build.find_cuobjdump(), 90)
     assert other == [] and [(r["bits"], r["dtype"], r["m"], r["g"]) for r in rows] == [(1, "fp16", 1, 128),
                                                                                          (1, "fp16", 1, 64)]
     r = rows[0]
     assert r["stats"] is not None, "no main loop found"
     assert r["stats"]["weight_loads"] > 0 and r["unroll"] == 1, r["stats"]
-    assert r["weights_per_iter"] == sb.gemv_weights_per_iter(1, 1, 4)
+    assert r["weights_per_iter"] == build.gemv_weights_per_iter(1, 1, 4)
     # Plausible: one FFMA per weight bounds it from below for a CUDA-core kernel (a tensor-core one may go lower);
     # the issue measured 3.15 for this kernel.
     assert 0.2 < r["ipw"] <= r["static_ipw"] < 10, r
@@ -161,11 +163,11 @@ TC_SASS = """
 
 
 def test_tensor_core_row_models_the_epilogue_frequency():
-    funcs = sb.parse_sass(TC_SASS)
+    funcs = parse.parse_sass(TC_SASS)
     (name, instrs), = funcs.items()
-    st = sb.loop_stats(instrs)
+    st = parse.loop_stats(instrs)
     assert st["static"] == 12 and st["epilogue"] == 4 and st["epilogue_regions"] == 1
-    (row,) = sb.tc_rows(name, sb._TC.search(name), instrs, {}, 90)
+    (row,) = build.tc_rows(name, build._TC.search(name), instrs, {}, 90)
     assert (row["bits"], row["m"], row["g"], row["path"]) == (1, 1, 128, "cuda-tc")
     assert row["weights_per_iter"] == 128
     assert row["ipw"] == pytest.approx((12 - 4 + 4 / 16) / 128)
@@ -174,7 +176,7 @@ def test_tensor_core_row_models_the_epilogue_frequency():
     assert sb.superseded(cuda, [row, cuda]) and not sb.superseded(row, [row, cuda])
 
 
-# The segmented kernel (benchmarks/sass_budget_seg.py): a gather loop (2-byte x loads, one 16-byte perm load, a
+# The segmented kernel (benchmarks/sass_seg.py): a gather loop (2-byte x loads, one 16-byte perm load, a
 # shared store), a 2-bit body loop (streaming load, PRMT-heavy) and a 1-bit body loop (streaming load, LOP3-heavy).
 def _seg_sass():
     def loop(start, body):
@@ -193,20 +195,19 @@ def _seg_sass():
 
 
 def test_segmented_row_and_limit():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import sass_budget_seg as ss
     name, text = _seg_sass()
-    (fname, instrs), = sb.parse_sass(text).items()
+    (fname, instrs), = parse.parse_sass(text).items()
     r = ss.seg_row(fname, ss._SEG.search(fname), instrs, {}, 90)
     assert (r["dtype"], r["m"], r["g"]) == ("fp16", 1, 128)
     assert r["gather"] == pytest.approx(9 / 4 / ss.ROWS_PER_BLOCK)   # 9 instructions per 4 columns, 512 rows
     assert r["ipw2"] == pytest.approx(16 / 64) and r["ipw1"] == pytest.approx(26 / 128)
     f = 1 / 16
-    ipw, lim = ss.combined(r, f, sb.CLOCK_GHZ)
+    ipw, lim = ss.combined(r, f, model.CLOCK_GHZ)
     assert ipw == pytest.approx((1 - f) * 26 / 128 + f * 16 / 64 + 9 / 4 / 512)
-    assert lim == pytest.approx(1.1 * ((1 - f) * sb.budget(1, 128, sb.GPUS["H200"]) + f * sb.budget(2, 128, sb.GPUS["H200"])))
-    assert ss.failures([r], sb.CLOCK_GHZ) == []
-    assert ss.failures([dict(r, gather=lim)], sb.CLOCK_GHZ)            # over the limit: reported
-    assert ss.failures([dict(r, ipw2=float("nan"))], sb.CLOCK_GHZ)     # a loop not found: reported
-    assert ss.failures([dict(r, spill=8)], sb.CLOCK_GHZ)               # spills: reported
+    h200 = model.GPUS["H200"]
+    assert lim == pytest.approx(1.1 * ((1 - f) * model.budget(1, 128, h200) + f * model.budget(2, 128, h200)))
+    assert ss.failures([r], model.CLOCK_GHZ) == []
+    assert ss.failures([dict(r, gather=lim)], model.CLOCK_GHZ)            # over the limit: reported
+    assert ss.failures([dict(r, ipw2=float("nan"))], model.CLOCK_GHZ)     # a loop not found: reported
+    assert ss.failures([dict(r, spill=8)], model.CLOCK_GHZ)               # spills: reported
     assert ss.stream_bpw(f, 128, 28672) == pytest.approx((1 - f) * 1.5 + f * 2.5 + 32 / 28672)

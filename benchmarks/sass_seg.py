@@ -1,5 +1,8 @@
 """Static SASS budget of the segmented kernel (``csrc/gemv_tc_seg.cuh``: the sub-2-bit layout in one launch), for
-``benchmarks/sass_budget.py``.
+``benchmarks/sass_budget.py``: its rows, their limit at a salient share f, and the ``--check`` failures.
+
+A module of its own because the fused kernel is not measured as one loop: each of its loops is found and counted
+separately (with ``sass_parse`` and the tensor-core rows of ``sass_build``) and combined by the share f.
 
 The kernel has three kinds of loop, found in each instantiation's SASS by content:
 
@@ -7,7 +10,8 @@ The kernel has three kinds of loop, found in each instantiation's SASS by conten
   (``LDG.E.128``) for MT rows; its cost per weight is the loop's instructions per column over the 512 rows of a
   block (the largest of the gather loops: the unrolled one and its remainder, of both slices; static: the
   identity-perm branch counts too);
-* the 2-bit body's main loop (streaming weight loads, more PRMT than LOP3): as the 2-bit rows of sass_budget;
+* the 2-bit body's main loop (streaming weight loads, more PRMT than LOP3): as the 2-bit tensor-core rows
+  (``sass_build.tc_rows``);
 * the 1-bit body's main loop (streaming weight loads, more LOP3 than PRMT): as the 1-bit rows (slot-block
   epilogues counted as they execute).
 
@@ -26,7 +30,9 @@ import os
 import re
 from typing import List, Tuple
 
-import sass_budget as sb
+from sass_build import _DT, ROOT, _run, compile_cubin, parse_ptxas, tc_rows
+from sass_model import GPUS, SHAPE, budget
+from sass_parse import is_weight_load, parse_sass
 
 SHARES = (1 / 16, 1 / 8)
 ROWS_PER_BLOCK = 512          # csrc/bivlm_kernels.h kTcSegThreads / 32 warps x 4 m16 tiles x 16 rows
@@ -42,7 +48,7 @@ def _loops(instrs):
 
 
 def seg_row(name, m, instrs, props, arch) -> dict:
-    dt, mt, g = sb._DT[m.group(1)], int(m.group(2)), int(m.group(3))
+    dt, mt, g = _DT[m.group(1)], int(m.group(2)), int(m.group(3))
     gather, body = [], {}
     for lo, hi in _loops(instrs):
         span = instrs[lo:hi + 1]
@@ -51,13 +57,13 @@ def seg_row(name, m, instrs, props, arch) -> dict:
             perm_loads = sum(1 for i in span if i.base == "LDG" and ".128" in i.op)
             if perm_loads:
                 gather.append(len(span) / (4 * perm_loads))
-        elif any(sb.is_weight_load(i) for i in span):
+        elif any(is_weight_load(i) for i in span):
             kind = 2 if mix["PRMT"] > mix["LOP3"] else 1
             if kind not in body or hi - lo > body[kind][1] - body[kind][0]:
                 body[kind] = (lo, hi)
     ipw = {}
     for bits, (lo, hi) in body.items():   # that loop alone, measured as the plain kernels' rows are (m: <T, MT, G>)
-        ipw[bits] = sb.tc_rows(name, m, instrs[lo:hi + 1], props, arch, fixed_bits=bits)[0]["ipw"]
+        ipw[bits] = tc_rows(name, m, instrs[lo:hi + 1], props, arch, fixed_bits=bits)[0]["ipw"]
     p = props.get(name, {})
     return dict(arch=arch, dtype=dt, m=mt, g=g, kernel=name, ipw1=ipw.get(1, float("nan")),
                 ipw2=ipw.get(2, float("nan")), gather=max(gather) / ROWS_PER_BLOCK if gather else float("nan"),
@@ -66,10 +72,10 @@ def seg_row(name, m, instrs, props, arch) -> dict:
 
 
 def seg_rows(arch: int, cache: str, nvcc: str, cuobjdump: str) -> List[dict]:
-    cubin, log = sb.compile_cubin(os.path.join(sb.ROOT, "csrc", "gemv_tc_seg.cu"), arch, cache, nvcc)
-    props = sb.parse_ptxas(log)
+    cubin, log = compile_cubin(os.path.join(ROOT, "csrc", "gemv_tc_seg.cu"), arch, cache, nvcc)
+    props = parse_ptxas(log)
     rows = []
-    for name, instrs in sorted(sb.parse_sass(sb._run([cuobjdump, "-sass", cubin]).stdout).items()):
+    for name, instrs in sorted(parse_sass(_run([cuobjdump, "-sass", cubin]).stdout).items()):
         m = _SEG.search(name)
         if m:
             rows.append(seg_row(name, m, instrs, props, arch))
@@ -79,32 +85,12 @@ def seg_rows(arch: int, cache: str, nvcc: str, cuobjdump: str) -> List[dict]:
 def combined(r: dict, f: float, clock: float) -> Tuple[float, float]:
     """(instr/w, limit) at salient share f."""
     ipw = (1 - f) * r["ipw1"] + f * r["ipw2"] + r["gather"]
-    lim = 1.1 * ((1 - f) * sb.budget(1, r["g"], sb.GPUS["H200"], clock) + f * sb.budget(2, r["g"], sb.GPUS["H200"], clock))
+    lim = 1.1 * ((1 - f) * budget(1, r["g"], GPUS["H200"], clock) + f * budget(2, r["g"], GPUS["H200"], clock))
     return ipw, lim
 
 
-def stream_bpw(f: float, g: int, n: int = sb.SHAPE[0]) -> float:
+def stream_bpw(f: float, g: int, n: int = SHAPE[0]) -> float:
     return (1 - f) * (1 + 64 / g) + f * (2 + 64 / g) + 32 / n
-
-
-def table(rows: List[dict], clock: float) -> List[str]:
-    head = ["dtype", "M", "g", "1-bit loop", "2-bit loop", "gather"]
-    for f in SHARES:
-        head += [f"instr/w f={f:g}", f"limit f={f:g}", f"ceil H200 f={f:g}"]
-    head += ["regs", "spill"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sorted(rows, key=lambda r: (sb.DTYPES.index(r["dtype"]), r["m"], -r["g"])):
-        if r["arch"] != 90:
-            continue
-        cells = [r["dtype"], str(r["m"]), str(r["g"]), sb._f(r["ipw1"]), sb._f(r["ipw2"]), sb._f(r["gather"], ".3f")]
-        for f in SHARES:
-            ipw, lim = combined(r, f, clock)
-            ceil = sb.ceilings(ipw, 1, r["g"], r["m"], sb.GPUS["H200"], clock,
-                               stream_bpw=stream_bpw(f, r["g"]))["ceiling"]
-            cells += [sb._f(ipw) + (" ✓" if ipw <= lim else " ✗"), sb._f(lim), sb._f(ceil, ".1f") + "x"]
-        cells += [str(r["registers"]), f"{r['spill']} B"]
-        out.append("| " + " | ".join(cells) + " |")
-    return out
 
 
 def failures(rows: List[dict], clock: float) -> List[str]:
