@@ -21,6 +21,7 @@ def eager_us(calls: int = 3000) -> dict:
     import torch
     sys.path.insert(0, ROOT)
     from bivlm_kernels import ops
+    from bivlm_kernels.backends import reference as ref_ops
     from bivlm_kernels.nn import QuantLinear
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(torch.nn.Linear(64, 64), bits=1, group_size=64, dtype=torch.float16)
@@ -42,7 +43,7 @@ def eager_us(calls: int = 3000) -> dict:
     real = ops._KERNELS["lut_linear"]["reference"]
     with ops.use_backend("reference"), torch.inference_mode():
         fwd = median(lambda: layer(x))
-        ref = median(lambda: ops.reference_lut_linear(*args))
+        ref = median(lambda: ref_ops.lut_linear(*args))
         ops._KERNELS["lut_linear"]["reference"] = lambda *a: out
         try:
             fwd_stub = median(lambda: layer(x))

@@ -20,7 +20,7 @@ What is compiled
   argument of that kernel, so g = 64 and g = 128 run the same code; they differ in bits per weight (the budget)
   and in how many table reloads execute (below). Cubins and ptxas logs are cached under ``--cache-dir`` (default
   ``build/sass_budget``), keyed by the sources, flags and nvcc version.
-* Triton: ``bivlm_kernels.triton.offline.compile_linear`` (``triton.compile`` with a ``GPUTarget``) of the config
+* Triton: ``bivlm_kernels.backends.triton.offline.compile_linear`` (``triton.compile`` with a ``GPUTarget``) of the config
   ``autotune.default_config`` picks at N = 28672, K = 8192 (decode kernel for M <= 2, dot kernel above), for
   g in {64, 128} (GROUP is a constexpr there), and ``offline.inspect`` for registers, stack and the loop count.
 
@@ -346,7 +346,7 @@ def report(m: Measurement, args: argparse.Namespace, bad: List[str], argv=None) 
         lines += ["## Thin eager path (host, CPU)", "",
                   "| what | µs per call (median) |", "|---|---|",
                   f"| {what} | {e['forward_us']:.1f} |",
-                  f"| the reference kernel alone (`ops.reference_lut_linear`, same tensors) | {e['kernel_us']:.1f} |",
+                  f"| the reference kernel alone (`backends.reference.lut_linear`, same tensors) | {e['kernel_us']:.1f} |",
                   f"| **forward with the kernel stubbed out** (returns a preallocated tensor): the host path "
                   f"(goal ≤ 10) | {e['overhead_us']:.1f} |",
                   f"| `ops.run(\"lut_linear\", ...)` with the stub: argument checks + backend selection + call | "

@@ -231,8 +231,8 @@ def measure_cubin(cubin: str, ptxas_log: str, cuobjdump: str, arch: int) -> Tupl
 def triton_rows(arch: int, cache: str) -> List[dict]:
     import torch
     import triton
-    from bivlm_kernels.triton import offline
-    from bivlm_kernels.triton.autotune import default_config
+    from bivlm_kernels.backends.triton import offline
+    from bivlm_kernels.backends.triton.autotune import default_config
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
     h = hashlib.sha256(triton.__version__.encode())
     for name in ("kernels.py", "kernel_tc.py"):
