@@ -406,7 +406,7 @@ def _source_state() -> str:
                         h.update(name.encode() + f.read())
     dirty = git("status", "--porcelain", "--", *paths)
     return (f"Sources: commit {git('rev-parse', '--short', 'HEAD')}"
-            + (" with uncommitted edits to csrc/ or bivlm_kernels/triton/" if dirty else "")
+            + (" with uncommitted edits to csrc/ or bivlm_kernels/backends/triton/" if dirty else "")
             + f" (sha256 of those sources {h.hexdigest()[:12]}).")
 
 

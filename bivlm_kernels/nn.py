@@ -8,7 +8,7 @@ Buffers (all in ``state_dict``; float ones follow ``.half()`` / ``.to(dtype)``, 
     segments.{i}.scales       float [N, Ks/g]                affine segments (b = 4)
     segments.{i}.zeros        float [N, Ks/g]
     segments.{i}.qtable       int32 [N, W]         compressed tables (format v2, table_bits > 0) instead of the
-    segments.{i}.tgrid        float [N, 2]         three above: see bivlm_kernels.tables
+    segments.{i}.tgrid        float [N, 2]         three above: see bivlm_kernels.formats.tables
     bias                      float [N]            optional
 
 A compressed segment's float tables are expanded on the first call and cached while its buffers are unchanged

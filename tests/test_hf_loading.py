@@ -1,5 +1,5 @@
 """bivlm checkpoints load where users load models: ``AutoModel*.from_pretrained`` through the registered
-``bivlm`` quantizer (bivlm_kernels/hf_quantizer.py)."""
+``bivlm`` quantizer (bivlm_kernels/integrations/hf_quantizer.py)."""
 import json
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""Format version 2: compressed per-group tables (bivlm_kernels.tables), g = 16, and version-1 files unchanged."""
+"""Format version 2: compressed per-group tables (bivlm_kernels.formats.tables), g = 16, and version-1 files unchanged."""
 import os
 
 import pytest

@@ -1,4 +1,4 @@
-"""The vLLM plugin (bivlm_kernels/vllm_plugin.py) on real vLLM layers, on the CPU.
+"""The vLLM plugin (bivlm_kernels/integrations/vllm_plugin.py) on real vLLM layers, on the CPU.
 
 vLLM is not installed in CI (a multi-GB GPU build): these tests skip there. Run them in a vLLM environment:
 ``python -m venv v && v/bin/pip install vllm pytest && PYTHONPATH=. v/bin/python -m pytest tests/test_vllm_plugin.py``

@@ -8,7 +8,7 @@ Two kernel families sit behind each linear op (``csrc/cpu/README.md``):
 
 * the table-lookup kernels (``tmac_linear``, T-MAC style in exact fp32) for M up to ``tmac_max_m[bits]``: they
   read a row-interleaved repack of the codes, built from the layer's packed buffers on its first call and kept in
-  :mod:`bivlm_kernels.repack_cache` (valid while the buffers are unchanged; inference tensors, which the cache
+  :mod:`bivlm_kernels.backends.repack_cache` (valid while the buffers are unchanged; inference tensors, which the cache
   cannot track, are not repacked and take the other family);
 * the direct kernels (``lut_linear`` / ``affine_linear`` / ``segmented_lut_linear`` of ``_C_cpu``: decode GEMV on
   the neutral layout, dequantized tiles + ``at::mm`` for large M) for everything else.

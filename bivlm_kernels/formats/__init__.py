@@ -3,7 +3,7 @@
 Version 2 adds two things and changes nothing of version 1 (a version-1 file loads unchanged, and a layout that
 uses neither is still written as version 1): group size 16 for 2- and 4-bit segments, and **compressed tables**
 (a segment's codebooks or scales stored as 4-, 6- or 8-bit integers on a per-row float grid, specified and drawn in
-:mod:`bivlm_kernels.tables`). Kernels read the float tables below; a compressed segment is expanded to them.
+:mod:`bivlm_kernels.formats.tables`). Kernels read the float tables below; a compressed segment is expanded to them.
 
 Pure PyTorch, no GPU needed. Every kernel (CUDA, Triton) and the reference op read exactly this layout; kernels
 may repack at load time, checkpoints never do.

@@ -13,7 +13,7 @@ from . import tables
 
 FORMAT_NAME = "bivlm-packed"
 FORMAT_VERSION = 2          # the newest this library writes; files are stamped with the oldest that reads them
-READ_VERSIONS = (1, 2)      # 2 adds g = 16 and compressed tables (bivlm_kernels.tables); 1 reads unchanged
+READ_VERSIONS = (1, 2)      # 2 adds g = 16 and compressed tables (bivlm_kernels.formats.tables); 1 reads unchanged
 
 
 def layout_version(layers: dict) -> int:
@@ -100,7 +100,7 @@ INT_BUFFERS = ("qweight", "qtable")     # int32 buffers of a segment; the others
 @dataclass(frozen=True)
 class SegmentSpec:
     """One column range of the (permuted) K axis: ``width`` columns at ``bits`` bits, stored as ``kind``, with
-    float tables (``table_bits = 0``) or compressed ones (:mod:`bivlm_kernels.tables`)."""
+    float tables (``table_bits = 0``) or compressed ones (:mod:`bivlm_kernels.formats.tables`)."""
     bits: int
     width: int
     kind: str = "lut"

@@ -20,7 +20,7 @@ class QuantizedSegment:
     scales: Optional[torch.Tensor] = None     # affine: [N, width / g]
     zeros: Optional[torch.Tensor] = None      # affine: [N, width / g]
     table_bits: int = 0                       # > 0: compressed tables, the float ones above are their expansion
-    table_form: str = "grid"                  # compressed: "entries" or "grid" (bivlm_kernels.tables)
+    table_form: str = "grid"                  # compressed: "entries" or "grid" (bivlm_kernels.formats.tables)
     fields: Optional[torch.Tensor] = None     # compressed: integer table fields [N, width / g, E]
     tgrid: Optional[torch.Tensor] = None      # compressed: the row grids [N, 2]
 

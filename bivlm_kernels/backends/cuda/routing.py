@@ -6,7 +6,7 @@ A call goes to a tensor-core kernel when the format is one they cover (lut 1 or 
 fp16 / bf16 tables), 1 <= M <= 16 rows of x, and ``BIVLM_CUDA_TC`` is not ``0``. Its operands are the load-time
 "tc1" / "tc2" / "tc4" repack of the
 layer's v1 buffers (:mod:`bivlm_kernels.repack`), built on the first call and cached while those buffers are
-unchanged (:mod:`bivlm_kernels.repack_cache`): about the size of the packed weight once more, on the GPU (the 1-bit
+unchanged (:mod:`bivlm_kernels.backends.repack_cache`): about the size of the packed weight once more, on the GPU (the 1-bit
 repack's table is twice the format's: D in fp32 beside the two entries).
 
 Importable without the compiled extension (the routing and the repack are pure PyTorch), so CPU tests exercise

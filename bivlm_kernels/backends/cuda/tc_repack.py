@@ -2,7 +2,7 @@
 (2 bits, ``csrc/gemv_tc2.cuh``) and "tc4" (4-bit affine, ``csrc/gemv_tc.cuh``), the last two at the end of this file.
 
 Checkpoints keep the neutral ``bivlm-packed`` v1 layout (:mod:`bivlm_kernels.formats`); the CUDA backend builds
-this repack on the first call (cached by :mod:`bivlm_kernels.repack_cache`). Pure PyTorch, any device.
+this repack on the first call (cached by :mod:`bivlm_kernels.backends.repack_cache`). Pure PyTorch, any device.
 
 tc1 codes
 =========

@@ -13,12 +13,8 @@ A fourth, ``tc_kernel`` (1-bit lut and 4-bit affine at M <= 16 on tensor cores, 
 after the product), lives in :mod:`.kernel_tc`.
 
 Unpacking. A row of ``qweight`` is ``KW = K * BITS / 32`` int32 words; ``PER_WORD = 32 // BITS`` codes per word,
-code ``j`` of word ``w`` is column ``k = w * PER_WORD + j`` at bit ``j * BITS`` (LSB first)::
-
-    word  (bit 31 ..................................... bit 0)
-    BITS=1  | c31 | c30 | ... | c1 | c0 |       code j = (word >> j)     & 1
-    BITS=2  | c15 | ... | c1 | c0 |             code j = (word >> 2 * j) & 3
-    BITS=4  | c7 | ... | c1 | c0 |              code j = (word >> 4 * j) & 15
+code ``j`` of word ``w`` is column ``k = w * PER_WORD + j`` at bit ``j * BITS`` (LSB first; the word is drawn
+once, in :mod:`bivlm_kernels.formats`): ``code j = (word >> BITS * j) & (2**BITS - 1)``.
 
 Kernels load a tile of whole words ``[.., BLOCK_KW]`` (contiguous along K: vectorizable loads) and broadcast it
 against ``shifts = arange(PER_WORD) * BITS`` on a new axis, giving a ``[.., BLOCK_KW, PER_WORD]`` tile whose

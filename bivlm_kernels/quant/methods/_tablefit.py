@@ -2,7 +2,7 @@
 
 Shapes: ``x`` ``[R, g]`` holds R groups of g weights, ``w`` ``[R, g]`` their importance (the Hessian diagonal:
 an error on column k costs about ``H_kk * err^2`` in the layer's output). Two table forms
-(:mod:`bivlm_kernels.tables`):
+(:mod:`bivlm_kernels.formats.tables`):
 
 * ``grid``: levels ``c * s - m`` for codes ``c = 0 .. 2**b - 1`` (scale ``s > 0``, min ``m >= 0``: the min is
   stored unsigned, as in llama.cpp's K-quants). :func:`fit_grid` searches a few candidate scales around the

@@ -5,7 +5,7 @@ Per layer ``W`` ``[N, K]`` with Hessian ``H``:
 1. **Plan the row grids.** Fit every group of the original weights (importance ``H_kk``-weighted, see
    :mod:`._tablefit`): a uniform grid ``(scale, min)`` or free entries (k-means). With ``table_bits = t > 0``
    the row's two grid constants (``tgrid``) are chosen to span those fits, so each group's table becomes
-   ``t``-bit integers (format version 2, :mod:`bivlm_kernels.tables`).
+   ``t``-bit integers (format version 2, :mod:`bivlm_kernels.formats.tables`).
 2. **GPTQ.** Columns are coded in order with GPTQ's error compensation (``gptq_columns``); when a group starts,
    its table is fitted again on the already-compensated weights, *on the row grid*: among the integer fields
    around the rounded fit, the ones whose expanded levels (exactly what the kernels read) give the smallest
