@@ -393,7 +393,7 @@ def test_import_queries_no_gpu(interpret):
                     "             'current_device', '_lazy_init', 'init'):\n"
                     "    setattr(torch.cuda, name, boom)\n"
                     "import bivlm_kernels.backends.triton as bt\n"
-                    "print('OK', len(bt.autotune._CONFIGS))", interpret)
+                    "print('OK', len(bt.autotune.CONFIGS))", interpret)
     assert "OK 0" in r.stdout, r.stdout + r.stderr
 
 
@@ -418,7 +418,7 @@ def test_interpreter_uses_default_configs():
         pytest.skip("checks the CPU/interpreter path")
     autotune.clear_tuned_configs()
     run_linear(1, 64, torch.float16, (3,), 33, 128, False, None)
-    (key, cfg), = autotune._CONFIGS.items()
+    (key, cfg), = autotune.CONFIGS.items()
     assert key == (True, 1, 64, torch.float16, 33, 128, 4) and cfg == bt.default_config(key)
 
 
@@ -426,15 +426,15 @@ def test_save_load_tuned_configs(tmp_path):
     autotune.clear_tuned_configs()
     key = (False, 4, 128, torch.bfloat16, 11008, 4096, 16)
     cfg = Config("dot", 16, 64, 128, split_k=4, num_warps=4, num_stages=3)
-    autotune._CONFIGS[key] = cfg
+    autotune.CONFIGS[key] = cfg
     path = str(tmp_path / "tuned.json")
     assert bt.save_tuned_configs(path, gpu_name="NVIDIA H100 80GB HBM3") == 1
-    autotune._CONFIGS[(True, 1, 64, torch.float16, 4096, 4096, 1)] = Config("decode", 1, 32, 512)
+    autotune.CONFIGS[(True, 1, 64, torch.float16, 4096, 4096, 1)] = Config("decode", 1, 32, 512)
     assert bt.save_tuned_configs(path, gpu_name="other GPU") == 2
     autotune.clear_tuned_configs()
-    assert bt.load_tuned_configs(path, gpu_name="unknown GPU") == 0 and not autotune._CONFIGS
+    assert bt.load_tuned_configs(path, gpu_name="unknown GPU") == 0 and not autotune.CONFIGS
     assert bt.load_tuned_configs(path, gpu_name="NVIDIA H100 80GB HBM3") == 1
-    assert autotune._CONFIGS == {key: cfg}
+    assert autotune.CONFIGS == {key: cfg}
     assert set(json.load(open(path))) == {"NVIDIA H100 80GB HBM3", "other GPU"}
     autotune.clear_tuned_configs()
 
@@ -490,12 +490,12 @@ def test_gpu_autotune_and_save_load(monkeypatch, tmp_path):
     autotune.clear_tuned_configs()
     for m in (1, 300):
         run_linear(2, 128, torch.float16, (m,), 2048, 1024, has_bias=True, out_dtype=None)
-    assert len(autotune._CONFIGS) == 2
-    tuned = dict(autotune._CONFIGS)
+    assert len(autotune.CONFIGS) == 2
+    tuned = dict(autotune.CONFIGS)
     path = str(tmp_path / "tuned.json")
     bt.save_tuned_configs(path)
     autotune.clear_tuned_configs()
-    assert bt.load_tuned_configs(path) == 2 and autotune._CONFIGS == tuned
+    assert bt.load_tuned_configs(path) == 2 and autotune.CONFIGS == tuned
     autotune.clear_tuned_configs()
 
 

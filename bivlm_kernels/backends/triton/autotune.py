@@ -39,12 +39,12 @@ NUM_SMS_DEFAULT = 132
 # Shared memory assumed when no device can be asked (H100: 227 KiB per block).
 SMEM_DEFAULT = 232448
 
-_BUCKET_OF = tuple(next(b for b in M_BUCKETS if b >= m) for m in range(M_BUCKETS[-1] + 1))
+BUCKET_OF = tuple(next(b for b in M_BUCKETS if b >= m) for m in range(M_BUCKETS[-1] + 1))
 
 
 def m_bucket(m: int) -> int:
     """The autotuning key of ``m`` rows: smallest of :data:`M_BUCKETS` that is >= m (256 for anything larger)."""
-    return _BUCKET_OF[m] if m <= M_BUCKETS[-1] else M_BUCKETS[-1]
+    return BUCKET_OF[m] if m <= M_BUCKETS[-1] else M_BUCKETS[-1]
 
 
 KERNELS = ("decode", "dot", "tc", "dense")
@@ -89,7 +89,7 @@ class Config:
 
 Key = tuple   # (lut: bool, bits, group_size, dtype, N, K, m_bucket)
 
-_CONFIGS: Dict[Key, Config] = {}       # the launcher reads this dict directly
+CONFIGS: Dict[Key, Config] = {}       # the launcher reads this dict directly
 
 
 def _pow2_floor(v: int) -> int:
@@ -237,7 +237,7 @@ def choose(key: Key, device: torch.device, run: Callable[[Config], object]) -> C
     """
     if not _tuning_enabled(device):
         cfg = default_config(key)
-        _CONFIGS[key] = cfg
+        CONFIGS[key] = cfg
         return cfg
     from triton.testing import do_bench
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -253,7 +253,7 @@ def choose(key: Key, device: torch.device, run: Callable[[Config], object]) -> C
         if ms < best_ms:
             best, best_ms = cfg, ms
     log.info("bivlm triton: tuned %s -> %s (%.1f us)", _key_str(key), best, best_ms * 1e3)
-    _CONFIGS[key] = best
+    CONFIGS[key] = best
     return best
 
 
@@ -288,7 +288,7 @@ def save_tuned_configs(path: str, gpu_name: Optional[str] = None) -> int:
         with open(path) as f:
             data = json.load(f)
     table = data.setdefault(name, {})
-    table.update({_key_str(k): asdict(c) for k, c in _CONFIGS.items()})
+    table.update({_key_str(k): asdict(c) for k, c in CONFIGS.items()})
     with open(path, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
     return len(table)
@@ -302,10 +302,10 @@ def load_tuned_configs(path: str, gpu_name: Optional[str] = None) -> int:
         data = json.load(f)
     table = data.get(name, {})
     for k, c in table.items():
-        _CONFIGS[_key_parse(k)] = Config(**c)
+        CONFIGS[_key_parse(k)] = Config(**c)
     return len(table)
 
 
 def clear_tuned_configs() -> None:
     """Forget every chosen configuration (the next call per key chooses again)."""
-    _CONFIGS.clear()
+    CONFIGS.clear()

@@ -19,8 +19,8 @@ from .kernels import decode_kernel, dequant_kernel, dot_kernel
 
 # Evaluated once at import (an environment read, no device query): see kernels.py on INTERP.
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-_CONFIGS = autotune._CONFIGS
-_BUCKET_OF = autotune._BUCKET_OF
+_CONFIGS = autotune.CONFIGS        # read on every call (the thin path): public in autotune
+_BUCKET_OF = autotune.BUCKET_OF
 _LAST_BUCKET = autotune.M_BUCKETS[-1]
 # tc_kernel's bit masks, passed as an argument on purpose (kernel_tc.py): 0x80008000 (1 bit), 0x000F000F (4 bit)
 _TC_MASK = {1: -2147450880, 2: -2147450880, 4: 0x000F000F}
