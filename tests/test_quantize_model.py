@@ -288,7 +288,7 @@ def test_recorded_block_inputs_hold_no_kv_cache():
     cache in 5.2x) and LLaVA now builds a cache although use_cache=False cannot be passed by signature; a
     recorded cache is appended to on every re-run of the block, so the driver drops any Cache by type."""
     from transformers.cache_utils import DynamicCache
-    from bivlm_kernels.quant.driver import _stateless
+    from bivlm_kernels.quant.capture import _stateless
     kw = _stateless({"cache": DynamicCache(), "a_future_name": DynamicCache(), "use_cache": True, "x": 1})
     assert kw == {"cache": None, "a_future_name": None, "use_cache": False, "x": 1}
 
