@@ -432,7 +432,7 @@ def test_checkpoint_errors(tmp_path, monkeypatch):
 
     # a failure while writing leaves neither a checkpoint nor a temp dir
     import bivlm_kernels.checkpoint as ckpt
-    monkeypatch.setattr(ckpt, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(ckpt.file, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         save_quantized(model, str(tmp_path / "half"))
     with pytest.raises(OSError, match="disk full"):
