@@ -1,6 +1,6 @@
 // kernels.h -- plain C++ API of the CPU kernels of bivlm_kernels._C_cpu (no torch headers).
 //
-// Shared by the kernel files (kernels_scalar.cpp, kernels_avx2.cpp) and the one torch-facing file (ops_cpu.cpp).
+// Shared by the kernel files (kernels_scalar.cpp, kernels_avx2.cpp) and the one torch-facing file (torch_ops.cpp).
 // Everything is raw pointers and sizes; threads are the caller's business: every entry point works on a range of
 // output rows [n0, n1), so the caller splits N over at::parallel_for.
 //

@@ -1,4 +1,4 @@
-// ops_cpu.cpp -- the torch-facing side of the CPU extension bivlm_kernels._C_cpu (the only file of csrc/cpu/ that
+// torch_ops.cpp -- the torch-facing side of the CPU extension bivlm_kernels._C_cpu (the only file of csrc/cpu/ that
 // includes torch headers; the kernels live behind kernels.h).
 //
 // Defines torch.ops.bivlm_cpu.{lut_linear, affine_linear, dequantize_lut, dequantize_affine, segmented_lut_linear}

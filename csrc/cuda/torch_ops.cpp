@@ -1,5 +1,5 @@
-// ops.cpp -- the torch-facing side of the CUDA extension bivlm_kernels._C (the only translation unit that includes
-// torch headers; the kernels live in *.cu files behind bivlm_kernels.h).
+// torch_ops.cpp -- the torch-facing side of the CUDA extension bivlm_kernels._C (the only translation unit that
+// includes torch headers; the kernels live in *.cu files behind bivlm_kernels.h).
 //
 // Defines torch.ops.bivlm_cuda.{lut_linear, affine_linear, dequantize_lut, dequantize_affine} with schemas
 // identical to the Python ops torch.ops.bivlm.* (bivlm_kernels/ops.py), implements them for the CUDA dispatch key,

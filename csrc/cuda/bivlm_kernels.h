@@ -1,6 +1,6 @@
 // bivlm_kernels.h -- host-side launcher API of the bivlm CUDA kernels.
 //
-// This header is the only contract between the torch-facing translation unit (ops.cpp, the one file that includes
+// This header is the only contract between the torch-facing translation unit (torch_ops.cpp, the one file that includes
 // torch headers) and the plain-CUDA kernel files (*.cu, compiled by nvcc without torch). It uses raw device
 // pointers, sizes and a cudaStream_t only, so CI can compile every kernel with plain nvcc.
 //
@@ -58,7 +58,7 @@ bool gemv_uses_vec4(const PackedWeight& w);
 
 // y[i, j] = sum_k x[i, k] * w[j, k] (+ bias[j] once), fp32 accumulation, for 1 <= m <= kGemvMaxM.
 //   x:      [m, k] of w.dtype, row stride ldx >= k elements (last dim contiguous); rows must allow 16-byte loads:
-//           a 16-byte aligned base and ldx * sizeof(element) % 16 == 0 (ops.cpp copies x when they do not).
+//           a 16-byte aligned base and ldx * sizeof(element) % 16 == 0 (torch_ops.cpp copies x when they do not).
 //   bias:   [n] of w.dtype or nullptr.
 //   splits: from gemv_num_splits.
 //   Output, exactly one of:
