@@ -20,7 +20,7 @@ import torch
 
 from . import formats, ops, repack, repack_cache
 
-MAX_M = 16          # csrc/bivlm_kernels.h kGemvMaxM
+MAX_M = 16          # csrc/cuda/bivlm_kernels.h kGemvMaxM
 enabled = os.environ.get("BIVLM_CUDA_TC", "1") != "0"
 
 
