@@ -1,7 +1,7 @@
 """Build script. Two optional extensions:
 
-* ``bivlm_kernels._C`` (CUDA, ``csrc/*.cu`` + ``csrc/*.cpp``): built only when asked for or when a CUDA toolchain
-  and a CUDA build of torch are both present;
+* ``bivlm_kernels._C`` (CUDA, ``csrc/cuda/*.cu`` + ``csrc/cuda/*.cpp``): built only when asked for or when a CUDA
+  toolchain and a CUDA build of torch are both present;
 * ``bivlm_kernels._C_cpu`` (C++ CPU kernels, ``csrc/cpu/*.cpp``, g++/clang with OpenMP): built on every install
   where torch is importable at build time, with or without CUDA.
 
@@ -65,13 +65,13 @@ def cuda_extensions():
         return unavailable(f"torch {torch.__version__} is not a CUDA build")
     if CUDA_HOME is None:
         return unavailable("no CUDA toolkit (nvcc) found; set CUDA_HOME")
-    sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
+    sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     if not sources:
-        return unavailable("csrc/ holds no sources")
+        return unavailable("csrc/cuda/ holds no sources")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     ext = CUDAExtension(
         "bivlm_kernels._C", sources,
-        include_dirs=[os.path.join(HERE, "csrc")],
+        include_dirs=[os.path.join(HERE, "csrc", "cuda")],
         extra_compile_args={"cxx": ["-O3", "-std=c++20"],  # recent torch ATen headers require C++20
                             "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]},
     )

@@ -1,4 +1,4 @@
-"""Plant bugs one at a time in a copy of csrc/ and show that the host-build tests (tests/test_cuda_host.py) catch
+"""Plant bugs one at a time in a copy of csrc/cuda/ and show that the host-build tests (tests/test_cuda_host.py) catch
 each one. Not run in CI (each mutant rebuilds part of the host build: ~1-3 minutes apiece on 2 cores).
 
     python python/mutate_cuda_host.py                 # all mutants, writes benchmarks/results/cuda_host_mutations.md
@@ -22,8 +22,9 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cuda_host_mutations.md"
+CSRC = ROOT / "csrc" / "cuda"   # the sources of the host build (tests/cuda_host/Makefile SRC)
 
-# name, file under csrc/, old text, new text, the bug it models
+# name, file under csrc/cuda/, old text, new text, the bug it models
 MUTANTS = [
     ("split_range_off_by_one", "gemv.cuh",
      "const int we = min(p.kw, wb + p.words_per_split);",
@@ -102,11 +103,11 @@ MUTANTS = [
      "const int gi = (w * 32 + hs * 16) / G;",
      "const int gi = 0;",
      "2-bit tensor-core kernel uses the chunk's first group's codebook for its second group (g64)"),
-    ("tc4_high_nibble_scale", "gemv_tc.cuh",
+    ("tc4_high_nibble_scale", "gemv_tc4.cuh",
      "a[1] = ptx::hfma2<false>(ptx::lop3<0xEA>(q, 0x00F000F0u, 0x64006400u), 0x2C002C00u, 0xD400D400u);",
      "a[1] = ptx::hfma2<false>(ptx::lop3<0xEA>(q, 0x00F000F0u, 0x64006400u), 0x2C002C00u, 0xD000D000u);",
      "4-bit fp16 decode subtracts the wrong magic for the high nibbles"),
-    ("tc4_zero_term", "gemv_tc.cuh",
+    ("tc4_zero_term", "gemv_tc4.cuh",
      "c0[e2][0] = -lo.x * lo.y, h[e2][0] = lo.x;",
      "c0[e2][0] = -lo.x * lo.x, h[e2][0] = lo.x;",
      "4-bit epilogue uses scale * scale instead of scale * zero for row gid"),
@@ -154,19 +155,19 @@ def ensure_baseline(jobs):
 
 
 def mutate(workdir, base_build, name, rel, old, new, jobs, seed):
-    src = workdir / "csrc"
+    src = workdir / "cuda"
     build = workdir / "build"
-    shutil.copytree(ROOT / "csrc", src, copy_function=shutil.copy2)
+    shutil.copytree(CSRC, src, copy_function=shutil.copy2)
     shutil.copytree(base_build, build, copy_function=shutil.copy2,
                     ignore=shutil.ignore_patterns("*.cubin"))
     # The dependency files name the original objects and sources: point them at the copy, so that the objects
     # depending on the mutated file (header or not) are rebuilt.
     for d in build.glob("*.d"):
-        d.write_text(d.read_text().replace(str(base_build), str(build)).replace(str(ROOT / "csrc"), str(src)))
+        d.write_text(d.read_text().replace(str(base_build), str(build)).replace(str(CSRC), str(src)))
     path = src / rel
     text = path.read_text()
     if text.count(old) != 1:
-        sys.exit(f"mutant {name}: the text to replace occurs {text.count(old)} times in csrc/{rel}")
+        sys.exit(f"mutant {name}: the text to replace occurs {text.count(old)} times in csrc/cuda/{rel}")
     time.sleep(1.1)   # a later mtime than the copied objects
     path.write_text(text.replace(old, new))
     env = dict(os.environ, BIVLM_CUDA_HOST_SRC=str(src), BIVLM_CUDA_HOST_BUILD=str(build),
@@ -206,14 +207,14 @@ def main():
     caught = sum(1 for r in rows if r[3] == "caught")
     print(f"{caught} of {len(rows)} mutants caught")
     if not args.no_write:
-        lines = ["# Planted bugs in csrc/ and the host-build tests that catch them", "",
+        lines = ["# Planted bugs in csrc/cuda/ and the host-build tests that catch them", "",
                  "`python python/mutate_cuda_host.py` (seed " + str(args.seed) + "): each mutant is one text "
-                 "replacement in a copy of `csrc/`, rebuilt and run through all of `tests/test_cuda_host.py` "
+                 "replacement in a copy of `csrc/cuda/`, rebuilt and run through all of `tests/test_cuda_host.py` "
                  "(host build under ASan + UBSan). Caught = at least one test failed.", "",
                  "| mutant | file | bug | result | failing tests | first report |", "|---|---|---|---|---|---|"]
         for name, rel, what, verdict, tests, first in rows:
             msg = first.replace("|", "\\|")
-            lines.append(f"| `{name}` | `csrc/{rel}` | {what} | **{verdict}** | {', '.join(tests)} | {msg} |")
+            lines.append(f"| `{name}` | `csrc/cuda/{rel}` | {what} | **{verdict}** | {', '.join(tests)} | {msg} |")
         lines += ["", f"**{caught} of {len(rows)} caught.**", ""]
         RESULTS.write_text("\n".join(lines))
     return 0 if caught == len(rows) else 1

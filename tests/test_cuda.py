@@ -1,4 +1,4 @@
-"""Tests of the compiled CUDA kernels (``bivlm_kernels._C``, sources in ``csrc/``) against the reference.
+"""Tests of the compiled CUDA kernels (``bivlm_kernels._C``, sources in ``csrc/cuda/``) against the reference.
 
 Skipped (with the reason) where there is no CUDA device or the extension is not built. On a GPU machine::
 

@@ -1,8 +1,8 @@
-"""The CUDA kernels of ``csrc/`` executed on the CPU: the host build (``csrc/host/``, ``tests/cuda_host/``) under
-AddressSanitizer + UndefinedBehaviorSanitizer, driven through the same C ABI (``csrc/bivlm_kernels.h``) that
-``ops.cpp`` calls, against the pure-PyTorch reference.
+"""The CUDA kernels of ``csrc/cuda/`` executed on the CPU: the host build (``csrc/cuda/host/``, ``tests/cuda_host/``)
+under AddressSanitizer + UndefinedBehaviorSanitizer, driven through the same C ABI (``csrc/cuda/bivlm_kernels.h``)
+that ``torch_ops.cpp`` calls, against the pure-PyTorch reference.
 
-* ``make -C tests/cuda_host`` compiles every ``csrc/*.cu`` as C++ (g++) against the emulation layer.
+* ``make -C tests/cuda_host`` compiles every ``csrc/cuda/*.cu`` as C++ (g++) against the emulation layer.
 * The cases (a grid over every instantiated configuration plus a seeded random fuzz, fresh data each run; seed in
   ``BIVLM_FUZZ_SEED``, printed) are written to a file; the driver runs them all in one sanitized process with every
   buffer allocated at exactly its contract size; the outputs are compared here.
@@ -12,7 +12,7 @@ AddressSanitizer + UndefinedBehaviorSanitizer, driven through the same C ABI (``
 
 ``.ci/run`` runs this file first (``-s``: it prints the case counts) and then sets ``BIVLM_CUDA_HOST_TESTED=1`` so
 the README's test command does not run it a second time. Environment: ``CXX`` (default g++),
-``BIVLM_CUDA_HOST_SRC`` / ``BIVLM_CUDA_HOST_BUILD`` (a mutated copy of csrc/ and its build directory, used by
+``BIVLM_CUDA_HOST_SRC`` / ``BIVLM_CUDA_HOST_BUILD`` (a mutated copy of csrc/cuda/ and its build directory, used by
 ``python/mutate_cuda_host.py``), ``BIVLM_FUZZ_CASES`` (default 320).
 """
 import itertools
@@ -32,7 +32,7 @@ from bivlm_kernels.backends import reference as ref_ops
 from bivlm_kernels.backends.cuda import tc_repack as repack
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SRC = pathlib.Path(os.environ.get("BIVLM_CUDA_HOST_SRC", ROOT / "csrc"))
+SRC = pathlib.Path(os.environ.get("BIVLM_CUDA_HOST_SRC", ROOT / "csrc" / "cuda"))
 BUILD = pathlib.Path(os.environ.get("BIVLM_CUDA_HOST_BUILD", ROOT / "build" / "cuda_host"))
 CXX = os.environ.get("CXX", "g++")
 FUZZ_CASES = int(os.environ.get("BIVLM_FUZZ_CASES", "320"))
@@ -41,7 +41,7 @@ SEED = int(os.environ.get("BIVLM_FUZZ_SEED", str(random.SystemRandom().randrange
 if os.environ.get("BIVLM_CUDA_HOST_TESTED") == "1":
     pytest.skip("the host build already ran in an earlier step of .ci/run", allow_module_level=True)
 if shutil.which(CXX) is None:
-    pytest.skip(f"no C++ compiler {CXX!r} for the host build of csrc/", allow_module_level=True)
+    pytest.skip(f"no C++ compiler {CXX!r} for the host build of csrc/cuda/", allow_module_level=True)
 
 # ASan: stop at the first report, leaks are reports too; UBSan: stop with a stack trace.
 SAN_ENV = {"ASAN_OPTIONS": "halt_on_error=1:detect_leaks=1:abort_on_error=0",
@@ -530,7 +530,7 @@ def _compare(c, got, exact, acc, splits, vec4):
 
 
 def _instantiations():
-    """Every kernel instantiation csrc/ compiles, as the demangled names launched_kernels() prints."""
+    """Every kernel instantiation csrc/cuda/ compiles, as the demangled names launched_kernels() prints."""
     names = set()
     for t in ("__half", "__nv_bfloat16", "float"):
         for bits in (1, 2, 4):
@@ -563,7 +563,7 @@ def test_kernels_against_reference(driver, tmp_path):
             mismatches.append(f"{c.describe()}: {msg}")
     launched = {re.sub(r"^void |\(.*$", "", line.split(" ", 1)[1]) for line in kernels}
     missing = sorted(_instantiations() - launched)
-    # Every __global__ in csrc/ must be launched by some case: a kernel added without host coverage fails here.
+    # Every __global__ in csrc/cuda/ must be launched by some case: a kernel added without host coverage fails here.
     declared = set()
     for f in list(SRC.glob("*.cu")) + list(SRC.glob("*.cuh")):
         declared |= set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)", f.read_text()))
@@ -582,4 +582,4 @@ def test_kernels_against_reference(driver, tmp_path):
           f"{len(mismatches)} mismatches, 0 sanitizer reports")
     assert not mismatches, f"{len(mismatches)} mismatches (seed {SEED}):\n" + "\n".join(mismatches[:20])
     assert not missing, f"instantiated kernels never launched: {missing}"
-    assert not uncovered, f"kernels in csrc/ without host-build coverage: {uncovered}"
+    assert not uncovered, f"kernels in csrc/cuda/ without host-build coverage: {uncovered}"

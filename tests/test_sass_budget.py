@@ -3,7 +3,7 @@
 
 The parser, loop finder and counter run on a small synthetic ``cuobjdump -sass`` listing whose loop and blocks
 are known (so a broken loop finder or counter fails here). Where nvcc and cuobjdump are present, one real
-decode configuration (1 bit, fp16, M = 1, VEC = 4, sm_90) is compiled from csrc/ and must give a plausible count;
+decode configuration (1 bit, fp16, M = 1, VEC = 4, sm_90) is compiled from csrc/cuda/ and must give a plausible count;
 elsewhere that test is skipped with the reason. The budget itself (``--check``) is not a test: today's kernels are
 over it (benchmarks/results/sass_budget.md).
 """
@@ -114,7 +114,7 @@ def test_ptxas_log():
 
 def _tools_reason():
     if build.find_nvcc() is None:
-        return "needs nvcc (CUDA toolkit) to compile csrc/ for sm_90"
+        return "needs nvcc (CUDA toolkit) to compile csrc/cuda/ for sm_90"
     if build.find_cuobjdump() is None:
         return f"needs cuobjdump: {build.PIP_HINT}"
     return None

@@ -175,7 +175,7 @@ def _seg_spy():
     calls = []
 
     def seg(*args):
-        perm = args[1]   # what the kernel requires of it (ops.cpp refuses anything else)
+        perm = args[1]   # what the kernel requires of it (torch_ops.cpp refuses anything else)
         assert perm is None or (perm.dtype == torch.int32 and perm.is_contiguous() and perm.data_ptr() % 16 == 0)
         calls.append("seg")
         return tc_dispatch.reference_seg_tc_linear(*args)

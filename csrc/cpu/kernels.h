@@ -1,10 +1,10 @@
 // kernels.h -- plain C++ API of the CPU kernels of bivlm_kernels._C_cpu (no torch headers).
 //
-// Shared by the kernel files (kernels_scalar.cpp, kernels_avx2.cpp) and the one torch-facing file (ops_cpu.cpp).
+// Shared by the kernel files (kernels_scalar.cpp, kernels_avx2.cpp) and the one torch-facing file (torch_ops.cpp).
 // Everything is raw pointers and sizes; threads are the caller's business: every entry point works on a range of
 // output rows [n0, n1), so the caller splits N over at::parallel_for.
 //
-// Packed layout (bivlm-packed v1, bivlm_kernels/formats.py): qweight int32 [N, K*b/32], codes along K, least
+// Packed layout (bivlm-packed v1, bivlm_kernels/formats/__init__.py): qweight int32 [N, K*b/32], codes along K, least
 // significant bits first; column k of a row is in word k / (32/b) at bit (k % (32/b)) * b:
 //
 //             bit 31                                                          bit 0

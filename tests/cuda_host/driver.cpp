@@ -7,7 +7,7 @@
 //   bivlm_host_tests fault NAME     one misuse that must abort with a message (pytest checks it does)
 //
 // Case file (little-endian): "BVHC", int32 count, then per case int64 h[16] and h[15] blobs (int64 size + bytes).
-//   h[0] op: 1 linear (the GEMV path exactly as ops.cpp drives it), 2 dequantize, 3 split-K reduce alone
+//   h[0] op: 1 linear (the GEMV path exactly as torch_ops.cpp drives it), 2 dequantize, 3 split-K reduce alone
 //   h[1] bits  h[2] group_size  h[3] dtype (bivlm::DType)  h[4] m  h[5] n  h[6] k  h[7] ldx  h[8] has bias
 //   h[9] sm_count (drives the split-K policy)  h[10] out dtype  h[11] qweight base offset in words (0/1)
 //   h[12] splits (op 3); op 4: the tensor-core GEMV on the tc1 repack (blobs x, qtc, table, bias)
@@ -168,7 +168,7 @@ int run_cases(const char* in_path, const char* out_path) {
         const cudaError_t e = bivlm::launch_dequantize(w, o.data(), nullptr);
         write_result(out, e, 0, 1, 0, o);
       } else {
-        // The dispatch of ops.cpp's linear_impl (M <= kGemvMaxM): direct output, direct fp32, or split-K.
+        // The dispatch of torch_ops.cpp's linear_impl (M <= kGemvMaxM): direct output, direct fp32, or split-K.
         const int splits = bivlm::gemv_num_splits(m, w, static_cast<int>(h[9]));
         const bool vec4 = bivlm::gemv_uses_vec4(w);
         const void* b = h[8] ? bias.data() : nullptr;

@@ -1,4 +1,4 @@
-// ptx_device_check.cu -- uses every wrapper of csrc/ptx.cuh once in a device kernel, so that `nvcc -cubin` for
+// ptx_device_check.cu -- uses every wrapper of csrc/cuda/ptx.cuh once in a device kernel, so that `nvcc -cubin` for
 // sm_80 / sm_90 assembles the inline PTX even of wrappers no kernel uses yet (tests/test_cuda_host.py). Not a
 // correctness test: the host implementations are tested in test_ptx.cpp.
 #include "ptx.cuh"

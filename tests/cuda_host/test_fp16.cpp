@@ -1,4 +1,4 @@
-// test_fp16.cpp -- the host __half / __nv_bfloat16 conversions (csrc/host/fp16.h) against plain definitions:
+// test_fp16.cpp -- the host __half / __nv_bfloat16 conversions (csrc/cuda/host/fp16.h) against plain definitions:
 // binary16 against the compiler's _Float16 (GCC >= 12 / clang, an independent round-to-nearest-even
 // implementation), both formats against "the nearest representable value, ties to the even mantissa" computed
 // in double from the format's definition.

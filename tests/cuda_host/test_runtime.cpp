@@ -1,4 +1,4 @@
-// test_runtime.cpp -- the emulated machine of csrc/host/: every (block, thread) runs once with the right indices,
+// test_runtime.cpp -- the emulated machine of csrc/cuda/host/: every (block, thread) runs once with the right indices,
 // __syncthreads orders the block, warp collectives see every lane, dynamic shared memory has exactly the
 // launch's size and is per block, launch configuration errors are reported like CUDA's and launch nothing.
 #include <vector>

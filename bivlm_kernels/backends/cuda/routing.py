@@ -22,7 +22,7 @@ from ... import formats
 from .. import reference, repack_cache
 from . import tc_repack
 
-MAX_M = 16          # csrc/bivlm_kernels.h kGemvMaxM
+MAX_M = 16          # csrc/cuda/bivlm_kernels.h kGemvMaxM
 enabled = os.environ.get("BIVLM_CUDA_TC", "1") != "0"
 
 

@@ -1,5 +1,6 @@
-"""Load-time repacks of lut / affine weights for the tensor-core GEMVs: "tc1" (1 bit, ``csrc/gemv_tc1.cuh``), "tc2"
-(2 bits, ``csrc/gemv_tc2.cuh``) and "tc4" (4-bit affine, ``csrc/gemv_tc.cuh``), the last two at the end of this file.
+"""Load-time repacks of lut / affine weights for the tensor-core GEMVs: "tc1" (1 bit, ``csrc/cuda/gemv_tc1.cuh``),
+"tc2" (2 bits, ``csrc/cuda/gemv_tc2.cuh``) and "tc4" (4-bit affine, ``csrc/cuda/gemv_tc4.cuh``), the last two at the
+end of this file.
 
 Checkpoints keep the neutral ``bivlm-packed`` v1 layout (:mod:`bivlm_kernels.formats`); the CUDA backend builds
 this repack on the first call (cached by :mod:`bivlm_kernels.backends.repack_cache`). Pure PyTorch, any device.
@@ -97,7 +98,7 @@ def repack_tables(bits: int, qweight, tables, k: int, group_size: int):
     return repack_tc(qweight, tables[0], k, group_size)
 
 
-# The decode plan of csrc/gemv_tc1.cuh (Tc1Plan): version u of a word and bit position p (lo half p, hi half
+# The decode plan of csrc/cuda/gemv_tc1.cuh (Tc1Plan): version u of a word and bit position p (lo half p, hi half
 # p + 16) of A register reg = 2 j + r of step i (i = 0..3 of the word). Versions: fp16 q, q << 3, q << 8,
 # rotl(q, 11); bf16 q << 2u.
 def _tc1_ver(bf16: bool, i: int, reg: int) -> int:
@@ -200,7 +201,7 @@ def _untile_table(table: torch.Tensor, n: int, groups: int) -> torch.Tensor:
 _ROWS_PER_PASS = 4096   # bounds the temporaries of a repack (a few bytes per weight of one pass)
 
 
-TC1_GT = 8   # groups per k16 step of the table product (csrc/gemv_tc1.cuh Tc1Plan::kGt)
+TC1_GT = 8   # groups per k16 step of the table product (csrc/cuda/gemv_tc1.cuh Tc1Plan::kGt)
 
 
 @functools.lru_cache(maxsize=None)
@@ -264,7 +265,7 @@ def unrepack_tc1(qtc: torch.Tensor, table: torch.Tensor, n: int, k: int, group_s
 
 
 # ---------------------------------------------------------------------------------------------------------
-# "tc2": 2-bit lut, any 4-entry codebook (csrc/gemv_tc2.cuh)
+# "tc2": 2-bit lut, any 4-entry codebook (csrc/cuda/gemv_tc2.cuh)
 # ---------------------------------------------------------------------------------------------------------
 #
 # Codes: 16 rows x 128 k per (tile, chunk), 16 bytes per lane:  qtc2 int32 [tiles, chunks2 = ceil(K / 128), 32, 4].
@@ -329,7 +330,7 @@ def unrepack_tc2(qtc: torch.Tensor, table: torch.Tensor, n: int, k: int, group_s
 
 
 # ---------------------------------------------------------------------------------------------------------
-# "tc4": 4-bit affine (csrc/gemv_tc.cuh with BITS = 4)
+# "tc4": 4-bit affine (csrc/cuda/gemv_tc4.cuh, BITS = 4)
 # ---------------------------------------------------------------------------------------------------------
 #
 # Codes: 16 rows x 64 k per (tile, chunk), 16 bytes per lane: qtc4 int32 [tiles, chunks4 = ceil(K / 64), 32, 4].

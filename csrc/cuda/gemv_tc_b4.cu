@@ -1,6 +1,6 @@
-// gemv_tc_b4.cu -- instantiations of the 4-bit (affine) tensor-core GEMV (gemv_tc.cuh, BITS = 4): dtype x M
-// bucket x group size. The format checks and the split-K policy of the tensor-core kernels are in gemv_tc_b1.cu.
-#include "gemv_tc.cuh"
+// gemv_tc_b4.cu -- instantiations of the 4-bit (affine) tensor-core GEMV (gemv_tc4.cuh, BITS = 4): dtype x M
+// bucket x group size. The format checks and the split-K policy of the tensor-core kernels are in gemv_tc_dispatch.cu.
+#include "gemv_tc4.cuh"
 
 namespace bivlm {
 namespace detail {

@@ -1,4 +1,4 @@
-// host/fp16.h -- __half and __nv_bfloat16 for the host build of csrc/ (replaces cuda_fp16.h / cuda_bf16.h).
+// host/fp16.h -- __half and __nv_bfloat16 for the host build of csrc/cuda/ (replaces cuda_fp16.h / cuda_bf16.h).
 //
 // Why our own types and not the toolkit's headers: CI machines may have no CUDA toolkit at all, and the host
 // build must not depend on one. Only what the kernels use is here; a kernel that needs more fails to compile in

@@ -1,10 +1,10 @@
 // bivlm_kernels.h -- host-side launcher API of the bivlm CUDA kernels.
 //
-// This header is the only contract between the torch-facing translation unit (ops.cpp, the one file that includes
+// This header is the only contract between the torch-facing translation unit (torch_ops.cpp, the one file that includes
 // torch headers) and the plain-CUDA kernel files (*.cu, compiled by nvcc without torch). It uses raw device
 // pointers, sizes and a cudaStream_t only, so CI can compile every kernel with plain nvcc.
 //
-// Packed format (bivlm-packed v1, see bivlm_kernels/formats.py): for a layer with N outputs, K inputs, b bits and
+// Packed format (bivlm-packed v1, see bivlm_kernels/formats/__init__.py): for a layer with N outputs, K inputs, b bits and
 // group size g, qweight is int32 [N, K*b/32] with the code of column k in word k / (32/b) at bit (k % (32/b)) * b:
 //
 //     bit 31                                                    bit 0
@@ -58,7 +58,7 @@ bool gemv_uses_vec4(const PackedWeight& w);
 
 // y[i, j] = sum_k x[i, k] * w[j, k] (+ bias[j] once), fp32 accumulation, for 1 <= m <= kGemvMaxM.
 //   x:      [m, k] of w.dtype, row stride ldx >= k elements (last dim contiguous); rows must allow 16-byte loads:
-//           a 16-byte aligned base and ldx * sizeof(element) % 16 == 0 (ops.cpp copies x when they do not).
+//           a 16-byte aligned base and ldx * sizeof(element) % 16 == 0 (torch_ops.cpp copies x when they do not).
 //   bias:   [n] of w.dtype or nullptr.
 //   splits: from gemv_num_splits.
 //   Output, exactly one of:
@@ -77,7 +77,7 @@ cudaError_t launch_splitk_reduce(const float* ws, int splits, int64_t mn, void* 
 // rounds to w.dtype (lut: the codebook entry itself; affine: (code - zero) * scale in fp32, rounded once).
 cudaError_t launch_dequantize(const PackedWeight& w, void* out, cudaStream_t stream);
 
-// ---- tensor-core decode path (lut 1 / 2 bits, load-time "tc1" / "tc2" repacks; bivlm_kernels/repack.py draws
+// ---- tensor-core decode path (lut 1 / 2 bits, load-time "tc1" / "tc2" repacks; bivlm_kernels/backends/cuda/tc_repack.py draws
 // the layouts) ----
 //
 //   1 bit:  qtc    uint4 [tc_tiles(n)][tc_chunks(k)][32 lanes]      16 rows x 256 k of codes per (tile, chunk)

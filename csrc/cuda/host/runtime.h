@@ -1,4 +1,4 @@
-// host/runtime.h -- the CUDA runtime as the host build of csrc/ sees it: keywords, vector types, the runtime API
+// host/runtime.h -- the CUDA runtime as the host build of csrc/cuda/ sees it: keywords, vector types, the runtime API
 // subset the launchers call, thread/block indices, __syncthreads, and the launcher behind BIVLM_LAUNCH.
 //
 // How kernels run on the CPU (implemented in runtime.cpp):
@@ -27,7 +27,7 @@
 #include <utility>
 
 #if !defined(BIVLM_HOST_BUILD)
-#error "csrc/host/ is the host build of the kernels: compile with -DBIVLM_HOST_BUILD -Icsrc/host/include"
+#error "csrc/cuda/host/ is the host build of the kernels: compile with -DBIVLM_HOST_BUILD -Icsrc/cuda/host/include"
 #endif
 
 // ---- CUDA keywords: plain C++ on the host --------------------------------------------------------------------

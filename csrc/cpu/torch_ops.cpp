@@ -1,10 +1,10 @@
-// ops_cpu.cpp -- the torch-facing side of the CPU extension bivlm_kernels._C_cpu (the only file of csrc/cpu/ that
+// torch_ops.cpp -- the torch-facing side of the CPU extension bivlm_kernels._C_cpu (the only file of csrc/cpu/ that
 // includes torch headers; the kernels live behind kernels.h).
 //
 // Defines torch.ops.bivlm_cpu.{lut_linear, affine_linear, dequantize_lut, dequantize_affine, segmented_lut_linear}
-// with the schemas of the Python ops torch.ops.bivlm.* (bivlm_kernels/ops.py), implements them for the CPU
+// with the schemas of the Python ops torch.ops.bivlm.* (bivlm_kernels/ops/), implements them for the CPU
 // dispatch key, plus bivlm_cpu.configure (dispatch knobs for tests and benchmarks), and a method-less Python
-// module `_C_cpu` so that importing it runs the registrations (bivlm_kernels/_cpu_extension.py plugs the ops in
+// module `_C_cpu` so that importing it runs the registrations (bivlm_kernels/backends/cpu.py plugs the ops in
 // as the "cpu" backend).
 //
 // Linear ops dispatch by M = x.numel() / K:
@@ -281,7 +281,7 @@ at::Tensor dequantize_affine(const at::Tensor& qweight, const at::Tensor& scales
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// table-lookup path (tmac.h): repack once per layer (bivlm_kernels/_cpu_extension.py caches it), then
+// table-lookup path (tmac.h): repack once per layer (bivlm_kernels/backends/cpu.py caches it), then
 // tmac_linear per call
 // ------------------------------------------------------------------------------------------------------------
 
@@ -408,7 +408,7 @@ std::vector<int64_t> configure(int64_t gemv_max_m, int64_t tile_bytes, int64_t f
 
 }  // namespace
 
-// Schemas: identical to bivlm_kernels/ops.py (torch.ops.bivlm.*), so the Python op forwards its arguments as is.
+// Schemas: identical to bivlm_kernels/ops/ (torch.ops.bivlm.*), so the Python op forwards its arguments as is.
 TORCH_LIBRARY(bivlm_cpu, m) {
   m.def("lut_linear(Tensor x, Tensor qweight, Tensor codebook, int bits, int group_size, "
         "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
@@ -418,7 +418,7 @@ TORCH_LIBRARY(bivlm_cpu, m) {
   m.def("dequantize_affine(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor");
   m.def("segmented_lut_linear(Tensor x, Tensor? perm, Tensor[] qweights, Tensor[] codebooks, int[] bits, "
         "int group_size, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
-  // The table-lookup path (tmac.h); not bivlm ops: _cpu_extension.py calls them behind the ops above.
+  // The table-lookup path (tmac.h); not bivlm ops: bivlm_kernels/backends/cpu.py calls them behind the ops above.
   m.def("tmac_repack(Tensor qweight, Tensor table0, Tensor? table1, int bits, int group_size) -> Tensor[]");
   m.def("tmac_linear(Tensor x, Tensor? perm, Tensor[] codes, Tensor[] coefs, int[] bits, int n, int group_size, "
         "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");

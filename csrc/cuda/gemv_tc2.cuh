@@ -1,5 +1,5 @@
 // gemv_tc2.cuh -- tensor-core decode GEMV for 2-bit lut weights with any 4-entry codebook, M = 1 .. 16, on the
-// load-time "tc2" repack (bivlm_kernels/repack.py draws it).
+// load-time "tc2" repack (bivlm_kernels/backends/cuda/tc_repack.py draws it).
 //
 // The weights are decoded to their exact fp16 / bf16 codebook entries, so the tensor cores accumulate sum w x
 // directly (no per-group epilogue). A row's codebook of one group is 8 bytes -- two registers -- and one PRMT picks
@@ -12,12 +12,12 @@
 //     A register = prmt(entries 0-1, entries 2-3, sel)      = (codebook[c0], codebook[c1]); with sel': c2, c3
 //
 // 3 funnel shifts + 4 LOP3 + 4 IMAD + 12 PRMT per 32-bit word = 16 weights (1.44 instructions per weight), then one
-// mma per 8 weights per n8 tile. B (x) and the work split are as in gemv_tc.cuh (k16 steps in pairs, one 16-byte
+// mma per 8 weights per n8 tile. B (x) and the work split are as in gemv_tc_common.cuh (k16 steps in pairs, one 16-byte
 // load of x per row of x per 32 k); a chunk here is 128 k (16 bytes of codes per lane per m16 tile). The tables
 // of the next chunk are loaded with its codes; x past K is read from the zero tile after the tables.
 #pragma once
 
-#include "gemv_tc.cuh"
+#include "gemv_tc_common.cuh"
 
 namespace bivlm {
 namespace detail {

@@ -3,7 +3,7 @@
 // Kernels never write `asm` or a raw intrinsic (__ldg, __shfl_*_sync, ...): they call bivlm::ptx::*. Each wrapper
 // has two implementations, side by side:
 //   device (nvcc): the instruction itself (inline PTX) or the CUDA intrinsic that emits it;
-//   host   (BIVLM_HOST_BUILD, g++/clang++, see csrc/host/runtime.h): the PTX ISA semantics written out in C++.
+//   host   (BIVLM_HOST_BUILD, g++/clang++, see csrc/cuda/host/runtime.h): the PTX ISA semantics written out in C++.
 //          Warp-wide instructions (shfl, vote, ldmatrix, mma) are warp collectives: every lane of the mask hands
 //          in its operands, one function computes all lanes' results from them, then every lane resumes.
 //          Vector loads check their alignment and abort, as a GPU faults (cudaErrorMisalignedAddress).

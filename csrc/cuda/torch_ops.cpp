@@ -1,10 +1,10 @@
-// ops.cpp -- the torch-facing side of the CUDA extension bivlm_kernels._C (the only translation unit that includes
-// torch headers; the kernels live in *.cu files behind bivlm_kernels.h).
+// torch_ops.cpp -- the torch-facing side of the CUDA extension bivlm_kernels._C (the only translation unit that
+// includes torch headers; the kernels live in *.cu files behind bivlm_kernels.h).
 //
 // Defines torch.ops.bivlm_cuda.{lut_linear, affine_linear, dequantize_lut, dequantize_affine} with schemas
-// identical to the Python ops torch.ops.bivlm.* (bivlm_kernels/ops.py), implements them for the CUDA dispatch key,
+// identical to the Python ops torch.ops.bivlm.* (bivlm_kernels/ops/), implements them for the CUDA dispatch key,
 // and defines a method-less Python module `_C` so that `from bivlm_kernels import _C` loads the library (its static
-// initializers run the TORCH_LIBRARY registrations; bivlm_kernels/_extension.py then plugs the ops in as the
+// initializers run the TORCH_LIBRARY registrations; bivlm_kernels/backends/cuda/register.py then plugs the ops in as the
 // "cuda" backend of torch.ops.bivlm.*).
 //
 // Every implementation: checks dtype / device / contiguity / shapes (messages carry m, n, k), guards the device,
@@ -247,7 +247,7 @@ void check_tc_operands(const char* op, const at::Tensor& qtc, const at::Tensor& 
               table.sizes(), " on ", table.device());
 }
 
-// The tensor-core GEMVs on the tc1 / tc2 / tc4 repacks (bivlm_kernels/repack.py): lut 1 or 2 bits (table: the
+// The tensor-core GEMVs on the tc1 / tc2 / tc4 repacks (bivlm_kernels/backends/cuda/tc_repack.py): lut 1 or 2 bits (table: the
 // codebook entries), affine 4 bits (table: scale, zero), M <= kGemvMaxM.
 at::Tensor tc_linear(const at::Tensor& x, const at::Tensor& qtc, const at::Tensor& table, int64_t n, int64_t k,
                          int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias,
@@ -359,7 +359,7 @@ at::Tensor dequantize_affine(const at::Tensor& qweight, const at::Tensor& scales
 }  // namespace
 }  // namespace bivlm
 
-// Schemas: identical to bivlm_kernels/ops.py (torch.ops.bivlm.*), so the Python op can forward its arguments as is.
+// Schemas: identical to bivlm_kernels/ops/ (torch.ops.bivlm.*), so the Python op can forward its arguments as is.
 TORCH_LIBRARY(bivlm_cuda, m) {
   m.def("lut_linear(Tensor x, Tensor qweight, Tensor codebook, int bits, int group_size, "
         "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
@@ -367,8 +367,8 @@ TORCH_LIBRARY(bivlm_cuda, m) {
         "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
   m.def("dequantize_lut(Tensor qweight, Tensor codebook, int bits, int group_size) -> Tensor");
   m.def("dequantize_affine(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor");
-  // The tensor-core 1/2/4-bit paths on a load-time repack (bivlm_kernels/repack.py); the cuda backend's
-  // lut_linear and affine_linear route eligible calls here (bivlm_kernels/tc_dispatch.py).
+  // The tensor-core 1/2/4-bit paths on a load-time repack (bivlm_kernels/backends/cuda/tc_repack.py); the cuda backend's
+  // lut_linear and affine_linear route eligible calls here (bivlm_kernels/backends/cuda/routing.py).
   m.def("tc_linear(Tensor x, Tensor qtc, Tensor table, int n, int k, int bits, int group_size, "
         "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
   // The sub-2-bit layout in one launch; the cuda backend's segmented_lut_linear routes eligible calls here.

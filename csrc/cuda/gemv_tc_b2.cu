@@ -1,5 +1,5 @@
 // gemv_tc_b2.cu -- instantiations of the 2-bit tensor-core GEMV (gemv_tc2.cuh): dtype x M bucket x group size.
-// The format checks and the split-K policy of the tensor-core kernels are in gemv_tc_b1.cu.
+// The format checks and the split-K policy of the tensor-core kernels are in gemv_tc_dispatch.cu.
 #include "gemv_tc2.cuh"
 
 namespace bivlm {

@@ -30,7 +30,9 @@
 // x per row of x per 32 k, shared by the R tiles.
 #pragma once
 
-#include "gemv_tc.cuh"
+#include <type_traits>
+
+#include "gemv_tc_common.cuh"
 
 namespace bivlm {
 namespace detail {

@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kTcSegThreads) gemv_tc_seg_kernel(const TcSegP
   {
     const unsigned k_last = static_cast<unsigned>(q.s2.k + q.s1.k - 1);
     const uint16_t* x = reinterpret_cast<const uint16_t*>(q.s2.x);
-    unsigned xr[MT];   // element offset of each row (x has < 2^31 elements: ops.cpp checks)
+    unsigned xr[MT];   // element offset of each row (x has < 2^31 elements: torch_ops.cpp checks)
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi) xr[mi] = static_cast<unsigned>(min(mi, m - 1) * q.s2.ldx);
     auto gather = [&](int col0, int src0, int n) {

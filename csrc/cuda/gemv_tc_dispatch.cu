@@ -1,9 +1,9 @@
-// gemv_tc_b1.cu -- host side of the tensor-core GEMVs: format check, split-K policy, dispatch; and the
-// instantiations of the 1-bit kernel (gemv_tc1.cuh) over dtype x M bucket x group size (2 bits: gemv_tc_b2.cu,
-// 4 bits: gemv_tc_b4.cu).
+// gemv_tc_dispatch.cu -- host side of the tensor-core GEMVs (1, 2, 4 bits): format check, split-K policy, argument
+// checks and dispatch by bit width to launch_tc1 / launch_tc2 / launch_tc4 (their instantiations: gemv_tc_b1.cu,
+// gemv_tc_b2.cu, gemv_tc_b4.cu).
 #include <cstdint>
 
-#include "gemv_tc1.cuh"
+#include "gemv_tc1.cuh"   // the 1-bit kernel's shared-memory size (tc1_smem_bytes, Tc1Plan) bounds its splits
 
 namespace bivlm {
 
@@ -95,23 +95,4 @@ cudaError_t launch_gemv_tc(const void* x, int64_t m, int64_t ldx, const TcWeight
   return detail::launch_tc1(x, m, ldx, w, bias, splits, static_cast<int>(cps), out, out_f32, stream);
 }
 
-namespace detail {
-
-namespace {
-
-struct Tc1Launch {
-  template <typename T, int MT, int G, class... A>
-  static cudaError_t run(A... a) {
-    return launch_tc1_config<T, MT, G>(a...);
-  }
-};
-
-}  // namespace
-
-cudaError_t launch_tc1(const void* x, int64_t m, int64_t ldx, const TcWeight& w, const void* bias, int splits,
-                       int cps, void* out, float* out_f32, cudaStream_t stream) {
-  return dispatch_tc<Tc1Launch>(x, m, ldx, w, bias, splits, cps, out, out_f32, stream);
-}
-
-}  // namespace detail
 }  // namespace bivlm
