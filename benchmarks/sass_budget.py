@@ -13,9 +13,9 @@ decode configuration (sm_90) is over its budget or spills (today it is: see ``be
 
 What is compiled
 ----------------
-* CUDA: ``nvcc -cubin -O3 -std=c++17 --expt-relaxed-constexpr -Icsrc -arch=sm_XX -Xptxas -v csrc/gemv_b{1,2,4}.cu``
+* CUDA: ``nvcc -cubin -O3 -std=c++17 --expt-relaxed-constexpr -Icsrc/cuda -arch=sm_XX -Xptxas -v csrc/cuda/gemv_b{1,2,4}.cu``
   (the flags of ``setup.py``; ``-lineinfo`` does not change code). Each TU instantiates
-  ``bivlm::detail::gemv_kernel<T, BITS, MT, VEC>`` (csrc/gemv.cuh); rows: T in {half, bf16}, MT = M in
+  ``bivlm::detail::gemv_kernel<T, BITS, MT, VEC>`` (csrc/cuda/gemv.cuh); rows: T in {half, bf16}, MT = M in
   {1, 2, 4, 8, 16} (the launcher's bucket), VEC = 4 (16-byte weight loads). The group size g is a run-time
   argument of that kernel, so g = 64 and g = 128 run the same code; they differ in bits per weight (the budget)
   and in how many table reloads execute (below). Cubins and ptxas logs are cached under ``--cache-dir`` (default
@@ -78,7 +78,7 @@ kernel and the kernel alone are printed too; their difference is not the overhea
 cache states, which on a loaded machine is more than the overhead itself.) The timing is
 ``bench_eager.eager_us``.
 
-Measuring a new kernel: the CUDA TUs are ``csrc/*_b{1,2,4}.cu``; every kernel in their cubins that no row
+Measuring a new kernel: the CUDA TUs are ``csrc/cuda/*_b{1,2,4}.cu``; every kernel in their cubins that no row
 measures is listed at the end of the report. Give a new one a name pattern and a weights-per-iteration formula
 next to ``_GEMV`` / ``gemv_weights_per_iter`` in ``sass_build.py`` (the streaming-load check then confirms the
 unrolling; keep loading qweight with ``ld.global.cs`` or extend ``sass_parse.is_weight_load``) and pick it per M in
@@ -208,7 +208,7 @@ def seg_table(rows: List[dict], clock: float) -> List[str]:
 
 def superseded(r: dict, rows: Iterable[dict]) -> bool:
     """A CUDA-core GEMV row whose configuration the dispatcher sends to the tensor-core kernel instead
-    (csrc/ops.cpp: gemv_tc_supported -> launch_gemv_tc)."""
+    (csrc/cuda/torch_ops.cpp: gemv_tc_supported -> launch_gemv_tc)."""
     return r["path"] == "cuda" and any(
         o["path"] == "cuda-tc" and all(o[k] == r[k] for k in ("arch", "bits", "dtype", "m", "g")) for o in rows)
 
@@ -396,7 +396,7 @@ def _source_state() -> str:
     def git(*a):
         r = _run(["git", "-C", ROOT, *a])
         return r.stdout.strip() if r.returncode == 0 else "?"
-    paths = ["csrc", "bivlm_kernels/triton"]
+    paths = ["csrc", "bivlm_kernels/backends/triton"]
     h = hashlib.sha256()
     for p in paths:
         for dirpath, _, files in sorted(os.walk(os.path.join(ROOT, p))):

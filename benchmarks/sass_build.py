@@ -69,7 +69,7 @@ _TC2 = re.compile(r"gemv_tc_b2_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)E"
 
 def tc_shape(mt: int, bits: int) -> Tuple[int, int, int]:
     """(n8 tiles, group slots S, m16 tiles per warp R) of the slot-block kernels for bucket MT: 1 bit
-    gemv_tc_b1_kernel (gemv_tc1.cuh Tc1Shape), 4 bits gemv_tc_kernel (gemv_tc.cuh TcShape)."""
+    gemv_tc_b1_kernel (gemv_tc1.cuh Tc1Shape), 4 bits gemv_tc_kernel (gemv_tc4.cuh; TcShape in gemv_tc_common.cuh)."""
     return (2 if mt > 8 else 1), (1 if mt >= 8 else 8 // mt), (2 if mt > 8 and bits == 4 else 4)
 
 
@@ -125,7 +125,7 @@ def gemv_reload_fraction(bits: int, g: int, vec: int) -> float:
 def compile_cubin(src: str, arch: int, cache: str, nvcc: str) -> Tuple[str, str]:
     """``nvcc -cubin`` of one .cu (including csrc/) for sm_<arch>, cached by the sources, flags and nvcc version;
     returns (cubin path, ``-Xptxas -v`` log)."""
-    csrc = os.path.join(ROOT, "csrc")
+    csrc = os.path.join(ROOT, "csrc", "cuda")
     cmd = [nvcc, "-cubin", *NVCC_FLAGS, "-I" + csrc, f"-arch=sm_{arch}", "-Xptxas", "-v"]
     h = hashlib.sha256(" ".join(cmd[1:]).encode() + tool_version(nvcc).encode())
     with open(src, "rb") as f:
@@ -170,9 +170,9 @@ def parse_ptxas(log: str) -> Dict[str, dict]:
 
 
 def cuda_sources(bits: int) -> List[str]:
-    """The TUs of one bit width: csrc/gemv_b{bits}.cu and any other csrc/*_b{bits}.cu a later kernel adds."""
+    """The TUs of one bit width: csrc/cuda/gemv_b{bits}.cu and any other csrc/cuda/*_b{bits}.cu a later kernel adds."""
     import glob
-    return sorted(glob.glob(os.path.join(ROOT, "csrc", f"*_b{bits}.cu")))
+    return sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", f"*_b{bits}.cu")))
 
 
 def cuda_rows(arch: int, cache: str, nvcc: str, cuobjdump: str) -> Tuple[List[dict], List[str]]:

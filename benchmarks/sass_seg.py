@@ -1,4 +1,4 @@
-"""Static SASS budget of the segmented kernel (``csrc/gemv_tc_seg.cuh``: the sub-2-bit layout in one launch), for
+"""Static SASS budget of the segmented kernel (``csrc/cuda/gemv_tc_seg.cuh``: the sub-2-bit layout in one launch), for
 ``benchmarks/sass_budget.py``: its rows, their limit at a salient share f, and the ``--check`` failures.
 
 A module of its own because the fused kernel is not measured as one loop: each of its loops is found and counted
@@ -35,7 +35,7 @@ from sass_model import GPUS, SHAPE, budget
 from sass_parse import is_weight_load, parse_sass
 
 SHARES = (1 / 16, 1 / 8)
-ROWS_PER_BLOCK = 512          # csrc/bivlm_kernels.h kTcSegThreads / 32 warps x 4 m16 tiles x 16 rows
+ROWS_PER_BLOCK = 512          # csrc/cuda/bivlm_kernels.h kTcSegThreads / 32 warps x 4 m16 tiles x 16 rows
 _SEG = re.compile(r"gemv_tc_seg_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)E")   # <T, MT, G>
 
 
@@ -72,7 +72,7 @@ def seg_row(name, m, instrs, props, arch) -> dict:
 
 
 def seg_rows(arch: int, cache: str, nvcc: str, cuobjdump: str) -> List[dict]:
-    cubin, log = compile_cubin(os.path.join(ROOT, "csrc", "gemv_tc_seg.cu"), arch, cache, nvcc)
+    cubin, log = compile_cubin(os.path.join(ROOT, "csrc", "cuda", "gemv_tc_seg.cu"), arch, cache, nvcc)
     props = parse_ptxas(log)
     rows = []
     for name, instrs in sorted(parse_sass(_run([cuobjdump, "-sass", cubin]).stdout).items()):
