@@ -103,9 +103,87 @@ __device__ __forceinline__ void bf16_pieces(float v, uint32_t (&h)[3]) {
   }
 }
 
+// Phases of tc1_body's main loop (fetch, decode, epilogue), each inlined into the body. The prologues and the table
+// product stay written out in the body: as helpers they compiled to the same PTX instructions with renumbered
+// virtual registers, and ptxas then scheduled gemv_tc_seg_kernel differently (other SASS instruction counts).
+
+// Fetch: the code words of one chunk for the warp's R tiles (tile r at qp + r * 32). Why: streaming loads, issued a
+// chunk ahead of their decode so that they are in flight while the current chunk runs.
+template <int R>
+__device__ __forceinline__ void tc1_fetch_codes(const uint4* qp, uint4 (&q)[R]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) q[r] = ptx::ld_cs_v4(qp + r * 32);
+}
+
+// Decode, step 1: the 4 versions of a code word (the word and 3 shifts, Tc1Plan). Why: every code bit then sits at a
+// bit position where one LOP3 turns it into a weight, so a word costs 3 shifts + 16 LOP3.
+template <typename Plan>
+__device__ __forceinline__ void tc1_versions(uint32_t q, uint32_t (&v)[4]) {
+#pragma unroll
+  for (int u = 0; u < 4; ++u) v[u] = Plan::version(q, u);
+}
+
+// Decode, step 2: the A fragment of step type i (the step's index in its word) from the versions, one LOP3 per
+// register: (version & bit pair) ^ C = v0 + 2b. Why: no per-weight table lookup; the codebook is applied per group.
+template <typename Plan>
+__device__ __forceinline__ void tc1_decode(const uint32_t (&v)[4], int i, uint32_t (&a)[4]) {
+#pragma unroll
+  for (int reg = 0; reg < 4; ++reg) {
+    const int pos = Plan::pos(i, reg >> 1);
+    a[reg] = ptx::lop3<0x6A>(v[Plan::ver(i, reg)], (1u << pos) | (1u << (pos + 16)), Plan::c(pos));
+  }
+}
+
+// Epilogue: y2 += D acc for each accumulator of one tile (h[column e2][row half]: D of its column's group), reset acc.
+// Why: acc = V + 2 P of the group just finished; D = c1 - c0 scales its code part, the rest is the table product's.
+template <int NT>
+__device__ __forceinline__ void tc1_fold(float (&y)[NT][4], float (&d)[NT][4], const float (&h)[2][2]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      y[nt][e] = fmaf(h[e & 1][e >> 1], d[nt][e], y[nt][e]);
+      d[nt][e] = 0.0f;
+    }
+}
+
+// Epilogue, S = 1: fold group gi of the chunk (dc: the chunk's D pairs); D comes from the pair's float4, loaded at
+// the pair's even group. Why: one 16-byte load serves two groups x two row halves.
+template <int R, int NT>
+__device__ __forceinline__ void tc1_fold_group(const float* dc, int gi, float4 (&dpair)[R], float (&y)[R][NT][4],
+                                               float (&d)[R][NT][4]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (gi % 2 == 0) {
+      const uint4 u4 = ptx::ld_nc_v4(dc + (gi / 2) * 128 + r * 32);
+      dpair[r] = make_float4(__uint_as_float(u4.x), __uint_as_float(u4.y), __uint_as_float(u4.z),
+                             __uint_as_float(u4.w));
+    }
+    const float h0 = gi % 2 ? dpair[r].z : dpair[r].x, h1 = gi % 2 ? dpair[r].w : dpair[r].y;
+    const float h[2][2] = {{h0, h1}, {h0, h1}};
+    tc1_fold(y[r], d[r], h);
+  }
+}
+
+// Epilogue, S > 1: fold the slot block that starts at group gf (the lane's two columns are groups g0, g0 + 1, a
+// pair). Why: one epilogue per S groups (M <= 4), which the group slots of the B columns make possible.
+template <int S, int R, int NT>
+__device__ __forceinline__ void tc1_fold_slots(const float* dq, int gf, int t, float (&y)[R][NT][4],
+                                               float (&d)[R][NT][4]) {
+  const float* dp = dq + ((gf + (2 * t) % S) / 2) * 128;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const uint4 v = ptx::ld_nc_v4(dp + r * 32);
+    const float h[2][2] = {{__uint_as_float(v.x), __uint_as_float(v.y)}, {__uint_as_float(v.z), __uint_as_float(v.w)}};
+    tc1_fold(y[r], d[r], h);
+  }
+}
+
 // The kernel's work for chunks [c_begin, c_end) of the rows of block blockIdx.x (WARPS warps), written as o says;
 // smem: tc1_smem_bytes of it. STAGED: x (from column p.xoff on) and the zero source are in shared memory (the
-// segmented kernel). Every thread of the block calls it (it has block barriers).
+// segmented kernel). Every thread of the block calls it (it has block barriers). Phases: prologue 1 (S, V), prologue 2
+// (the table product's B), the main loop over chunks (fetch, decode, mma, epilogue per group or slot block), the
+// table product, the store.
 template <typename T, int MT, int G, int WARPS, bool STAGED>
 __device__ __forceinline__ void tc1_body(const TcParams<T>& p, int c_begin, int c_end, const TcOut& o, float* smem) {
   using Plan = Tc1Plan<T>;
@@ -135,6 +213,7 @@ __device__ __forceinline__ void tc1_body(const TcParams<T>& p, int c_begin, int 
 
   // Prologue 1: S_g and V_g of every (row of x, group) of the split, on the tensor cores. A: row 0 = ones, row 1 =
   // the v0 of each column for step type i (the step's index in its word); B: x, column = row of x (plain layout).
+  // Why: the weights are decoded as v0 + 2b, so the table product needs S_g = sum x and V_g = sum v0 x per group.
   {
     uint32_t ac[4][4];
 #pragma unroll
@@ -182,7 +261,7 @@ __device__ __forceinline__ void tc1_body(const TcParams<T>& p, int c_begin, int 
   __syncthreads();
   // Prologue 2: the table product's B fragments, [step][nt][piece][lane][b0, b1]. Virtual k row r of a step:
   // group r / 2, part r % 2: part 0 meets c0 (value 2 S + V), part 1 meets c1 (value -V). Column n: the slot
-  // layout of the main loop's B.
+  // layout of the main loop's B. Why: three exact bf16 pieces per value, built once per block in shared memory.
   for (int e = threadIdx.x; e < nts * NT * 32; e += 32 * WARPS) {
     const int ln = e % 32, nt = (e / 32) % NT, ts = e / (32 * NT);
     const int n = ln >> 2, tt = ln & 3;
@@ -237,36 +316,12 @@ __device__ __forceinline__ void tc1_body(const TcParams<T>& p, int c_begin, int 
 #pragma unroll
       for (int e = 0; e < 4; ++e) d[r][nt][e] = y[r][nt][e] = 0.0f;
 
-  // y2 += D acc for each accumulator (h[column e2][row half]: D of its column's group), reset acc.
-  auto fold = [&](int r, const float (&h)[2][2]) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        y[r][nt][e] = fmaf(h[e & 1][e >> 1], d[r][nt][e], y[r][nt][e]);
-        d[r][nt][e] = 0.0f;
-      }
-  };
-  // Fold the slot block that starts at group gf (S > 1: the lane's two columns are groups g0, g0 + 1, a pair).
-  auto epilogue_slots = [&](int gf) {
-    const float* dp = dq + ((gf + (2 * t) % S) / 2) * 128;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const uint4 v = ptx::ld_nc_v4(dp + r * 32);
-      const float h[2][2] = {{__uint_as_float(v.x), __uint_as_float(v.y)}, {__uint_as_float(v.z), __uint_as_float(v.w)}};
-      fold(r, h);
-    }
-  };
-
   // Codes: [tiles / 4][chunks][4 tiles][32 lanes] x 16 bytes (a warp's 4 tiles side by side per chunk).
   const uint4* qp = p.q + (static_cast<int64_t>(tile0 / 4) * p.chunks + c_begin) * 128 + lane;
   uint4 qa[R], qb[R];  // code words of the current chunk / the next one (the roles swap every chunk)
 #pragma unroll
   for (int r = 0; r < R; ++r) qa[r] = qb[r] = make_uint4(0u, 0u, 0u, 0u);
-  if (c_begin < c_end) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) qa[r] = ptx::ld_cs_v4(qp + r * 32);
-  }
+  if (c_begin < c_end) tc1_fetch_codes(qp, qa);
   // Running pointers of the chunk being decoded: x (per n8 tile), D (S = 1), the codes of the next chunk.
   constexpr int GPC = CK / G;
   const T* xp[NT];
@@ -278,10 +333,7 @@ __device__ __forceinline__ void tc1_body(const TcParams<T>& p, int c_begin, int 
   // One chunk (256 k) with codes cq; prefetches chunk c + 1 into nq. tail: the chunk reaches past K (its groups
   // past K read x from the zero tile; their codes are 0 and D = 0).
   auto chunk = [&](int c, const uint4 (&cq)[R], uint4 (&nq)[R], bool tail) {
-    if (c + 1 < c_end) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) nq[r] = ptx::ld_cs_v4(qp + r * 32);
-    }
+    if (c + 1 < c_end) tc1_fetch_codes(qp, nq);
     // Group gi of the chunk feeds this lane's B column when its slot is the lane's (and k < K).
     const T* xg[NT][GPC];
 #pragma unroll
@@ -301,8 +353,7 @@ __device__ __forceinline__ void tc1_body(const TcParams<T>& p, int c_begin, int 
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const uint32_t q = w == 0 ? cq[r].x : w == 1 ? cq[r].y : w == 2 ? cq[r].z : cq[r].w;
-#pragma unroll
-        for (int u = 0; u < 4; ++u) v[r][u] = Plan::version(q, u);
+        tc1_versions<Plan>(q, v[r]);
       }
 #pragma unroll
       for (int pp2 = 0; pp2 < 2; ++pp2) {   // the word's two 32-k pairs (steps 4 w + 2 pp2 + hs)
@@ -319,37 +370,20 @@ __device__ __forceinline__ void tc1_body(const TcParams<T>& p, int c_begin, int 
 #pragma unroll
           for (int r = 0; r < R; ++r) {
             uint32_t a[4];
-#pragma unroll
-            for (int reg = 0; reg < 4; ++reg) {
-              const int pos = Plan::pos(i, reg >> 1);
-              a[reg] = ptx::lop3<0x6A>(v[r][Plan::ver(i, reg)], (1u << pos) | (1u << (pos + 16)), Plan::c(pos));
-            }
+            tc1_decode<Plan>(v[r], i, a);
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) tc_mma(d[r][nt], a, b[nt], T());
           }
           if constexpr (S == 1) {
-            if (((s + 1) * 16) % G == 0) {   // end of group gi of the chunk: D from the pair's float4
-              const int gi = (s + 1) * 16 / G - 1;
-#pragma unroll
-              for (int r = 0; r < R; ++r) {
-                if (gi % 2 == 0) {
-                  const uint4 u4 = ptx::ld_nc_v4(dc + (gi / 2) * 128 + r * 32);
-                  dpair[r] = make_float4(__uint_as_float(u4.x), __uint_as_float(u4.y), __uint_as_float(u4.z),
-                                         __uint_as_float(u4.w));
-                }
-                const float h0 = gi % 2 ? dpair[r].z : dpair[r].x, h1 = gi % 2 ? dpair[r].w : dpair[r].y;
-                const float h[2][2] = {{h0, h1}, {h0, h1}};
-                fold(r, h);
-              }
-            }
+            if (((s + 1) * 16) % G == 0) tc1_fold_group(dc, (s + 1) * 16 / G - 1, dpair, y, d);   // end of a group
           } else if constexpr (BK < CK) {
-            if (((s + 1) * 16) % BK == 0) epilogue_slots((c * CK + (s + 1) * 16 - BK) / G);
+            if (((s + 1) * 16) % BK == 0) tc1_fold_slots<S>(dq, (c * CK + (s + 1) * 16 - BK) / G, t, y, d);
           }
         }
       }
     }
     if constexpr (S > 1 && BK >= CK) {
-      if (((c + 1) * CK) % BK == 0) epilogue_slots(((c + 1) * CK - BK) / G);
+      if (((c + 1) * CK) % BK == 0) tc1_fold_slots<S>(dq, ((c + 1) * CK - BK) / G, t, y, d);
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xp[nt] += xstep[nt];
@@ -357,7 +391,8 @@ __device__ __forceinline__ void tc1_body(const TcParams<T>& p, int c_begin, int 
     qp += 128;
   };
 
-  // Chunks wholly inside K two at a time (the code roles alternate), then at most one more and the tail chunk.
+  // Main loop: chunks wholly inside K two at a time (the code roles alternate), then at most one more and the tail
+  // chunk.
   const int c_full = (p.k % CK == 0 || c_end < p.chunks) ? c_end : c_end - 1;
   int c = c_begin;
   for (; c + 1 < c_full; c += 2) {
@@ -371,10 +406,11 @@ __device__ __forceinline__ void tc1_body(const TcParams<T>& p, int c_begin, int 
     chunk(c, qa, qb, true);
   }
   if constexpr (BK > CK) {  // a split that ends inside a slot block (the last one): fold the partial block
-    if (c_begin < c_end && (c_end * CK) % BK != 0) epilogue_slots((c_end * CK / BK) * BK / G);
+    if (c_begin < c_end && (c_end * CK) % BK != 0) tc1_fold_slots<S>(dq, (c_end * CK / BK) * BK / G, t, y, d);
   }
 
   // The table product: y2 += [c0 pieces, c1 pieces] x [2 S + V, -V] (three pieces), bf16 on the tensor cores.
+  // Why: the codebook's part of every group, once per split instead of per weight, with fp32's error.
   for (int ts = 0; ts < nts; ++ts) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {

@@ -39,6 +39,83 @@ __device__ __forceinline__ void tc4_decode(uint32_t q, uint32_t (&a)[4]) {
   }
 }
 
+// Phases of gemv_tc_kernel (prologue, fetch, epilogue; the decode is tc4_decode), each inlined into the kernel.
+
+// Prologue: S of every (row of x, group) of this split -> sums[m][group - first group]. Why: y += s D - s z S needs
+// sum x per group, which depends on x only: computed once per block for its k range, shared by its 64 R rows.
+// Each thread sums 8 consecutive activations (one 16-byte load); the G/8 lanes of a group add up by shuffles.
+template <typename T, int MT, int G, int CK>
+__device__ __forceinline__ void tc4_prologue_sums(const TcParams<T>& p, int c_begin, int c_end, float* sums) {
+  const int total = p.sgroups * (G / 8);            // 8-element pieces per row of x
+  const int k_lim = min(p.k, c_end * CK);
+  for (int mi = 0; mi < MT; ++mi) {
+    for (int e0 = 0; e0 < total; e0 += kGemvThreads) {
+      const int e8 = e0 + static_cast<int>(threadIdx.x);
+      const int kx = c_begin * CK + e8 * 8;
+      float sv = 0.0f;
+      if (e8 < total && kx < k_lim && mi < p.m) {
+        float f[8];
+        load8(p.x + static_cast<int64_t>(mi) * p.ldx + kx, f);
+        sv = ((f[0] + f[1]) + (f[4] + f[5])) + ((f[2] + f[3]) + (f[6] + f[7]));
+      }
+#pragma unroll
+      for (int off = 1; off < G / 8; off <<= 1) sv += ptx::shfl_xor(sv, off);
+      if (e8 < total && e8 % (G / 8) == 0) sums[mi * p.sgroups + e8 / (G / 8)] = sv;
+    }
+  }
+}
+
+// Fetch: the code words of chunk c + ahead for the warp's R tiles (tile r at qbase + (r chunks + c + ahead) 32). Why:
+// streaming loads, issued a chunk ahead of their decode so that they are in flight while the current chunk runs.
+// (c and ahead stay apart: passing c + 1 as one int gave other SASS.)
+template <int R>
+__device__ __forceinline__ void tc4_fetch_codes(const uint4* qbase, int chunks, int c, int ahead, uint4 (&q)[R]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) q[r] = ptx::ld_cs_v4(qbase + (static_cast<int64_t>(r) * chunks + c + ahead) * 32);
+}
+
+// Epilogue: fold the slot block that starts at group gf into y: y += s D - s z S; reset the block accumulators.
+// Why: D = sum c x is exact per group, so the affine map costs 2 FFMA per accumulator per slot block, not per weight.
+template <int S, typename T, int R, int NT>
+__device__ __forceinline__ void tc4_epilogue(const TcParams<T>& p, const float* sums, int tile0, int gid, int t,
+                                             int g_begin, int gf, float (&d)[R][NT][4], float (&y)[R][NT][4]) {
+  float sv[NT][2];  // S of this lane's columns 2t, 2t + 1
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int col = 2 * t + e2;
+      const int mi = S > 1 ? col / S : nt * 8 + col;
+      const int gl = gf - g_begin + (S > 1 ? col % S : 0);
+      sv[nt][e2] = sums[mi * p.sgroups + gl];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const T* tb = p.tab + static_cast<int64_t>(tile0 + r) * p.tgroups * 32 + gid * 4;
+    float c0[2][2], h[2][2];  // [column e2 of this lane][row half]: c0 and c1 - c0
+#pragma unroll
+    for (int e2 = 0; e2 < (S > 1 ? 2 : 1); ++e2) {
+      const int grp = S > 1 ? gf + (2 * t + e2) % S : gf;
+      const uint2 v = ptx::ld_nc_v2(tb + static_cast<int64_t>(grp) * 32);
+      const float2 lo = tc_pair(v.x, T()), hi = tc_pair(v.y, T());   // rows gid, gid + 8: (c0, c1) / (s, z)
+      // y += s D + (-s z) S: "c0" = -s z, "h" = s
+      c0[e2][0] = -lo.x * lo.y, h[e2][0] = lo.x;
+      c0[e2][1] = -hi.x * hi.y, h[e2][1] = hi.x;
+    }
+    if (S == 1) c0[1][0] = c0[0][0], c0[1][1] = c0[0][1], h[1][0] = h[0][0], h[1][1] = h[0][1];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int e2 = e & 1, rh = e >> 1;
+        y[r][nt][e] = fmaf(h[e2][rh], d[r][nt][e], fmaf(c0[e2][rh], sv[nt][e2], y[r][nt][e]));
+        d[r][nt][e] = 0.0f;
+      }
+    }
+  }
+}
+
 // BITS = 4 (the template argument keeps the kernel's name): LOP3 puts a code into the mantissa of a magic fp16 /
 // bf16 constant (1024 + c, or 1024 + 16 c for the high nibble; bf16: 128 + c) and one HFMA2 leaves c exactly.
 template <typename T, int BITS, int MT, int G>
@@ -54,28 +131,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
   const int c_begin = blockIdx.y * p.chunks_per_split;
   const int c_end = min(p.chunks, c_begin + p.chunks_per_split);
 
-  // Prologue: S of every (row of x, group) of this split -> smem sums[m][group - first group].
-  // Each thread sums 8 consecutive activations (one 16-byte load); the G/8 lanes of a group add up by shuffles.
   BIVLM_DYNAMIC_SMEM(float, sums);
-  {
-    const int total = p.sgroups * (G / 8);            // 8-element pieces per row of x
-    const int k_lim = min(p.k, c_end * CK);
-    for (int mi = 0; mi < MT; ++mi) {
-      for (int e0 = 0; e0 < total; e0 += kGemvThreads) {
-        const int e8 = e0 + static_cast<int>(threadIdx.x);
-        const int kx = c_begin * CK + e8 * 8;
-        float sv = 0.0f;
-        if (e8 < total && kx < k_lim && mi < p.m) {
-          float f[8];
-          load8(p.x + static_cast<int64_t>(mi) * p.ldx + kx, f);
-          sv = ((f[0] + f[1]) + (f[4] + f[5])) + ((f[2] + f[3]) + (f[6] + f[7]));
-        }
-#pragma unroll
-        for (int off = 1; off < G / 8; off <<= 1) sv += ptx::shfl_xor(sv, off);
-        if (e8 < total && e8 % (G / 8) == 0) sums[mi * p.sgroups + e8 / (G / 8)] = sv;
-      }
-    }
-  }
+  tc4_prologue_sums<T, MT, G, CK>(p, c_begin, c_end, sums);
   __syncthreads();
   if (tile0 >= p.tiles) return;  // whole warp (tiles is a multiple of 4, R divides 4)
 
@@ -99,61 +156,17 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) d[r][nt][e] = y[r][nt][e] = 0.0f;
-
-  // Fold the slot block that starts at group gf into y: y += s D - s z S; reset the block accumulators.
-  auto epilogue = [&](int gf) {
-    float sv[NT][2];  // S of this lane's columns 2t, 2t + 1
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e2 = 0; e2 < 2; ++e2) {
-        const int col = 2 * t + e2;
-        const int mi = S > 1 ? col / S : nt * 8 + col;
-        const int gl = gf - g_begin + (S > 1 ? col % S : 0);
-        sv[nt][e2] = sums[mi * p.sgroups + gl];
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const T* tb = p.tab + static_cast<int64_t>(tile0 + r) * p.tgroups * 32 + gid * 4;
-      float c0[2][2], h[2][2];  // [column e2 of this lane][row half]: c0 and c1 - c0
-#pragma unroll
-      for (int e2 = 0; e2 < (S > 1 ? 2 : 1); ++e2) {
-        const int grp = S > 1 ? gf + (2 * t + e2) % S : gf;
-        const uint2 v = ptx::ld_nc_v2(tb + static_cast<int64_t>(grp) * 32);
-        const float2 lo = tc_pair(v.x, T()), hi = tc_pair(v.y, T());   // rows gid, gid + 8: (c0, c1) / (s, z)
-        // y += s D + (-s z) S: "c0" = -s z, "h" = s
-        c0[e2][0] = -lo.x * lo.y, h[e2][0] = lo.x;
-        c0[e2][1] = -hi.x * hi.y, h[e2][1] = hi.x;
-      }
-      if (S == 1) c0[1][0] = c0[0][0], c0[1][1] = c0[0][1], h[1][0] = h[0][0], h[1][1] = h[0][1];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int e2 = e & 1, rh = e >> 1;
-          y[r][nt][e] = fmaf(h[e2][rh], d[r][nt][e], fmaf(c0[e2][rh], sv[nt][e2], y[r][nt][e]));
-          d[r][nt][e] = 0.0f;
-        }
-      }
-    }
-  };
+  auto epilogue = [&](int gf) { tc4_epilogue<S>(p, sums, tile0, gid, t, g_begin, gf, d, y); };
 
   const uint4* qbase = p.q + static_cast<int64_t>(tile0) * p.chunks * 32 + lane;
   uint4 qa[R], qb[R];  // code words of the current chunk / the next one (the roles swap every chunk)
 #pragma unroll
   for (int r = 0; r < R; ++r) qa[r] = qb[r] = make_uint4(0u, 0u, 0u, 0u);
-  if (c_begin < c_end) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) qa[r] = ptx::ld_cs_v4(qbase + (static_cast<int64_t>(r) * p.chunks + c_begin) * 32);
-  }
+  if (c_begin < c_end) tc4_fetch_codes(qbase, p.chunks, c_begin, 0, qa);
 
   // One chunk (64 k) with codes cq; prefetches chunk c + 1 into nq.
   auto chunk = [&](int c, const uint4 (&cq)[R], uint4 (&nq)[R]) {
-    if (c + 1 < c_end) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) nq[r] = ptx::ld_cs_v4(qbase + (static_cast<int64_t>(r) * p.chunks + c + 1) * 32);
-    }
+    if (c + 1 < c_end) tc4_fetch_codes(qbase, p.chunks, c, 1, nq);
     // Group gi of the chunk feeds this lane's B column when k < K and its slot is the lane's:
     // (c 256 / G + gi) % S == my_slot. Otherwise the lane reads zeros: the zero tile after the tables.
     constexpr int GPC = CK >= G ? CK / G : 1;   // groups the chunk touches (a 4-bit chunk is inside one)
@@ -198,6 +211,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_tc_kernel(const TcParams<T>
     }
   };
 
+  // Main loop: two chunks per iteration (the code roles alternate).
   for (int c = c_begin; c < c_end; c += 2) {
     chunk(c, qa, qb);
     if (c + 1 < c_end) chunk(c + 1, qb, qa);
