@@ -1,5 +1,5 @@
 // gemv_tc1.cuh -- tensor-core decode GEMV for 1-bit lut weights, M = 1 .. 16, on the load-time "tc1" repack
-// (bivlm_kernels/repack.py draws it bit by bit).
+// (bivlm_kernels/backends/cuda/tc_repack.py draws it bit by bit).
 //
 // y[i, n] = sum_k x[i, k] w[n, k] (+ bias[n]),  w = c0 + D b,  b in {0, 1},  D = c1 - c0,  (c0, c1) the codebook
 // of (n, k / g). mma.sync.m16n8k16: A = 16 weight rows (decoded in registers), B = x (8 columns), fp32 accumulation.

@@ -1,5 +1,5 @@
 // gemv_tc4.cuh -- tensor-core decode GEMV for 4-bit affine weights, M = 1 .. 16, on the load-time "tc4" repack
-// (bivlm_kernels/repack.py draws it; what the tensor-core kernels share: gemv_tc_common.cuh).
+// (bivlm_kernels/backends/cuda/tc_repack.py draws it; what the tensor-core kernels share: gemv_tc_common.cuh).
 //
 // y[i, n] = sum_k x[i, k] w[n, k] (+ bias[n]),  w[n, k] = (c - z) s,  (s, z) the scale and zero of (n, k / g).
 // The codes are decoded to exact small integers c (tc4_decode), so per group the tensor cores sum D = sum c x and
