@@ -5,12 +5,8 @@
 // output rows [n0, n1), so the caller splits N over at::parallel_for.
 //
 // Packed layout (bivlm-packed v1, bivlm_kernels/formats/__init__.py): qweight int32 [N, K*b/32], codes along K, least
-// significant bits first; column k of a row is in word k / (32/b) at bit (k % (32/b)) * b:
-//
-//             bit 31                                                          bit 0
-//   b = 1:    | c31 | c30 | c29 | ......................... | c2 | c1 | c0 |        32 codes / word
-//   b = 2:    |  c15  |  c14  | ......................... |  c1  |  c0  |          16 codes / word
-//   b = 4:    |   c7    |   c6    | ................ |   c1    |   c0    |          8 codes / word
+// significant bits first; column k of a row is in word k / (32/b) at bit (k % (32/b)) * b (the word is drawn
+// once, in bivlm_kernels/formats/__init__.py; its C form in csrc/cuda/bivlm_kernels.h):
 //
 //   lut    b = 1, 2:  w[n,k] = codebook[n, k/g, code]                        codebook [N, K/g, 2^b]
 //   affine b = 4:     w[n,k] = (code - zeros[n,k/g]) * scales[n,k/g]         scales, zeros [N, K/g]
