@@ -69,7 +69,7 @@ MUTANTS = [
      "ldmatrix host: lane -> (row, column pair) mapping transposed"),
     ("tc1_slot_group", "gemv_tc1.cuh",
      "const float* dp = dq + ((gf + (2 * t) % S) / 2) * 128;",
-     "const float* dp = dq + (gf / 2) * 128;",
+     "const float* dp = dq + ((gf + (2 * t) % 1) / 2) * 128;",
      "1-bit tensor-core epilogue reads D of the slot block's first groups for every lane's columns"),
     ("tc1_position_constant", "gemv_tc1.cuh",
      "p == 9 ? 0x44004400u : 0x48004800u;",
