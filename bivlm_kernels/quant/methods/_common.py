@@ -7,7 +7,6 @@ from typing import Sequence
 import torch
 
 from ... import formats
-from ...formats.rtn import minmax_grid  # noqa: F401  (the one RTN grid; GPTQ uses it through here)
 
 
 def check_config(cfg, method: str, allowed_bits: Sequence[int]) -> None:

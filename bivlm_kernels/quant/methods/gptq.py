@@ -13,10 +13,11 @@ from typing import Optional
 import torch
 
 from ...formats import QuantizedSegment, QuantizedWeight
+from ...formats.rtn import minmax_grid
 from ..base import Method, MethodConfig, register_method
 from ..hessian import prepare_hessian
 from ._common import (bits_info, check_config, check_k, check_percdamp, gptq_columns, grid_levels, grid_quantize,
-                      minmax_grid, rounded)
+                      rounded)
 
 
 @dataclasses.dataclass
